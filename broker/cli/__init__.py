@@ -1,0 +1,36 @@
+"""`comfy-broker`: run the broker and manage it from the shell (same services as the admin API)."""
+
+from __future__ import annotations
+
+import typer
+import uvicorn
+
+from broker.cli import db, keys, tenants, tokens, users
+from broker.cli.context import settings
+
+app = typer.Typer(
+    help="Comfy key broker: per-user Comfy.org keys in front of ComfyUI.", no_args_is_help=True
+)
+app.add_typer(db.app, name="db")
+app.add_typer(tenants.app, name="tenants")
+app.add_typer(users.app, name="users")
+app.add_typer(keys.app, name="keys")
+app.add_typer(tokens.app, name="tokens")
+
+
+@app.command("serve")
+def serve(
+    host: str | None = typer.Option(None, help="Listen address (default BROKER_HOST)."),
+    port: int | None = typer.Option(None, help="Listen port (default BROKER_PORT)."),
+    workers: int = typer.Option(1, min=1, help="Worker processes."),
+) -> None:
+    """Serve the broker's HTTP API."""
+    current = settings()
+    uvicorn.run(
+        "broker.app:create_app",
+        factory=True,
+        host=host or current.HOST,
+        port=port or current.PORT,
+        workers=workers,
+        log_level=current.LOG_LEVEL.lower(),
+    )

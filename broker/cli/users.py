@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from broker.audit.service import CLI_ACTOR
+from broker.cli.context import console, find_tenant, run, transaction
+from broker.tenants import service as tenants_service
+from broker.tenants.schemas import Page, UserCreate, UserRead
+
+app = typer.Typer(help="A tenant's users.", no_args_is_help=True)
+TenantOption = typer.Option(..., "--tenant", "-t", help="Tenant id or name.")
+
+
+@app.command("create")
+def create(
+    external_id: str = typer.Argument(..., help="The tenant's own id for the user."),
+    tenant: str = TenantOption,
+    name: str | None = typer.Option(None, help="Display name."),
+) -> None:
+    """Create a user in a tenant."""
+    user = run(_create(tenant, external_id, name))
+    console.print(f"created user [bold]{user.external_id}[/bold]  id {user.id}")
+
+
+async def _create(tenant_ref: str, external_id: str, name: str | None) -> UserRead:
+    async with transaction() as session:
+        tenant = await find_tenant(session, tenant_ref)
+        data = UserCreate(external_id=external_id, name=name)
+        return await tenants_service.create_user(session, CLI_ACTOR, tenant.id, data)
+
+
+@app.command("list")
+def list_(
+    tenant: str = TenantOption,
+    limit: int = typer.Option(50, min=1, max=200),
+    offset: int = typer.Option(0, min=0),
+) -> None:
+    """List a tenant's users and their key fingerprints."""
+    page = run(_list(tenant, limit, offset))
+    table = Table("id", "external id", "name", "comfy key", title=f"users ({page.total})")
+    for user in page.items:
+        key = f"…{user.comfy_key.last4}  {user.comfy_key.fingerprint}" if user.comfy_key else "-"
+        table.add_row(str(user.id), user.external_id, user.name or "", key)
+    console.print(table)
+
+
+async def _list(tenant_ref: str, limit: int, offset: int) -> Page[UserRead]:
+    async with transaction() as session:
+        tenant = await find_tenant(session, tenant_ref)
+        return await tenants_service.list_users(session, tenant.id, limit=limit, offset=offset)

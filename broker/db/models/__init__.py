@@ -1,0 +1,9 @@
+"""Every table, imported in one place so Alembic sees the whole schema."""
+
+from broker.db.models.audit_event import AuditEvent
+from broker.db.models.comfy_key import ComfyKey
+from broker.db.models.tenant import Tenant
+from broker.db.models.token import Token, TokenKind
+from broker.db.models.user import User
+
+__all__ = ["AuditEvent", "ComfyKey", "Tenant", "Token", "TokenKind", "User"]

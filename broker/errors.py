@@ -1,0 +1,170 @@
+"""Errors with an HTTP meaning, and the handlers that render every error as JSON.
+
+    BrokerError                 (500, never raised directly)
+    ├── BadRequest              400
+    ├── Unauthorized            401
+    ├── Forbidden               403
+    ├── NotFound                404
+    ├── Conflict                409
+    ├── PayloadTooLarge         413
+    ├── Unprocessable           422
+    ├── UpstreamUnavailable     502
+    └── UpstreamTimeout         504
+
+Bodies are `{"error": {"type", "message"}}`. Messages are written for the
+client and must never contain a secret: they are built from constants and ids,
+never from request bodies or upstream answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker.responses import JSONBody
+
+log = logging.getLogger("broker.errors")
+
+
+class BrokerError(Exception):
+    """An expected failure that maps to an HTTP status and a stable `type`."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = error_type or self.error_type
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "message": self.message}}
+
+
+class BadRequest(BrokerError):
+    status_code = 400
+    error_type = "bad_request"
+
+
+class Unauthorized(BrokerError):
+    status_code = 401
+    error_type = "unauthorized"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": 'Bearer realm="comfy-key-broker"'}
+
+
+class Forbidden(BrokerError):
+    status_code = 403
+    error_type = "forbidden"
+
+
+class NotFound(BrokerError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class Conflict(BrokerError):
+    status_code = 409
+    error_type = "conflict"
+
+
+class PayloadTooLarge(BrokerError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class Unprocessable(BrokerError):
+    status_code = 422
+    error_type = "unprocessable"
+
+
+class UpstreamUnavailable(BrokerError):
+    status_code = 502
+    error_type = "upstream_unavailable"
+
+
+class UpstreamTimeout(BrokerError):
+    status_code = 504
+    error_type = "upstream_timeout"
+
+
+def error_response(status_code: int, error_type: str, message: str, **extra: Any) -> JSONBody:
+    return JSONBody(
+        {"error": {"type": error_type, "message": message, **extra}}, status_code=status_code
+    )
+
+
+async def handle_broker_error(request: Request, exc: Exception) -> JSONBody:
+    assert isinstance(exc, BrokerError)
+    return JSONBody(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONBody:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return error_response(400, "invalid_json", "The request body is not valid JSON.")
+    # Echo where and why, never the submitted value: it may be a secret.
+    details = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in errors
+    ]
+    return error_response(422, "validation_error", "The request is invalid.", details=details)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONBody:
+    assert isinstance(exc, StarletteHTTPException)
+    error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONBody(
+        {"error": {"type": error_type, "message": str(exc.detail)}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> JSONBody:
+    # Only the exception class is logged: its text may quote a request body.
+    log.error("request.unhandled_error path=%s error=%s", request.url.path, type(exc).__name__)
+    return error_response(500, "internal_error", "Internal error.")
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(BrokerError, handle_broker_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(Exception, handle_unexpected_error)
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Stable machine-readable error type.")
+    message: str = Field(description="What went wrong, for people.")
+
+
+class ErrorBody(BaseModel):
+    """The shape of every broker error (documented in OpenAPI)."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "Malformed request (e.g. invalid JSON)",
+        401: "Missing, invalid, expired or revoked token",
+        403: "The token's role may not do this",
+        404: "Not found, or not yours",
+        409: "Conflicts with existing state",
+        413: "Request body too large",
+        422: "Validation error",
+        502: "ComfyUI unreachable or answered with an error",
+        504: "ComfyUI did not answer in time",
+    }
+    return {code: {"description": descriptions[code], "model": ErrorBody} for code in statuses}

@@ -1,0 +1,192 @@
+"""Custody of users' Comfy keys: seal on write, unseal only on the forward path."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from broker.audit import service as audit
+from broker.audit.service import Actor
+from broker.db.base import utc_now
+from broker.db.models import ComfyKey
+from broker.db.session import session_scope
+from broker.errors import NotFound
+from broker.keys.crypto import (
+    KeyContext,
+    Keyring,
+    SealedKey,
+    UnsealError,
+    fingerprint,
+    load_fingerprint_key,
+    load_keyring,
+)
+from broker.keys.repository import ComfyKeyRepository
+from broker.settings import Settings
+from broker.tenants import service as tenants_service
+from broker.tenants.schemas import ComfyKeyInfo
+
+REWRAP_BATCH_SIZE = 200
+
+
+@dataclass(frozen=True)
+class KeyCustody:
+    keyring: Keyring
+    fingerprint_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyCustody:
+        return cls(load_keyring(settings), load_fingerprint_key(settings))
+
+
+@dataclass
+class RewrapReport:
+    primary_kek_id: str
+    processed: int = 0
+    succeeded: int = 0
+    failed_ids: list[uuid.UUID] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_ids)
+
+
+def _context(key: ComfyKey) -> KeyContext:
+    return KeyContext(key.tenant_id, key.user_id, key.id)
+
+
+def _sealed(key: ComfyKey) -> SealedKey:
+    return SealedKey(key.kek_id, key.wrapped_data_key, key.ciphertext)
+
+
+async def set_key(
+    session: AsyncSession,
+    custody: KeyCustody,
+    actor: Actor,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    api_key: SecretStr,
+) -> ComfyKeyInfo:
+    await tenants_service.get_user(session, tenant_id, user_id)
+    repository = ComfyKeyRepository.from_session(session)
+    row = await repository.get_for_user(tenant_id, user_id)
+    replaced = row is not None
+    if row is None:
+        row = ComfyKey(id=uuid.uuid4(), tenant_id=tenant_id, user_id=user_id)
+    secret = api_key.get_secret_value()
+    sealed = custody.keyring.seal(secret, _context(row))
+    row.kek_id, row.wrapped_data_key, row.ciphertext = (
+        sealed.kek_id,
+        sealed.wrapped_data_key,
+        sealed.ciphertext,
+    )
+    row.fingerprint = fingerprint(secret, custody.fingerprint_key)
+    row.last4 = secret[-4:]
+    row.updated_at = utc_now()
+    await repository.add(row)
+    audit.record(
+        session,
+        actor,
+        "comfy_key.set",
+        object_type="user",
+        object_id=user_id,
+        tenant_id=tenant_id,
+        details={"fingerprint": row.fingerprint, "replaced": replaced},
+    )
+    return ComfyKeyInfo.model_validate(row)
+
+
+async def delete_key(
+    session: AsyncSession, actor: Actor, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> None:
+    await tenants_service.get_user(session, tenant_id, user_id)
+    if await ComfyKeyRepository.from_session(session).delete_for_user(tenant_id, user_id) == 0:
+        raise NotFound("This user has no Comfy key.")
+    audit.record(
+        session,
+        actor,
+        "comfy_key.delete",
+        object_type="user",
+        object_id=user_id,
+        tenant_id=tenant_id,
+    )
+
+
+async def unseal_for_forwarding(
+    session: AsyncSession, custody: KeyCustody, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> str | None:
+    """The plaintext key, for injection into one upstream request only. None if unset.
+
+    Raises UnsealError when the stored key cannot be opened (wrong keyring, moved row).
+    """
+    row = await ComfyKeyRepository.from_session(session).get_for_user(tenant_id, user_id)
+    if row is None:
+        return None
+    return custody.keyring.unseal(_sealed(row), _context(row))
+
+
+async def rewrap_all(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    custody: KeyCustody,
+    actor: Actor,
+    *,
+    on_progress: Callable[[int], None] = lambda _: None,
+    batch_size: int = REWRAP_BATCH_SIZE,
+) -> RewrapReport:
+    """Re-wrap every data key not under the primary KEK, one batch per transaction.
+
+    Rows that fail to open are counted, named in the report and left untouched.
+    """
+    primary = custody.keyring.primary_id
+    report = RewrapReport(primary_kek_id=primary)
+    after: uuid.UUID | None = None
+    while True:
+        async with session_scope(sessionmaker) as session:
+            batch = await ComfyKeyRepository.from_session(session).batch_not_under(
+                primary, after=after, limit=batch_size
+            )
+            for row in batch:
+                await _rewrap_row(session, custody.keyring, row, report)
+        if not batch:
+            break
+        after = batch[-1].id
+        on_progress(len(batch))
+    async with session_scope(sessionmaker) as session:
+        audit.record(
+            session,
+            actor,
+            "keys.rewrap",
+            object_type="keyring",
+            object_id=primary,
+            tenant_id=None,
+            details={
+                "processed": report.processed,
+                "succeeded": report.succeeded,
+                "failed": report.failed,
+            },
+        )
+    return report
+
+
+async def _rewrap_row(
+    session: AsyncSession, keyring: Keyring, row: ComfyKey, report: RewrapReport
+) -> None:
+    report.processed += 1
+    try:
+        rewrapped = keyring.rewrap(_sealed(row), _context(row))
+    except UnsealError:
+        report.failed_ids.append(row.id)
+        return
+    if await ComfyKeyRepository.from_session(session).replace_wrapping(row, rewrapped):
+        report.succeeded += 1
+    else:
+        report.failed_ids.append(row.id)
+
+
+async def count_not_under_primary(session: AsyncSession, custody: KeyCustody) -> int:
+    return await ComfyKeyRepository.from_session(session).count_not_under(
+        custody.keyring.primary_id
+    )

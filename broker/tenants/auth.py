@@ -1,0 +1,161 @@
+"""Who is calling: token → `Caller`, and the FastAPI dependencies that require a role.
+
+Tokens arrive as `Authorization: Bearer <token>` or, for ComfyUI clients that
+can only do HTTP Basic auth, as the Basic password (the username is ignored).
+Every failure answers the same 401 so that nobody learns whether a token
+exists, expired or was revoked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from broker.audit.service import Actor
+from broker.db.base import utc_now
+from broker.db.models import Token, TokenKind
+from broker.db.session import session_scope
+from broker.errors import Forbidden, NotFound, Unauthorized
+from broker.tenants.repository import TokenRepository
+from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
+
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+INVALID_TOKEN = "The token is invalid, expired or revoked."  # noqa: S105 (a message)
+
+# Only for the OpenAPI docs ("Authorize" button); parsing is done below.
+bearer_scheme = HTTPBearer(auto_error=False, description="A broker token (cbk_…).")
+
+
+@dataclass(frozen=True)
+class Caller:
+    kind: TokenKind
+    token_id: uuid.UUID | None
+    tenant_id: uuid.UUID | None
+    user_id: uuid.UUID | None
+
+    @property
+    def actor(self) -> Actor:
+        label = f"{self.kind.value}:{self.token_id}" if self.token_id else "operator:admin-token"
+        return Actor(label, self.token_id)
+
+    @property
+    def is_operator(self) -> bool:
+        return self.kind is TokenKind.OPERATOR
+
+
+class Authenticator:
+    """Resolves raw tokens against `BROKER_ADMIN_TOKEN` and the tokens table."""
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], admin_token: str | None
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._admin_token_hash = hash_token(admin_token).encode() if admin_token else None
+
+    async def authenticate(self, raw: str) -> Caller:
+        token_hash = hash_token(raw)
+        if self._admin_token_hash is not None and hmac.compare_digest(
+            token_hash.encode(), self._admin_token_hash
+        ):
+            return Caller(TokenKind.OPERATOR, None, None, None)
+        if kind_of(raw) is None:
+            raise Unauthorized(INVALID_TOKEN)
+        async with session_scope(self._sessionmaker) as session:
+            token = await TokenRepository.from_session(session).get_by_hash(token_hash)
+            if token is None or not _is_usable(token):
+                raise Unauthorized(INVALID_TOKEN)
+            await _touch(session, token)
+            return Caller(token.kind, token.id, token.tenant_id, token.user_id)
+
+
+def _is_usable(token: Token) -> bool:
+    if token.revoked_at is not None:
+        return False
+    return token.expires_at is None or token.expires_at > utc_now()
+
+
+async def _touch(session: AsyncSession, token: Token) -> None:
+    """Record use, at most once a minute per token, to keep writes off the hot path."""
+    now = utc_now()
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        await TokenRepository.from_session(session).touch(token.id, now)
+
+
+def token_from_header(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthorized("Authentication required: send 'Authorization: Bearer <token>'.")
+    scheme, _, credentials = authorization.partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer" and credentials:
+        return _bounded(credentials)
+    if scheme.lower() == "basic" and credentials:
+        return _bounded(_basic_password(credentials))
+    raise Unauthorized("Unsupported authorization scheme: use Bearer or Basic.")
+
+
+def _basic_password(credentials: str) -> str:
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise Unauthorized(INVALID_TOKEN) from exc
+    _, separator, password = decoded.partition(":")
+    if not separator or not password:
+        raise Unauthorized(INVALID_TOKEN)
+    return password
+
+
+def _bounded(raw: str) -> str:
+    if len(raw) > MAX_TOKEN_LENGTH:
+        raise Unauthorized(INVALID_TOKEN)
+    return raw
+
+
+async def get_current_caller(
+    request: Request, _docs: Annotated[object, Depends(bearer_scheme)] = None
+) -> Caller:
+    authenticator: Authenticator = request.app.state.authenticator
+    raw = token_from_header(request.headers.get("authorization"))
+    return await authenticator.authenticate(raw)
+
+
+CurrentCaller = Annotated[Caller, Depends(get_current_caller)]
+
+
+def require_admin(caller: CurrentCaller) -> Caller:
+    if caller.kind not in (TokenKind.OPERATOR, TokenKind.ADMIN):
+        raise Forbidden("This needs an operator or tenant admin token.")
+    return caller
+
+
+def require_operator(caller: CurrentCaller) -> Caller:
+    if not caller.is_operator:
+        raise Forbidden("This needs an operator token.")
+    return caller
+
+
+AdminCaller = Annotated[Caller, Depends(require_admin)]
+OperatorCaller = Annotated[Caller, Depends(require_operator)]
+
+
+def require_tenant_admin(tenant_id: uuid.UUID, caller: AdminCaller) -> Caller:
+    """The operator, or an admin of `tenant_id`; another tenant's admin sees a 404."""
+    if caller.is_operator or caller.tenant_id == tenant_id:
+        return caller
+    raise NotFound("Tenant not found.")
+
+
+TenantAdminCaller = Annotated[Caller, Depends(require_tenant_admin)]
+
+
+def tenant_scope(caller: Caller) -> uuid.UUID | None:
+    """The tenant a caller is confined to; None for the operator."""
+    return None if caller.is_operator else caller.tenant_id
