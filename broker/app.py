@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 
 from broker import __version__
 from broker.admin.router import router as admin_router
 from broker.body_limit import BodyLimitMiddleware
+from broker.comfy.client import ComfyClient, create_http_client
+from broker.comfy.object_info import ObjectInfoCache
 from broker.db.session import create_engine, create_sessionmaker
-from broker.errors import add_exception_handlers
+from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
+from broker.proxy.endpoints import router as proxy_router
+from broker.proxy.service import ProxyContext, Upstream
+from broker.proxy.timing import ServerTimingMiddleware
 from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator
 
@@ -38,9 +45,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker
         admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
         app.state.authenticator = Authenticator(sessionmaker, admin_token)
+        http = create_http_client(
+            connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
+            read_timeout=settings.UPSTREAM_READ_TIMEOUT,
+        )
+        app.state.proxy = ProxyContext(sessionmaker, custody, _upstream(http, settings))
         try:
             yield
         finally:
+            await http.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -50,8 +63,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.custody = custody
     add_exception_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
+    app.add_middleware(ServerTimingMiddleware)
+    app.add_middleware(UnhandledErrorMiddleware)
     app.include_router(admin_router)
+    app.include_router(proxy_router, tags=["comfyui"])
+    app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
     return app
+
+
+def _upstream(http: httpx.AsyncClient, settings: Settings) -> Upstream:
+    comfy = ComfyClient(http, settings.COMFYUI_URL)
+    cache = ObjectInfoCache(comfy, settings.OBJECT_INFO_TTL_SECONDS)
+    return Upstream(comfy, cache, client_id=f"comfy-broker-{uuid.uuid4().hex}")
 
 
 def _body_limits(settings: Settings) -> Callable[[str], int]:

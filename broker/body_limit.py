@@ -6,8 +6,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.errors import PayloadTooLarge
-from broker.responses import JSONBody
+from broker.errors import PayloadTooLarge, render_error
 
 
 class BodyLimitMiddleware:
@@ -24,7 +23,8 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _too_large(limit)(scope, receive, send)
+            response = render_error(scope["path"], PayloadTooLarge(_message(limit)))
+            await response(scope, receive, send)
             return
         await self.app(scope, _counting(receive, limit), send)
 
@@ -52,11 +52,6 @@ def _counting(receive: Receive, limit: int) -> Receive:
         return message
 
     return counted
-
-
-def _too_large(limit: int) -> JSONBody:
-    error = PayloadTooLarge(_message(limit))
-    return JSONBody(error.body(), status_code=error.status_code)
 
 
 def _message(limit: int) -> str:

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.responses import JSONBody
 
@@ -41,6 +42,10 @@ class BrokerError(Exception):
         super().__init__(message)
         self.message = message
         self.type = error_type or self.error_type
+
+    @property
+    def http_status(self) -> int:
+        return self.status_code
 
     def headers(self) -> dict[str, str] | None:
         return None
@@ -103,9 +108,21 @@ def error_response(status_code: int, error_type: str, message: str, **extra: Any
     )
 
 
+# ComfyUI clients read `/prompt` errors as {"error": {...}, "node_errors": {...}}.
+COMFY_ERROR_PATHS = frozenset({"/prompt", "/api/prompt"})
+
+
+def render_error(path: str, error: BrokerError) -> JSONBody:
+    body = error.body()
+    if path in COMFY_ERROR_PATHS and "node_errors" not in body:
+        detail = {"details": error.message, "extra_info": {}, **body["error"]}
+        body = {"error": detail, "node_errors": {}}
+    return JSONBody(body, status_code=error.http_status, headers=error.headers())
+
+
 async def handle_broker_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, BrokerError)
-    return JSONBody(exc.body(), status_code=exc.status_code, headers=exc.headers())
+    return render_error(request.url.path, exc)
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> JSONBody:
@@ -131,17 +148,41 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONBody:
     )
 
 
-async def handle_unexpected_error(request: Request, exc: Exception) -> JSONBody:
-    # Only the exception class is logged: its text may quote a request body.
-    log.error("request.unhandled_error path=%s error=%s", request.url.path, type(exc).__name__)
-    return error_response(500, "internal_error", "Internal error.")
+class UnhandledErrorMiddleware:
+    """Turns any unexpected exception into a JSON 500 and stops it there.
+
+    Starlette's own handler re-raises after answering, so the server would log the
+    traceback with the exception's text, which may quote a request body and so a
+    key. Here only the exception's class is logged.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001  (the point of this middleware)
+            log.error("request.unhandled_error path=%s error=%s", scope["path"], type(exc).__name__)
+            if not started:
+                response = error_response(500, "internal_error", "Internal error.")
+                await response(scope, receive, send)
 
 
 def add_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BrokerError, handle_broker_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
-    app.add_exception_handler(Exception, handle_unexpected_error)
 
 
 class ErrorDetail(BaseModel):

@@ -7,4 +7,4 @@ import os
 
 os.environ["BROKER_ENV"] = "test"
 
-pytest_plugins = ["tests.fixtures.database", "tests.fixtures.app"]
+pytest_plugins = ["tests.fixtures.database", "tests.fixtures.app", "tests.fixtures.comfy"]

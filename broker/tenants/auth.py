@@ -24,8 +24,8 @@ from broker.audit.service import Actor
 from broker.db.base import utc_now
 from broker.db.models import Token, TokenKind
 from broker.db.session import session_scope
-from broker.errors import Forbidden, NotFound, Unauthorized
-from broker.tenants.repository import TokenRepository
+from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
 
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -75,6 +75,16 @@ class Authenticator:
                 raise Unauthorized(INVALID_TOKEN)
             await _touch(session, token)
             return Caller(token.kind, token.id, token.tenant_id, token.user_id)
+
+    async def user_id_for(self, tenant_id: uuid.UUID, external_id: str) -> uuid.UUID:
+        """The id of a tenant's user by external id; another tenant's user is a 404."""
+        async with session_scope(self._sessionmaker) as session:
+            user = await UserRepository.from_session(session).get_by_external_id(
+                tenant_id, external_id
+            )
+        if user is None:
+            raise NotFound("User not found.")
+        return user.id
 
 
 def _is_usable(token: Token) -> bool:
@@ -159,3 +169,34 @@ TenantAdminCaller = Annotated[Caller, Depends(require_tenant_admin)]
 def tenant_scope(caller: Caller) -> uuid.UUID | None:
     """The tenant a caller is confined to; None for the operator."""
     return None if caller.is_operator else caller.tenant_id
+
+
+ACT_AS_HEADER = "X-Broker-User"
+
+
+@dataclass(frozen=True)
+class ActingUser:
+    """The user a ComfyUI-surface request acts for: a user token's own user, or the
+    user a service token names in `X-Broker-User`."""
+
+    tenant_id: uuid.UUID
+    user_id: uuid.UUID
+    token_id: uuid.UUID | None
+
+
+async def get_acting_user(request: Request, caller: CurrentCaller) -> ActingUser:
+    named = request.headers.get(ACT_AS_HEADER)
+    if caller.kind is TokenKind.USER and caller.tenant_id and caller.user_id:
+        if named is not None:
+            raise BadRequest(f"{ACT_AS_HEADER} is only for service tokens.")
+        return ActingUser(caller.tenant_id, caller.user_id, caller.token_id)
+    if caller.kind is TokenKind.SERVICE and caller.tenant_id:
+        if not named:
+            raise BadRequest(f"A service token must name the user in {ACT_AS_HEADER}.")
+        authenticator: Authenticator = request.app.state.authenticator
+        user_id = await authenticator.user_id_for(caller.tenant_id, named)
+        return ActingUser(caller.tenant_id, user_id, caller.token_id)
+    raise Forbidden(f"This needs a user token, or a service token with {ACT_AS_HEADER}.")
+
+
+CurrentUser = Annotated[ActingUser, Depends(get_acting_user)]

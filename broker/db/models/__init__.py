@@ -2,8 +2,18 @@
 
 from broker.db.models.audit_event import AuditEvent
 from broker.db.models.comfy_key import ComfyKey
+from broker.db.models.prompt import Prompt, PromptStatus
 from broker.db.models.tenant import Tenant
 from broker.db.models.token import Token, TokenKind
 from broker.db.models.user import User
 
-__all__ = ["AuditEvent", "ComfyKey", "Tenant", "Token", "TokenKind", "User"]
+__all__ = [
+    "AuditEvent",
+    "ComfyKey",
+    "Prompt",
+    "PromptStatus",
+    "Tenant",
+    "Token",
+    "TokenKind",
+    "User",
+]

@@ -1,0 +1,81 @@
+"""ComfyUI's HTTP API over one shared httpx.AsyncClient. No FastAPI, no database.
+
+Requests are built from scratch: nothing of the broker's client (Origin,
+cookies, Authorization) ever reaches ComfyUI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+
+from broker.comfy.errors import PromptRejected, UpstreamTimeout, UpstreamUnavailable
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def create_http_client(
+    *, connect_timeout: float, read_timeout: float, max_connections: int = 64
+) -> httpx.AsyncClient:
+    """The process-wide client: keep-alive, bounded pool, explicit timeouts."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections // 4
+        ),
+        follow_redirects=False,
+    )
+
+
+class ComfyClient:
+    """One ComfyUI server at `base_url`."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+
+    async def submit_prompt(self, body: bytes) -> dict[str, Any]:
+        """POST /prompt. Returns ComfyUI's 200 answer; raises PromptRejected on its 400."""
+        response = await self._send("POST", "/prompt", content=body, headers=JSON_HEADERS)
+        if response.status_code == 400:
+            raise PromptRejected(_json_object(response, fallback_type="invalid_prompt"))
+        return _expect_json_object(response)
+
+    async def get_json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        return _expect_json_object(await self._send("GET", path, params=params))
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, self.base_url + path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"ComfyUI did not answer {method} {path} in time.") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"ComfyUI is unreachable ({type(exc).__name__}).") from exc
+
+
+def _expect_json_object(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code != 200:
+        raise UpstreamUnavailable(f"ComfyUI answered {response.status_code}.")
+    return _json_object(response, fallback_type=None)
+
+
+def _json_object(response: httpx.Response, *, fallback_type: str | None) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return parsed
+    if fallback_type is not None:
+        return {
+            "error": {
+                "type": fallback_type,
+                "message": "ComfyUI rejected the prompt.",
+                "details": "",
+                "extra_info": {},
+            },
+            "node_errors": {},
+        }
+    raise UpstreamUnavailable("ComfyUI answered with something that is not a JSON object.")

@@ -1,0 +1,29 @@
+"""Failures talking to ComfyUI. Messages name the failure, never a request body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.errors import BrokerError, UpstreamTimeout, UpstreamUnavailable
+
+__all__ = ["PromptRejected", "UpstreamTimeout", "UpstreamUnavailable"]
+
+
+class PromptRejected(BrokerError):
+    """ComfyUI refused the prompt (400); its own error body is passed through."""
+
+    status_code = 400
+    error_type = "prompt_rejected"
+
+    def __init__(self, upstream_body: dict[str, Any]) -> None:
+        error = upstream_body.get("error")
+        error = error if isinstance(error, dict) else {}
+        message, error_type = error.get("message"), error.get("type")
+        super().__init__(
+            message if isinstance(message, str) else "ComfyUI rejected the prompt.",
+            error_type=error_type if isinstance(error_type, str) else None,
+        )
+        self.upstream_body = upstream_body
+
+    def body(self) -> dict[str, Any]:
+        return self.upstream_body

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from broker.db.base import Base, CreatedAtMixin, utc_now
+
+
+class PromptStatus(StrEnum):
+    PENDING = "pending"  # committed, about to be forwarded
+    QUEUED = "queued"  # ComfyUI accepted it
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"  # forwarding or execution failed (see error_type)
+    INTERRUPTED = "interrupted"
+    REJECTED = "rejected"  # ComfyUI refused it (validation)
+
+
+class Prompt(CreatedAtMixin, Base):
+    """One prompt a user submitted: ownership (for isolation) and the usage record.
+
+    `id` is the prompt_id the broker minted (or accepted) and ComfyUI runs under.
+    The request body is never stored: it carried the injected key.
+    """
+
+    __tablename__ = "prompts"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key"),
+        Index(None, "tenant_id", "created_at"),
+        Index(None, "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    token_id: Mapped[uuid.UUID | None]
+    upstream: Mapped[str] = mapped_column(String(500))
+    client_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[PromptStatus] = mapped_column(
+        Enum(
+            PromptStatus,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        index=True,
+    )
+    api_nodes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    body_bytes: Mapped[int] = mapped_column(Integer)
+    number: Mapped[int | None] = mapped_column(Integer)
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(String(1000))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)

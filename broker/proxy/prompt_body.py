@@ -1,0 +1,152 @@
+"""The `POST /prompt` body: parse and check what the client sent, then build what ComfyUI gets.
+
+The client controls the graph and `extra_data`; the broker controls everything
+that decides whose prompt it is and how it is billed: `prompt_id`, the upstream
+`client_id`, the Comfy key, and the queue position (`number`/`front` are dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from broker.comfy.redaction import SENSITIVE_KEYS
+from broker.proxy.errors import PromptError
+
+MAX_DEPTH = 32
+MAX_CLIENT_ID_LENGTH = 200
+QUEUE_CONTROL_FIELDS = ("number", "front")
+LOWERCASE_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True)
+class PromptBody:
+    fields: dict[str, Any]  # what will be forwarded, minus broker-owned fields
+    class_types: dict[str, str]  # node id → class_type
+    client_id: str | None
+    proposed_prompt_id: uuid.UUID | None
+    size: int
+    digest: str  # SHA-256 of the raw body, for Idempotency-Key checks
+
+
+def parse_prompt_body(raw: bytes) -> PromptBody:
+    body = _load_object(raw)
+    extra_data = body.get("extra_data", {})
+    if not isinstance(extra_data, dict):
+        raise _invalid("extra_data must be an object.")
+    _refuse_credentials(body, extra_data)
+    return PromptBody(
+        fields=_without_broker_fields(body),
+        class_types=_class_types(body.get("prompt")),
+        client_id=_client_id(body.get("client_id", extra_data.get("client_id"))),
+        proposed_prompt_id=_proposed_prompt_id(body.get("prompt_id")),
+        size=len(raw),
+        digest=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def upstream_body(
+    body: PromptBody, *, prompt_id: uuid.UUID, client_id: str, api_key: str | None
+) -> bytes:
+    """The JSON ComfyUI receives. The key is set only here, only in extra_data."""
+    extra_data = dict(body.fields.get("extra_data") or {})
+    extra_data["client_id"] = client_id  # ComfyUI routes events by this copy too
+    if api_key is not None:
+        extra_data["api_key_comfy_org"] = api_key
+    forwarded = {
+        **body.fields,
+        "prompt_id": str(prompt_id),
+        "client_id": client_id,
+        "extra_data": extra_data,
+    }
+    return orjson.dumps(forwarded)
+
+
+def _load_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _invalid("The request body is not valid JSON.", error_type="invalid_json") from None
+    if not isinstance(body, dict):
+        raise _invalid("The request body must be a JSON object.")
+    if _deeper_than(body, MAX_DEPTH):
+        raise _invalid(f"The request body is nested deeper than {MAX_DEPTH} levels.")
+    return body
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Iterative, so a hostile body cannot exhaust the interpreter's stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(current, dict):
+            stack.extend((item, depth + 1) for item in current.values())
+        elif isinstance(current, list):
+            stack.extend((item, depth + 1) for item in current)
+    return False
+
+
+def _refuse_credentials(body: dict[str, Any], extra_data: dict[str, Any]) -> None:
+    sent = sorted(SENSITIVE_KEYS & (body.keys() | extra_data.keys()))
+    if sent:
+        raise _invalid(
+            f"Do not send {', '.join(sent)}: the broker adds your Comfy key itself.",
+            error_type="credentials_not_allowed",
+        )
+
+
+def _without_broker_fields(body: dict[str, Any]) -> dict[str, Any]:
+    owned = {*QUEUE_CONTROL_FIELDS, "prompt_id", "client_id"}
+    return {key: value for key, value in body.items() if key not in owned}
+
+
+def _class_types(graph: Any) -> dict[str, str]:
+    if not isinstance(graph, dict) or not graph:
+        raise PromptError("No prompt provided", error_type="no_prompt")
+    class_types: dict[str, str] = {}
+    for node_id, node in graph.items():
+        class_type = node.get("class_type") if isinstance(node, dict) else None
+        if not isinstance(class_type, str) or not class_type:
+            raise _invalid(
+                f"Cannot execute because node {node_id} is missing the class_type property.",
+                node_errors={node_id: _node_error("missing class_type", None)},
+            )
+        class_types[node_id] = class_type
+    return class_types
+
+
+def _client_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_CLIENT_ID_LENGTH:
+        raise _invalid(f"client_id must be a string of 1-{MAX_CLIENT_ID_LENGTH} characters.")
+    return value
+
+
+def _proposed_prompt_id(value: Any) -> uuid.UUID | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not LOWERCASE_UUID.fullmatch(value):
+        raise _invalid("prompt_id must be a lowercase UUID.", error_type="invalid_prompt_id")
+    return uuid.UUID(value)
+
+
+def _invalid(
+    message: str, *, error_type: str = "invalid_prompt", node_errors: dict[str, Any] | None = None
+) -> PromptError:
+    return PromptError(message, error_type=error_type, node_errors=node_errors)
+
+
+def _node_error(message: str, class_type: str | None) -> dict[str, Any]:
+    return {
+        "errors": [{"type": "invalid_prompt", "message": message, "details": "", "extra_info": {}}],
+        "dependent_outputs": [],
+        "class_type": class_type,
+    }

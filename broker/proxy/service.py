@@ -1,0 +1,262 @@
+"""The prompt path: authenticate → check → record `pending` → unseal and inject → forward → record.
+
+The transaction that records the pending prompt is committed before anything
+is forwarded, and no transaction is held open while ComfyUI answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from broker.comfy.client import ComfyClient
+from broker.comfy.errors import PromptRejected
+from broker.comfy.object_info import ObjectInfoCache
+from broker.comfy.redaction import redact
+from broker.db.models import PromptStatus
+from broker.db.session import session_scope
+from broker.errors import BadRequest, BrokerError, Conflict, Unprocessable
+from broker.keys import service as keys_service
+from broker.keys.crypto import UnsealError
+from broker.keys.service import KeyCustody
+from broker.proxy.errors import PromptError
+from broker.proxy.prompt_body import PromptBody, parse_prompt_body, upstream_body
+from broker.tenants.auth import ActingUser
+from broker.usage import service as usage_service
+from broker.usage.repository import PromptRepository
+from broker.usage.service import NewPrompt
+
+log = logging.getLogger("broker.proxy")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+@dataclass
+class Upstream:
+    """One ComfyUI server and what the broker keeps about it."""
+
+    comfy: ComfyClient
+    object_info: ObjectInfoCache
+    client_id: str  # the broker's own clientId there: events come to the broker only
+
+
+@dataclass
+class ProxyContext:
+    sessionmaker: async_sessionmaker[AsyncSession]
+    custody: KeyCustody
+    upstream: Upstream
+
+
+@dataclass
+class Timing:
+    """Time spent waiting for ComfyUI, for the Server-Timing header."""
+
+    upstream_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PromptAnswer:
+    status_code: int
+    body: dict[str, Any]
+    replayed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def submit_prompt(
+    context: ProxyContext,
+    acting: ActingUser,
+    raw: bytes,
+    idempotency_key: str | None,
+    timing: Timing,
+) -> PromptAnswer:
+    _check_idempotency_key(idempotency_key)
+    body = parse_prompt_body(raw)
+    key_nodes = await context.upstream.object_info.key_using_nodes_in(body.class_types.values())
+    try:
+        async with session_scope(context.sessionmaker) as session:
+            replay = await _replay(session, acting, idempotency_key, body)
+            if replay is not None:
+                return replay
+            api_key = await _key_for(session, context.custody, acting, key_nodes, body)
+            prompt_id = await _choose_prompt_id(session, body)
+            await usage_service.record_pending(
+                session, _new_prompt(context, acting, body, prompt_id, key_nodes, idempotency_key)
+            )
+    except IntegrityError as exc:
+        raise Conflict("A request with this Idempotency-Key is in progress.") from exc
+    forwarded = upstream_body(
+        body, prompt_id=prompt_id, client_id=context.upstream.client_id, api_key=api_key
+    )
+    return await _forward(context, prompt_id, forwarded, timing)
+
+
+def _check_idempotency_key(key: str | None) -> None:
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters.")
+
+
+async def _replay(
+    session: AsyncSession, acting: ActingUser, key: str | None, body: PromptBody
+) -> PromptAnswer | None:
+    """The first answer again for a retried request (same user, key and body)."""
+    if key is None:
+        return None
+    earlier = await PromptRepository.from_session(session).get_by_idempotency_key(
+        acting.user_id, key
+    )
+    if earlier is None:
+        return None
+    if earlier.request_hash != body.digest:
+        raise Unprocessable(
+            "This Idempotency-Key was used with a different request body.",
+            error_type="idempotency_key_reused",
+        )
+    if earlier.response_status is None or earlier.response_body is None:
+        raise Conflict("A request with this Idempotency-Key is in progress.")
+    return PromptAnswer(earlier.response_status, earlier.response_body, replayed=True)
+
+
+async def _key_for(
+    session: AsyncSession,
+    custody: KeyCustody,
+    acting: ActingUser,
+    key_nodes: list[str],
+    body: PromptBody,
+) -> str | None:
+    """The user's key if the prompt has nodes that use one; refuse if it has none."""
+    if not key_nodes:
+        return None
+    try:
+        api_key = await keys_service.unseal_for_forwarding(
+            session, custody, acting.tenant_id, acting.user_id
+        )
+    except UnsealError:
+        log.error("proxy.key_unreadable user_id=%s", acting.user_id)
+        raise Conflict(
+            "Your stored Comfy key cannot be decrypted; ask an admin to set it again.",
+            error_type="comfy_key_unreadable",
+        ) from None
+    if api_key is None:
+        raise _no_key_error(key_nodes, body)
+    return api_key
+
+
+def _no_key_error(key_nodes: list[str], body: PromptBody) -> PromptError:
+    message = "This prompt uses API nodes, and no Comfy API key is stored for you."
+    node_errors = {
+        node_id: {
+            "errors": [
+                {"type": "comfy_key_missing", "message": message, "details": "", "extra_info": {}}
+            ],
+            "dependent_outputs": [],
+            "class_type": class_type,
+        }
+        for node_id, class_type in body.class_types.items()
+        if class_type in key_nodes
+    }
+    return PromptError(
+        message,
+        error_type="comfy_key_missing",
+        node_errors=node_errors,
+        extra_info={"api_nodes": key_nodes},
+    )
+
+
+async def _choose_prompt_id(session: AsyncSession, body: PromptBody) -> uuid.UUID:
+    proposed = body.proposed_prompt_id
+    if proposed is None:
+        return uuid.uuid4()
+    if await PromptRepository.from_session(session).exists(proposed):
+        raise Conflict("This prompt_id is already in use.", error_type="prompt_id_in_use")
+    return proposed
+
+
+def _new_prompt(
+    context: ProxyContext,
+    acting: ActingUser,
+    body: PromptBody,
+    prompt_id: uuid.UUID,
+    key_nodes: list[str],
+    idempotency_key: str | None,
+) -> NewPrompt:
+    return NewPrompt(
+        prompt_id=prompt_id,
+        tenant_id=acting.tenant_id,
+        user_id=acting.user_id,
+        token_id=acting.token_id,
+        upstream=context.upstream.comfy.base_url,
+        client_id=body.client_id,
+        api_nodes=key_nodes,
+        body_bytes=body.size,
+        idempotency_key=idempotency_key,
+        request_hash=body.digest,
+    )
+
+
+async def _forward(
+    context: ProxyContext, prompt_id: uuid.UUID, forwarded: bytes, timing: Timing
+) -> PromptAnswer:
+    started = time.perf_counter()
+    try:
+        answer = await context.upstream.comfy.submit_prompt(forwarded)
+    except PromptRejected as exc:
+        timing.upstream_seconds = time.perf_counter() - started
+        await _settle_failure(context, prompt_id, PromptStatus.REJECTED, exc)
+        raise
+    except BrokerError as exc:
+        timing.upstream_seconds = time.perf_counter() - started
+        await _settle_failure(context, prompt_id, PromptStatus.ERROR, exc)
+        raise
+    timing.upstream_seconds = time.perf_counter() - started
+    answer = {**redact(answer), "prompt_id": str(prompt_id)}
+    await _settle(context, usage_service.record_queued, prompt_id, answer)
+    return PromptAnswer(200, answer)
+
+
+async def _settle_failure(
+    context: ProxyContext, prompt_id: uuid.UUID, status: PromptStatus, error: BrokerError
+) -> None:
+    await _settle(
+        context,
+        usage_service.record_failed,
+        prompt_id,
+        status=status,
+        error_type=error.type,
+        message=error.message,
+        response_status=error.http_status,
+        response_body=error.body(),
+    )
+
+
+async def _settle(
+    context: ProxyContext,
+    record: Callable[..., Awaitable[None]],
+    prompt_id: uuid.UUID,
+    *args: Any,
+    **kwargs: Any,
+) -> None:
+    """Record ComfyUI's answer. If the database fails now, the answer still goes to the
+    client (ComfyUI has the prompt) and the record stays `pending` for reconciliation."""
+    try:
+        async with session_scope(context.sessionmaker) as session:
+            await record(session, prompt_id, *args, **kwargs)
+    except SQLAlchemyError as exc:
+        log.error("proxy.settle_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
+
+
+async def queue_info(context: ProxyContext) -> dict[str, Any]:
+    answer = await context.upstream.comfy.get_json("/prompt")
+    remaining = answer.get("exec_info", {}).get("queue_remaining", 0)
+    return {"exec_info": {"queue_remaining": remaining if isinstance(remaining, int) else 0}}
+
+
+async def node_info(context: ProxyContext, node_class: str) -> dict[str, Any]:
+    nodes = await context.upstream.object_info.nodes()
+    return {node_class: nodes[node_class]} if node_class in nodes else {}
