@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import httpx
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker import __version__
 from broker.admin.router import router as admin_router
@@ -18,9 +19,12 @@ from broker.comfy.object_info import ObjectInfoCache
 from broker.db.session import create_engine, create_sessionmaker
 from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
+from broker.logs import install_redaction
 from broker.proxy.endpoints import router as proxy_router
+from broker.proxy.events import EventHub
 from broker.proxy.service import ProxyContext, Upstream
 from broker.proxy.timing import ServerTimingMiddleware
+from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator
 
@@ -36,6 +40,7 @@ Authenticate with `Authorization: Bearer <token>` (broker tokens start with `cbk
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     custody = KeyCustody.from_settings(settings)  # fail fast on a bad keyring
+    install_redaction()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,10 +54,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
-        app.state.proxy = ProxyContext(sessionmaker, custody, _upstream(http, settings))
+        upstream = _upstream(http, sessionmaker, settings)
+        app.state.proxy = ProxyContext(sessionmaker, custody, upstream)
+        upstream.events.start()
         try:
             yield
         finally:
+            await upstream.events.stop()
             await http.aclose()
             await engine.dispose()
 
@@ -68,25 +76,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
+    app.include_router(websocket_router)
+    app.include_router(websocket_router, prefix="/api")
     return app
 
 
-def _upstream(http: httpx.AsyncClient, settings: Settings) -> Upstream:
+def _upstream(
+    http: httpx.AsyncClient, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+) -> Upstream:
     comfy = ComfyClient(http, settings.COMFYUI_URL)
     cache = ObjectInfoCache(comfy, settings.OBJECT_INFO_TTL_SECONDS)
-    return Upstream(comfy, cache, client_id=f"comfy-broker-{uuid.uuid4().hex}")
+    client_id = f"comfy-broker-{uuid.uuid4().hex}"
+    longest_forward = settings.UPSTREAM_CONNECT_TIMEOUT + settings.UPSTREAM_READ_TIMEOUT
+    events = EventHub(
+        comfy, client_id, sessionmaker, stale_after=timedelta(seconds=longest_forward + 10)
+    )
+    return Upstream(comfy, cache, client_id, events)
 
 
 def _body_limits(settings: Settings) -> Callable[[str], int]:
     def limit_for(path: str) -> int:
         if path.startswith("/admin"):
             return settings.MAX_ADMIN_BODY_BYTES
+        if path.removeprefix("/api").startswith("/upload/"):
+            return settings.MAX_UPLOAD_BYTES
         return settings.MAX_PROMPT_BYTES
 
     return limit_for
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.LOG_LEVEL.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )

@@ -1,4 +1,4 @@
-"""Refuse oversized request bodies with 413 before they are read into memory."""
+"""Refuse oversized request bodies with 413 before the application reads them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from broker.errors import PayloadTooLarge, render_error
 
 
 class BodyLimitMiddleware:
-    """Caps bodies per request by `limit_for(path)`, by Content-Length and by counting."""
+    """Caps bodies per request by `limit_for(path)`.
+
+    With a Content-Length, an oversized request is refused before anything is read.
+    Without one (chunked), the body is read up to the limit first: refusing it later,
+    from inside the application's own body parsing, would come out as a 400.
+    """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
         self.app = app
@@ -22,11 +27,17 @@ class BodyLimitMiddleware:
             return
         limit = self.limit_for(scope["path"])
         declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            response = render_error(scope["path"], PayloadTooLarge(_message(limit)))
-            await response(scope, receive, send)
+        if declared is not None:
+            if declared > limit:
+                await _refuse(scope, receive, send, limit)
+                return
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, _counting(receive, limit), send)
+        buffered = await _read_up_to(receive, limit)
+        if buffered is None:
+            await _refuse(scope, receive, send, limit)
+            return
+        await self.app(scope, _replay(buffered, receive), send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -39,20 +50,31 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _counting(receive: Receive, limit: int) -> Receive:
+async def _read_up_to(receive: Receive, limit: int) -> list[Message] | None:
+    """The request's body messages, or None once they exceed `limit` bytes."""
+    messages: list[Message] = []
     received = 0
-
-    async def counted() -> Message:
-        nonlocal received
+    while True:
         message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise PayloadTooLarge(_message(limit))
-        return message
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages
+        received += len(message.get("body", b""))
+        if received > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
 
-    return counted
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
-def _message(limit: int) -> str:
-    return f"The request body is larger than the limit of {limit} bytes."
+async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    error = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    await render_error(scope["path"], error)(scope, receive, send)

@@ -64,7 +64,10 @@ class Unauthorized(BrokerError):
     error_type = "unauthorized"
 
     def headers(self) -> dict[str, str] | None:
-        return {"WWW-Authenticate": 'Bearer realm="comfy-key-broker"'}
+        # Basic too: some ComfyUI clients send credentials only after a Basic challenge.
+        return {
+            "WWW-Authenticate": 'Bearer realm="comfy-key-broker", Basic realm="comfy-key-broker"'
+        }
 
 
 class Forbidden(BrokerError):

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     UPSTREAM_READ_TIMEOUT: float = Field(default=30.0, gt=0)
     MAX_PROMPT_BYTES: int = Field(default=8 * 1024 * 1024, gt=0)
     MAX_ADMIN_BODY_BYTES: int = Field(default=64 * 1024, gt=0)
+    MAX_UPLOAD_BYTES: int = Field(default=32 * 1024 * 1024, gt=0)
     OBJECT_INFO_TTL_SECONDS: float = Field(default=300.0, ge=0)
     LOG_LEVEL: str = "INFO"
 
@@ -154,9 +155,16 @@ def _write_dev_secrets_once(path: Path) -> None:
         "keys": {key_id: _random_key()},
         "secret_key": _random_key(),
     }
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as file:
         json.dump(content, file, indent=2)
+    try:
+        os.link(staging, path)  # atomic, and never replaces a file another process wrote
+    except FileExistsError:
+        return
+    finally:
+        staging.unlink()
     log.warning(
         "settings.dev_keyring_generated: no BROKER_KEYRING set, generated %s (mode 0600). "
         "Keep this file: stored Comfy keys cannot be decrypted without it. "

@@ -9,7 +9,9 @@ from broker.cli import db, keys, tenants, tokens, users
 from broker.cli.context import settings
 
 app = typer.Typer(
-    help="Comfy key broker: per-user Comfy.org keys in front of ComfyUI.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Comfy key broker: per-user Comfy.org keys in front of ComfyUI.",
+    no_args_is_help=True,
 )
 app.add_typer(db.app, name="db")
 app.add_typer(tenants.app, name="tenants")

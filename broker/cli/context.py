@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.models import Tenant, User
@@ -36,6 +37,12 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     except (BrokerError, ConfigurationError) as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+    except SQLAlchemyError as exc:
+        errors.print(
+            f"[red]database error:[/red] {type(exc).__name__}. "
+            "Is BROKER_DATABASE_URL right, and did you run `comfy-broker db upgrade`?"
+        )
+        raise typer.Exit(1) from None
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"])

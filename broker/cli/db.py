@@ -8,7 +8,9 @@ from alembic.config import Config
 
 from broker.cli.context import console, settings
 
-app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app = typer.Typer(
+    pretty_exceptions_show_locals=False, help="Database schema.", no_args_is_help=True
+)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 

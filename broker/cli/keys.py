@@ -22,7 +22,11 @@ from broker.keys.schemas import ComfyKeySet
 from broker.keys.service import KeyCustody, RewrapReport
 from broker.tenants.schemas import ComfyKeyInfo
 
-app = typer.Typer(help="Users' Comfy keys and the keyring.", no_args_is_help=True)
+app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Users' Comfy keys and the keyring.",
+    no_args_is_help=True,
+)
 TenantOption = typer.Option(..., "--tenant", "-t", help="Tenant id or name.")
 UserOption = typer.Option(..., "--user", "-u", help="User id or external id.")
 

@@ -8,7 +8,9 @@ from broker.cli.context import console, run, transaction
 from broker.tenants import service as tenants_service
 from broker.tenants.schemas import Page, TenantCreate, TenantRead
 
-app = typer.Typer(help="Tenants (SaaS teams).", no_args_is_help=True)
+app = typer.Typer(
+    pretty_exceptions_show_locals=False, help="Tenants (SaaS teams).", no_args_is_help=True
+)
 
 
 @app.command("create")

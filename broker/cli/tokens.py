@@ -10,7 +10,7 @@ from broker.cli.context import errors, find_tenant, find_user, run, transaction
 from broker.tenants import service as tenants_service
 from broker.tenants.schemas import TenantTokenCreate, TokenCreated, UserTokenCreate
 
-app = typer.Typer(help="Broker tokens.", no_args_is_help=True)
+app = typer.Typer(pretty_exceptions_show_locals=False, help="Broker tokens.", no_args_is_help=True)
 
 
 @app.command("create")

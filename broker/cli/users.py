@@ -8,7 +8,9 @@ from broker.cli.context import console, find_tenant, run, transaction
 from broker.tenants import service as tenants_service
 from broker.tenants.schemas import Page, UserCreate, UserRead
 
-app = typer.Typer(help="A tenant's users.", no_args_is_help=True)
+app = typer.Typer(
+    pretty_exceptions_show_locals=False, help="A tenant's users.", no_args_is_help=True
+)
 TenantOption = typer.Option(..., "--tenant", "-t", help="Tenant id or name.")
 
 

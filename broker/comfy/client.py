@@ -11,7 +11,12 @@ from typing import Any
 import httpx
 import orjson
 
-from broker.comfy.errors import PromptRejected, UpstreamTimeout, UpstreamUnavailable
+from broker.comfy.errors import (
+    PromptRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -26,6 +31,7 @@ def create_http_client(
             max_connections=max_connections, max_keepalive_connections=max_connections // 4
         ),
         follow_redirects=False,
+        trust_env=False,  # never route requests carrying keys through an env proxy
     )
 
 
@@ -35,6 +41,10 @@ class ComfyClient:
     def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
+
+    def websocket_url(self, client_id: str) -> str:
+        scheme, rest = self.base_url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/ws?clientId={client_id}"
 
     async def submit_prompt(self, body: bytes) -> dict[str, Any]:
         """POST /prompt. Returns ComfyUI's 200 answer; raises PromptRejected on its 400."""
@@ -46,11 +56,32 @@ class ComfyClient:
     async def get_json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         return _expect_json_object(await self._send("GET", path, params=params))
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def post_json(self, path: str, body: Any) -> httpx.Response:
+        """POST a JSON body and return ComfyUI's answer as it is (status included)."""
+        return await self.post_raw(path, orjson.dumps(body))
+
+    async def post_raw(self, path: str, body: bytes) -> httpx.Response:
+        return await self._send("POST", path, content=body, headers=JSON_HEADERS)
+
+    async def upload(
+        self, path: str, *, file: tuple[str, Any, str], fields: dict[str, str]
+    ) -> httpx.Response:
+        return await self._send("POST", path, files={"image": file}, data=fields)
+
+    async def open_stream(self, path: str, params: list[tuple[str, str]]) -> httpx.Response:
+        """GET with the body left unread, for streaming it on. The caller must `aclose()` it."""
+        return await self._send("GET", path, params=params, stream=True)
+
+    async def _send(
+        self, method: str, path: str, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        request = self._http.build_request(method, self.base_url + path, **kwargs)
         try:
-            return await self._http.request(method, self.base_url + path, **kwargs)
+            return await self._http.send(request, stream=stream)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"ComfyUI did not answer {method} {path} in time.") from exc
+        except httpx.ConnectError as exc:
+            raise UpstreamUnreachable("ComfyUI is unreachable (connection failed).") from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"ComfyUI is unreachable ({type(exc).__name__}).") from exc
 

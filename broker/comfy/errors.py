@@ -6,7 +6,11 @@ from typing import Any
 
 from broker.errors import BrokerError, UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["PromptRejected", "UpstreamTimeout", "UpstreamUnavailable"]
+__all__ = ["PromptRejected", "UpstreamTimeout", "UpstreamUnavailable", "UpstreamUnreachable"]
+
+
+class UpstreamUnreachable(UpstreamUnavailable):
+    """No connection could be made: the request surely never reached ComfyUI."""
 
 
 class PromptRejected(BrokerError):

@@ -48,7 +48,7 @@ def _create_sqlite_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # a committed pending record survives a crash
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
@@ -78,10 +78,4 @@ async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
-    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    return sessionmaker
-
-
 DbSession = Annotated[AsyncSession, Depends(get_db_session, scope="function")]
-SessionMaker = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]

@@ -41,10 +41,14 @@ class ComfyKeyRepository(Repository):
         return await self.count(select(ComfyKey).where(ComfyKey.kek_id != kek_id))
 
     async def replace_wrapping(self, key: ComfyKey, rewrapped: SealedKey) -> bool:
-        """Compare-and-set on (id, kek_id): a row changed meanwhile is left alone."""
+        """Compare-and-set on the wrapping read: a row re-set meanwhile is left alone."""
         result = await self.session.execute(
             update(ComfyKey)
-            .where(ComfyKey.id == key.id, ComfyKey.kek_id == key.kek_id)
+            .where(
+                ComfyKey.id == key.id,
+                ComfyKey.kek_id == key.kek_id,
+                ComfyKey.wrapped_data_key == key.wrapped_data_key,
+            )
             .values(kek_id=rewrapped.kek_id, wrapped_data_key=rewrapped.wrapped_data_key)
             .execution_options(synchronize_session=False)
         )

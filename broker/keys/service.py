@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.audit import service as audit
@@ -14,7 +15,7 @@ from broker.audit.service import Actor
 from broker.db.base import utc_now
 from broker.db.models import ComfyKey
 from broker.db.session import session_scope
-from broker.errors import NotFound
+from broker.errors import Conflict, NotFound
 from broker.keys.crypto import (
     KeyContext,
     Keyring,
@@ -71,32 +72,55 @@ async def set_key(
     api_key: SecretStr,
 ) -> ComfyKeyInfo:
     await tenants_service.get_user(session, tenant_id, user_id)
+    secret = api_key.get_secret_value()
     repository = ComfyKeyRepository.from_session(session)
     row = await repository.get_for_user(tenant_id, user_id)
     replaced = row is not None
     if row is None:
-        row = ComfyKey(id=uuid.uuid4(), tenant_id=tenant_id, user_id=user_id)
-    secret = api_key.get_secret_value()
+        row = await _insert_first_key(session, custody, tenant_id, user_id, secret)
+    if row is None:  # a concurrent request stored the first key: replace that one
+        replaced, row = True, await repository.get_for_user(tenant_id, user_id)
+        if row is None:
+            raise Conflict("The key was changed concurrently; try again.")
+    if replaced:
+        _seal_into(row, custody, secret)
+        await session.flush()
+    audit.record(
+        session, actor, "comfy_key.set", object_type="user", object_id=user_id,
+        tenant_id=tenant_id, details={"fingerprint": row.fingerprint, "replaced": replaced},
+    )  # fmt: skip
+    return ComfyKeyInfo.model_validate(row)
+
+
+async def _insert_first_key(
+    session: AsyncSession,
+    custody: KeyCustody,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    secret: str,
+) -> ComfyKey | None:
+    """The user's first key row, or None when a concurrent request inserted one first.
+
+    The row id is sealed into the ciphertext, so the loser must re-seal under the
+    winner's id rather than upsert its own ciphertext."""
+    row = ComfyKey(id=uuid.uuid4(), tenant_id=tenant_id, user_id=user_id)
+    _seal_into(row, custody, secret)
+    try:
+        async with session.begin_nested():
+            await ComfyKeyRepository.from_session(session).add(row)
+    except IntegrityError:
+        return None
+    return row
+
+
+def _seal_into(row: ComfyKey, custody: KeyCustody, secret: str) -> None:
     sealed = custody.keyring.seal(secret, _context(row))
     row.kek_id, row.wrapped_data_key, row.ciphertext = (
-        sealed.kek_id,
-        sealed.wrapped_data_key,
-        sealed.ciphertext,
-    )
+        sealed.kek_id, sealed.wrapped_data_key, sealed.ciphertext,
+    )  # fmt: skip
     row.fingerprint = fingerprint(secret, custody.fingerprint_key)
     row.last4 = secret[-4:]
     row.updated_at = utc_now()
-    await repository.add(row)
-    audit.record(
-        session,
-        actor,
-        "comfy_key.set",
-        object_type="user",
-        object_id=user_id,
-        tenant_id=tenant_id,
-        details={"fingerprint": row.fingerprint, "replaced": replaced},
-    )
-    return ComfyKeyInfo.model_validate(row)
 
 
 async def delete_key(

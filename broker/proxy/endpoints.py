@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Body, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from broker.errors import error_responses
+from broker.proxy import results
 from broker.proxy import service as proxy_service
 from broker.proxy.dependencies import Proxy
-from broker.proxy.schemas import ComfyError, PromptAccepted, PromptRequest, QueueInfo
+from broker.proxy.schemas import (
+    ComfyError,
+    InterruptRequest,
+    PromptAccepted,
+    PromptRequest,
+    QueueChange,
+    QueueInfo,
+    UploadAnswer,
+)
 from broker.proxy.service import PromptAnswer, Timing
 from broker.responses import JSONBody
-from broker.tenants.auth import CurrentUser
+from broker.tenants.auth import CurrentUser, OperatorCaller
 
 router = APIRouter(responses=error_responses(401, 403, 404, 502, 504))
 
@@ -71,3 +81,119 @@ async def get_object_info(acting: CurrentUser, proxy: Proxy) -> Response:
 @router.get("/object_info/{node_class}", summary="One node definition (cached); {} if unknown")
 async def get_node_info(node_class: str, acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
     return await proxy_service.node_info(proxy, node_class)
+
+
+@router.get("/history", summary="The caller's prompts' history, newest first")
+async def get_history(
+    acting: CurrentUser,
+    proxy: Proxy,
+    max_items: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    return await results.history(proxy, acting, max_items, offset)
+
+
+@router.get("/history/{prompt_id}", summary="One of the caller's prompts; 404 otherwise")
+async def get_history_entry(prompt_id: str, acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
+    return await results.history_entry(proxy, acting, prompt_id)
+
+
+@router.get(
+    "/view",
+    summary="A file from the caller's own outputs or uploads (streamed); 404 otherwise",
+    response_class=StreamingResponse,
+)
+async def get_view(request: Request, acting: CurrentUser, proxy: Proxy) -> StreamingResponse:
+    params = await results.authorize_view(proxy, acting, dict(request.query_params))
+    upstream = await results.open_view(proxy, params)
+    passed = {
+        name: upstream.headers[name]
+        for name in ("content-length", "content-disposition", "cache-control")
+        if name in upstream.headers
+    }
+    return StreamingResponse(
+        upstream.aiter_raw(),
+        media_type=upstream.headers.get("content-type"),
+        headers=passed,
+        background=BackgroundTask(upstream.aclose),
+    )
+
+
+@router.post("/upload/image", summary="Upload into the caller's own input folder")
+async def post_upload_image(
+    acting: CurrentUser,
+    proxy: Proxy,
+    image: Annotated[UploadFile, File()],
+    type: Annotated[str, Form()] = "input",
+    subfolder: Annotated[str, Form(description="Inside the caller's own folder.")] = "",
+    overwrite: Annotated[str, Form()] = "false",
+) -> UploadAnswer:
+    fields = {"type": type, "subfolder": subfolder, "overwrite": overwrite}
+    answer = await results.upload(proxy, acting, "/upload/image", image, fields)
+    return UploadAnswer.model_validate(answer)
+
+
+@router.post("/upload/mask", summary="Upload a mask for one of the caller's own images")
+async def post_upload_mask(
+    acting: CurrentUser,
+    proxy: Proxy,
+    image: Annotated[UploadFile, File()],
+    original_ref: Annotated[str, Form(description="JSON {filename, subfolder, type}.")],
+    type: Annotated[str, Form()] = "input",
+    subfolder: Annotated[str, Form()] = "",
+    overwrite: Annotated[str, Form()] = "false",
+) -> UploadAnswer:
+    await results.authorize_original(proxy, acting, original_ref)
+    fields = {
+        "type": type,
+        "subfolder": subfolder,
+        "overwrite": overwrite,
+        "original_ref": original_ref,
+    }
+    answer = await results.upload(proxy, acting, "/upload/mask", image, fields)
+    return UploadAnswer.model_validate(answer)
+
+
+@router.get("/queue", summary="The caller's running and pending prompts")
+async def get_queue(acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
+    return await results.queue(proxy, acting)
+
+
+@router.post("/queue", summary="Delete or clear the caller's own pending prompts")
+async def post_queue(change: QueueChange, acting: CurrentUser, proxy: Proxy) -> Response:
+    await results.change_queue(proxy, acting, change.model_dump(exclude_none=True))
+    return Response(status_code=200)
+
+
+@router.post("/interrupt", summary="Interrupt the caller's own running prompt")
+async def post_interrupt(
+    acting: CurrentUser,
+    proxy: Proxy,
+    body: Annotated[InterruptRequest | None, Body()] = None,
+) -> Response:
+    request = body.model_dump(exclude_none=True) if body else {}
+    await results.interrupt(proxy, acting, request)
+    return Response(status_code=200)
+
+
+OPERATOR_ROUTES = [
+    ("POST", "/free", "Free memory (operator only)"),
+    ("POST", "/history", "Clear or delete history (operator only)"),
+    ("GET", "/system_stats", "Server statistics (operator only)"),
+    ("GET", "/internal/{path:path}", "ComfyUI internal routes (operator only)"),
+    ("POST", "/internal/{path:path}", "ComfyUI internal routes (operator only)"),
+]
+
+
+async def relay_for_operator(request: Request, caller: OperatorCaller, proxy: Proxy) -> Response:
+    path = request.url.path.removeprefix("/api")
+    status, answer = await results.relay_to_operator(
+        proxy, request.method, path, await request.body()
+    )
+    return JSONBody(answer, status_code=status)
+
+
+for _method, _path, _summary in OPERATOR_ROUTES:
+    router.add_api_route(
+        _path, relay_for_operator, methods=[_method], summary=_summary, tags=["operator"]
+    )

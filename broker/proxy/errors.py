@@ -18,18 +18,12 @@ class PromptError(BrokerError):
         message: str,
         *,
         error_type: str,
-        status_code: int = 400,
         node_errors: dict[str, Any] | None = None,
         extra_info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message, error_type=error_type)
-        self._status = status_code
         self.node_errors = node_errors or {}
         self.extra_info = extra_info or {}
-
-    @property
-    def http_status(self) -> int:
-        return self._status
 
     def body(self) -> dict[str, Any]:
         return {
@@ -41,3 +35,12 @@ class PromptError(BrokerError):
             },
             "node_errors": self.node_errors,
         }
+
+
+def node_error(error_type: str, message: str, class_type: str | None) -> dict[str, Any]:
+    """One entry of ComfyUI's `node_errors`."""
+    return {
+        "errors": [{"type": error_type, "message": message, "details": "", "extra_info": {}}],
+        "dependent_outputs": [],
+        "class_type": class_type,
+    }

@@ -16,11 +16,12 @@ from typing import Any
 import orjson
 
 from broker.comfy.redaction import SENSITIVE_KEYS
-from broker.proxy.errors import PromptError
+from broker.proxy.errors import PromptError, node_error
 
 MAX_DEPTH = 32
 MAX_CLIENT_ID_LENGTH = 200
 QUEUE_CONTROL_FIELDS = ("number", "front")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 LOWERCASE_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -116,7 +117,7 @@ def _class_types(graph: Any) -> dict[str, str]:
         if not isinstance(class_type, str) or not class_type:
             raise _invalid(
                 f"Cannot execute because node {node_id} is missing the class_type property.",
-                node_errors={node_id: _node_error("missing class_type", None)},
+                node_errors={node_id: node_error("invalid_prompt", "missing class_type", None)},
             )
         class_types[node_id] = class_type
     return class_types
@@ -125,8 +126,14 @@ def _class_types(graph: Any) -> dict[str, str]:
 def _client_id(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_CLIENT_ID_LENGTH:
-        raise _invalid(f"client_id must be a string of 1-{MAX_CLIENT_ID_LENGTH} characters.")
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_CLIENT_ID_LENGTH
+        or CONTROL_CHARACTERS.search(value)
+    ):
+        raise _invalid(
+            f"client_id must be 1-{MAX_CLIENT_ID_LENGTH} characters, none of them control ones."
+        )
     return value
 
 
@@ -142,11 +149,3 @@ def _invalid(
     message: str, *, error_type: str = "invalid_prompt", node_errors: dict[str, Any] | None = None
 ) -> PromptError:
     return PromptError(message, error_type=error_type, node_errors=node_errors)
-
-
-def _node_error(message: str, class_type: str | None) -> dict[str, Any]:
-    return {
-        "errors": [{"type": "invalid_prompt", "message": message, "details": "", "extra_info": {}}],
-        "dependent_outputs": [],
-        "class_type": class_type,
-    }

@@ -42,3 +42,20 @@ class ComfyError(BaseModel):
 
 class QueueInfo(BaseModel):
     exec_info: dict[str, int]
+
+
+class QueueChange(BaseModel):
+    """ComfyUI's `POST /queue` body; only the caller's pending prompts are affected."""
+
+    delete: list[str] | None = None
+    clear: bool | None = None
+
+
+class InterruptRequest(BaseModel):
+    prompt_id: str | None = Field(None, description="Default: the caller's running prompt.")
+
+
+class UploadAnswer(BaseModel):
+    name: str
+    subfolder: str
+    type: str

@@ -6,33 +6,35 @@ is forwarded, and no transaction is held open while ComfyUI answers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.comfy.client import ComfyClient
-from broker.comfy.errors import PromptRejected
+from broker.comfy.errors import PromptRejected, UpstreamUnreachable
 from broker.comfy.object_info import ObjectInfoCache
-from broker.comfy.redaction import redact
+from broker.comfy.redaction import scrub
 from broker.db.models import PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BadRequest, BrokerError, Conflict, Unprocessable
 from broker.keys import service as keys_service
 from broker.keys.crypto import UnsealError
 from broker.keys.service import KeyCustody
-from broker.proxy.errors import PromptError
+from broker.proxy.errors import PromptError, node_error
+from broker.proxy.events import EventHub, Owner
 from broker.proxy.prompt_body import PromptBody, parse_prompt_body, upstream_body
+from broker.proxy.uploads import foreign_file_inputs
 from broker.tenants.auth import ActingUser
 from broker.usage import service as usage_service
 from broker.usage.repository import PromptRepository
-from broker.usage.service import NewPrompt
+from broker.usage.service import NewPrompt, Settlement
 
 log = logging.getLogger("broker.proxy")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -45,6 +47,7 @@ class Upstream:
     comfy: ComfyClient
     object_info: ObjectInfoCache
     client_id: str  # the broker's own clientId there: events come to the broker only
+    events: EventHub
 
 
 @dataclass
@@ -66,7 +69,6 @@ class PromptAnswer:
     status_code: int
     body: dict[str, Any]
     replayed: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 async def submit_prompt(
@@ -78,6 +80,7 @@ async def submit_prompt(
 ) -> PromptAnswer:
     _check_idempotency_key(idempotency_key)
     body = parse_prompt_body(raw)
+    _refuse_foreign_files(body, acting)
     key_nodes = await context.upstream.object_info.key_using_nodes_in(body.class_types.values())
     try:
         async with session_scope(context.sessionmaker) as session:
@@ -89,12 +92,28 @@ async def submit_prompt(
             await usage_service.record_pending(
                 session, _new_prompt(context, acting, body, prompt_id, key_nodes, idempotency_key)
             )
-    except IntegrityError as exc:
-        raise Conflict("A request with this Idempotency-Key is in progress.") from exc
+    except IntegrityError as exc:  # a concurrent twin won the unique constraint
+        message = "A request with this Idempotency-Key is in progress."
+        raise Conflict(message if idempotency_key else "This prompt already exists.") from exc
+    context.upstream.events.remember(prompt_id, Owner(acting.user_id, body.client_id))
     forwarded = upstream_body(
         body, prompt_id=prompt_id, client_id=context.upstream.client_id, api_key=api_key
     )
-    return await _forward(context, prompt_id, forwarded, timing)
+    return await _forward(context, prompt_id, forwarded, api_key, timing)
+
+
+def _refuse_foreign_files(body: PromptBody, acting: ActingUser) -> None:
+    foreign = foreign_file_inputs(body.fields["prompt"], acting.user_id)
+    if foreign:
+        message = "This prompt reads files outside your own uploads and the shared inputs."
+        raise PromptError(
+            message,
+            error_type="file_not_allowed",
+            node_errors={
+                node_id: node_error("file_not_allowed", message, body.class_types[node_id])
+                for node_id in foreign
+            },
+        )
 
 
 def _check_idempotency_key(key: str | None) -> None:
@@ -151,13 +170,7 @@ async def _key_for(
 def _no_key_error(key_nodes: list[str], body: PromptBody) -> PromptError:
     message = "This prompt uses API nodes, and no Comfy API key is stored for you."
     node_errors = {
-        node_id: {
-            "errors": [
-                {"type": "comfy_key_missing", "message": message, "details": "", "extra_info": {}}
-            ],
-            "dependent_outputs": [],
-            "class_type": class_type,
-        }
+        node_id: node_error("comfy_key_missing", message, class_type)
         for node_id, class_type in body.class_types.items()
         if class_type in key_nodes
     }
@@ -201,52 +214,57 @@ def _new_prompt(
 
 
 async def _forward(
-    context: ProxyContext, prompt_id: uuid.UUID, forwarded: bytes, timing: Timing
+    context: ProxyContext,
+    prompt_id: uuid.UUID,
+    forwarded: bytes,
+    api_key: str | None,
+    timing: Timing,
 ) -> PromptAnswer:
     started = time.perf_counter()
     try:
         answer = await context.upstream.comfy.submit_prompt(forwarded)
-    except PromptRejected as exc:
+    except BaseException as exc:  # noqa: BLE001  every failure is recorded, then re-raised
         timing.upstream_seconds = time.perf_counter() - started
-        await _settle_failure(context, prompt_id, PromptStatus.REJECTED, exc)
-        raise
-    except BrokerError as exc:
-        timing.upstream_seconds = time.perf_counter() - started
-        await _settle_failure(context, prompt_id, PromptStatus.ERROR, exc)
-        raise
+        raise await _failed_forward(context, prompt_id, exc, api_key) from None
     timing.upstream_seconds = time.perf_counter() - started
-    answer = {**redact(answer), "prompt_id": str(prompt_id)}
-    await _settle(context, usage_service.record_queued, prompt_id, answer)
+    answer = {**scrub(answer, api_key, context.upstream.client_id), "prompt_id": str(prompt_id)}
+    await _settle(context, prompt_id, usage_service.record_queued(answer))
     return PromptAnswer(200, answer)
 
 
-async def _settle_failure(
-    context: ProxyContext, prompt_id: uuid.UUID, status: PromptStatus, error: BrokerError
-) -> None:
-    await _settle(
-        context,
-        usage_service.record_failed,
-        prompt_id,
+async def _failed_forward(
+    context: ProxyContext, prompt_id: uuid.UUID, exc: BaseException, api_key: str | None
+) -> BaseException:
+    """Record why the forward failed (whatever failed, even cancellation) and return
+    what to raise: ComfyUI's refusal with every trace of the key removed, or the error."""
+    if isinstance(exc, PromptRejected):
+        hidden = (api_key, context.upstream.client_id)
+        error: BrokerError = PromptRejected(scrub(exc.upstream_body, *hidden))
+        status = PromptStatus.REJECTED
+    elif isinstance(exc, BrokerError):
+        error, status = exc, PromptStatus.ERROR
+    else:
+        error = BrokerError("The broker failed while forwarding.", error_type="broker_error")
+        status = PromptStatus.ERROR
+    settle = usage_service.record_failed(
         status=status,
         error_type=error.type,
         message=error.message,
         response_status=error.http_status,
         response_body=error.body(),
+        replayable=not isinstance(exc, UpstreamUnreachable),
     )
+    await asyncio.shield(_settle(context, prompt_id, settle))
+    return error if isinstance(exc, BrokerError) else exc
 
 
-async def _settle(
-    context: ProxyContext,
-    record: Callable[..., Awaitable[None]],
-    prompt_id: uuid.UUID,
-    *args: Any,
-    **kwargs: Any,
-) -> None:
+async def _settle(context: ProxyContext, prompt_id: uuid.UUID, record: Settlement) -> None:
     """Record ComfyUI's answer. If the database fails now, the answer still goes to the
-    client (ComfyUI has the prompt) and the record stays `pending` for reconciliation."""
+    client (ComfyUI has the prompt); the record stays `pending` until the event hub's
+    reconciliation settles it from ComfyUI."""
     try:
         async with session_scope(context.sessionmaker) as session:
-            await record(session, prompt_id, *args, **kwargs)
+            await record(session, prompt_id)
     except SQLAlchemyError as exc:
         log.error("proxy.settle_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
 

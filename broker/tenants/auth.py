@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, WebSocket
 from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -184,8 +184,10 @@ class ActingUser:
     token_id: uuid.UUID | None
 
 
-async def get_acting_user(request: Request, caller: CurrentCaller) -> ActingUser:
-    named = request.headers.get(ACT_AS_HEADER)
+async def acting_user(
+    authenticator: Authenticator, caller: Caller, named: str | None
+) -> ActingUser:
+    """The user a caller acts for; `named` is the X-Broker-User header, if any."""
     if caller.kind is TokenKind.USER and caller.tenant_id and caller.user_id:
         if named is not None:
             raise BadRequest(f"{ACT_AS_HEADER} is only for service tokens.")
@@ -193,10 +195,25 @@ async def get_acting_user(request: Request, caller: CurrentCaller) -> ActingUser
     if caller.kind is TokenKind.SERVICE and caller.tenant_id:
         if not named:
             raise BadRequest(f"A service token must name the user in {ACT_AS_HEADER}.")
-        authenticator: Authenticator = request.app.state.authenticator
         user_id = await authenticator.user_id_for(caller.tenant_id, named)
         return ActingUser(caller.tenant_id, user_id, caller.token_id)
     raise Forbidden(f"This needs a user token, or a service token with {ACT_AS_HEADER}.")
+
+
+async def get_acting_user(request: Request, caller: CurrentCaller) -> ActingUser:
+    authenticator: Authenticator = request.app.state.authenticator
+    return await acting_user(authenticator, caller, request.headers.get(ACT_AS_HEADER))
+
+
+async def authenticate_websocket(websocket: WebSocket) -> ActingUser:
+    """Like HTTP routes, plus `?token=` for browsers, which cannot set headers on a
+    websocket. The query string is never logged (see broker/logs.py)."""
+    authenticator: Authenticator = websocket.app.state.authenticator
+    header = websocket.headers.get("authorization")
+    query_token = websocket.query_params.get("token")
+    raw = _bounded(query_token) if query_token and not header else token_from_header(header)
+    caller = await authenticator.authenticate(raw)
+    return await acting_user(authenticator, caller, websocket.headers.get(ACT_AS_HEADER))
 
 
 CurrentUser = Annotated[ActingUser, Depends(get_acting_user)]

@@ -7,7 +7,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from broker.db.models import Prompt
+from broker.comfy.files import FileRef
+from broker.db.models import Prompt, PromptOutput, PromptStatus
 from broker.db.repository import Repository
 
 
@@ -32,5 +33,96 @@ class PromptRepository(Repository):
         await self.session.flush()
         return prompt
 
+    async def get(self, prompt_id: uuid.UUID) -> Prompt | None:
+        return await self.session.get(Prompt, prompt_id)
+
     async def set_fields(self, prompt_id: uuid.UUID, **values: Any) -> None:
         await self.session.execute(update(Prompt).where(Prompt.id == prompt_id).values(**values))
+
+    async def transition(
+        self, prompt_id: uuid.UUID, *, allowed_from: frozenset[PromptStatus], **values: Any
+    ) -> bool:
+        """Update only while the prompt is in one of `allowed_from`: statuses never go back."""
+        result = await self.session.execute(
+            update(Prompt)
+            .where(Prompt.id == prompt_id, Prompt.status.in_(allowed_from))
+            .values(**values)
+        )
+        return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+    async def owned_among(
+        self, user_id: uuid.UUID, prompt_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, Prompt]:
+        """The caller's prompts among `prompt_ids` (others' are simply absent)."""
+        if not prompt_ids:
+            return {}
+        rows = await self.session.scalars(
+            select(Prompt).where(Prompt.user_id == user_id, Prompt.id.in_(prompt_ids))
+        )
+        return {prompt.id: prompt for prompt in rows}
+
+    async def recent_for_user(
+        self, user_id: uuid.UUID, *, statuses: list[PromptStatus], limit: int, offset: int
+    ) -> list[Prompt]:
+        rows = await self.session.scalars(
+            select(Prompt)
+            .where(Prompt.user_id == user_id, Prompt.status.in_(statuses))
+            .order_by(Prompt.created_at.desc(), Prompt.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        return list(rows)
+
+    async def without_outputs(
+        self, user_id: uuid.UUID, *, statuses: list[PromptStatus], limit: int
+    ) -> list[Prompt]:
+        """The caller's recent prompts that have no recorded output file yet."""
+        has_output = select(PromptOutput.id).where(PromptOutput.prompt_id == Prompt.id).exists()
+        rows = await self.session.scalars(
+            select(Prompt)
+            .where(Prompt.user_id == user_id, Prompt.status.in_(statuses), ~has_output)
+            .order_by(Prompt.created_at.desc())
+            .limit(limit)
+        )
+        return list(rows)
+
+    async def in_states(self, upstream: str, statuses: list[PromptStatus]) -> list[Prompt]:
+        rows = await self.session.scalars(
+            select(Prompt).where(Prompt.upstream == upstream, Prompt.status.in_(statuses))
+        )
+        return list(rows)
+
+
+class PromptOutputRepository(Repository):
+    async def add_missing(self, prompt: Prompt, files: list[FileRef]) -> None:
+        existing = await self.session.execute(
+            select(PromptOutput.type, PromptOutput.subfolder, PromptOutput.filename).where(
+                PromptOutput.prompt_id == prompt.id
+            )
+        )
+        known = {FileRef(*row) for row in existing.all()}
+        for ref in dict.fromkeys(files):
+            if ref not in known:
+                self.session.add(
+                    PromptOutput(
+                        prompt_id=prompt.id,
+                        user_id=prompt.user_id,
+                        type=ref.type,
+                        subfolder=ref.subfolder,
+                        filename=ref.filename,
+                    )
+                )
+        await self.session.flush()
+
+    async def user_has(self, user_id: uuid.UUID, ref: FileRef) -> bool:
+        found = await self.session.scalar(
+            select(PromptOutput.id)
+            .where(
+                PromptOutput.user_id == user_id,
+                PromptOutput.filename == ref.filename,
+                PromptOutput.subfolder == ref.subfolder,
+                PromptOutput.type == ref.type,
+            )
+            .limit(1)
+        )
+        return found is not None

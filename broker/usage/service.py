@@ -6,18 +6,21 @@ every prompt ComfyUI may have seen has exactly one record.
 
 from __future__ import annotations
 
+import functools
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from broker.comfy.redaction import redact
+from broker.comfy.files import output_files
 from broker.db.base import utc_now
 from broker.db.models import Prompt, PromptStatus
-from broker.usage.repository import PromptRepository
+from broker.usage.repository import PromptOutputRepository, PromptRepository
 
 MAX_ERROR_MESSAGE = 1000
+MAX_ERROR_TYPE = 64
 
 
 @dataclass(frozen=True)
@@ -51,21 +54,55 @@ async def record_pending(session: AsyncSession, new: NewPrompt) -> Prompt:
     return await PromptRepository.from_session(session).add(prompt)
 
 
-async def record_queued(
-    session: AsyncSession, prompt_id: uuid.UUID, answer: dict[str, Any]
+Settlement = Callable[[AsyncSession, uuid.UUID], Awaitable[None]]
+
+
+def record_queued(answer: dict[str, Any]) -> Settlement:
+    """Store ComfyUI's answer; the status moves to `queued` only from `pending`
+    (the event stream may already have seen the prompt start)."""
+    return functools.partial(_record_queued, answer=answer)
+
+
+async def _record_queued(
+    session: AsyncSession, prompt_id: uuid.UUID, *, answer: dict[str, Any]
 ) -> None:
     number = answer.get("number")
-    await PromptRepository.from_session(session).set_fields(
+    repository = PromptRepository.from_session(session)
+    await repository.set_fields(
         prompt_id,
-        status=PromptStatus.QUEUED,
         number=number if isinstance(number, int) else None,
         response_status=200,
-        response_body=redact(answer),
+        response_body=answer,
         updated_at=utc_now(),
+    )
+    await repository.transition(
+        prompt_id, allowed_from=frozenset({PromptStatus.PENDING}), status=PromptStatus.QUEUED
     )
 
 
-async def record_failed(
+def record_failed(
+    *,
+    status: PromptStatus,
+    error_type: str,
+    message: str,
+    response_status: int,
+    response_body: dict[str, Any],
+    replayable: bool = True,
+) -> Settlement:
+    """A prompt ComfyUI did not accept. Not `replayable`: it surely never reached
+    ComfyUI, so a retry with the same Idempotency-Key may try again."""
+    return functools.partial(
+        _record_failed,
+        status=status,
+        error_type=error_type,
+        message=message,
+        response_status=response_status,
+        response_body=response_body,
+        replayable=replayable,
+    )
+
+
+async def _record_failed(
     session: AsyncSession,
     prompt_id: uuid.UUID,
     *,
@@ -74,13 +111,92 @@ async def record_failed(
     message: str,
     response_status: int,
     response_body: dict[str, Any],
+    replayable: bool,
 ) -> None:
-    await PromptRepository.from_session(session).set_fields(
+    values: dict[str, Any] = {"idempotency_key": None} if not replayable else {}
+    await PromptRepository.from_session(session).transition(
         prompt_id,
+        allowed_from=frozenset({PromptStatus.PENDING}),
         status=status,
-        error_type=error_type,
-        error_message=message[:MAX_ERROR_MESSAGE],
+        error_type=storable(error_type, MAX_ERROR_TYPE),
+        error_message=storable(message, MAX_ERROR_MESSAGE),
         response_status=response_status,
-        response_body=redact(response_body),
+        response_body=response_body,
+        updated_at=utc_now(),
+        **values,
+    )
+
+
+def storable(text: str | None, limit: int) -> str | None:
+    """Upstream text as every database stores it: no NUL (PostgreSQL refuses it), bounded."""
+    return None if text is None else text.replace("\x00", "")[:limit]
+
+
+UNFINISHED = frozenset({PromptStatus.PENDING, PromptStatus.QUEUED, PromptStatus.RUNNING})
+FINAL = frozenset(set(PromptStatus) - UNFINISHED)
+
+
+async def record_running(session: AsyncSession, prompt_id: uuid.UUID) -> None:
+    now = utc_now()
+    await PromptRepository.from_session(session).transition(
+        prompt_id,
+        allowed_from=frozenset({PromptStatus.PENDING, PromptStatus.QUEUED}),
+        status=PromptStatus.RUNNING,
+        started_at=now,
+        updated_at=now,
+    )
+
+
+async def record_finished(
+    session: AsyncSession,
+    prompt_id: uuid.UUID,
+    status: PromptStatus,
+    *,
+    error_type: str | None = None,
+    message: str | None = None,
+) -> bool:
+    """Settle a prompt that ran (once: a settled prompt is never changed again)."""
+    now = utc_now()
+    return await PromptRepository.from_session(session).transition(
+        prompt_id,
+        allowed_from=UNFINISHED,
+        status=status,
+        error_type=storable(error_type, MAX_ERROR_TYPE),
+        error_message=storable(message, MAX_ERROR_MESSAGE),
+        finished_at=now,
+        updated_at=now,
+    )
+
+
+async def record_outputs(session: AsyncSession, prompt_id: uuid.UUID, outputs: Any) -> None:
+    """Remember the files a prompt produced, so its owner (only) may `/view` them."""
+    files = output_files(outputs)
+    prompt = await PromptRepository.from_session(session).get(prompt_id) if files else None
+    if prompt is not None:
+        await PromptOutputRepository.from_session(session).add_missing(prompt, files)
+
+
+async def record_accepted(session: AsyncSession, prompt_id: uuid.UUID) -> None:
+    """ComfyUI has the prompt, though its answer was never recorded."""
+    await PromptRepository.from_session(session).transition(
+        prompt_id,
+        allowed_from=frozenset({PromptStatus.PENDING}),
+        status=PromptStatus.QUEUED,
+        updated_at=utc_now(),
+    )
+
+
+async def record_lost(session: AsyncSession, prompt_id: uuid.UUID, status: PromptStatus) -> None:
+    """ComfyUI has neither queued nor run it: never accepted (`pending`), or lost (a
+    restart emptied its queue). Settled as an error, never replayed."""
+    never_accepted = status is PromptStatus.PENDING
+    await PromptRepository.from_session(session).transition(
+        prompt_id,
+        allowed_from=frozenset({status}),
+        status=PromptStatus.ERROR,
+        error_type="not_accepted" if never_accepted else "lost_by_upstream",
+        error_message="ComfyUI has no trace of this prompt.",
+        idempotency_key=None,
+        finished_at=utc_now(),
         updated_at=utc_now(),
     )

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.models import AuditEvent
+from broker.settings import Settings
 from tests.fixtures.app import OPERATOR, AdminApi, bearer, comfy_key
 from tests.fixtures.dump import dump_database
 
@@ -246,3 +247,26 @@ class TestTokens:
             ):
                 response = await admin_api.client.request(method, url, headers=headers)
                 assert response.status_code == 403, (method, url)
+
+
+async def test_concurrent_first_keys_for_a_user_all_succeed_and_one_is_readable(
+    admin_api: AdminApi, db: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    import asyncio
+
+    from broker.keys import service as keys_service
+    from broker.keys.service import KeyCustody
+
+    acme = await admin_api.tenant("acme")
+    user = await admin_api.user(acme, "alice")
+    keys = [comfy_key() for _ in range(4)]
+    url = f"/admin/tenants/{acme.id}/users/{user.id}/comfy-key"
+    responses = await asyncio.gather(
+        *(admin_api.client.put(url, json={"api_key": key}, headers=acme.admin) for key in keys)
+    )
+    assert [r.status_code for r in responses] == [200] * 4
+    async with db() as session:
+        stored = await keys_service.unseal_for_forwarding(
+            session, KeyCustody.from_settings(settings), uuid.UUID(acme.id), uuid.UUID(user.id)
+        )
+    assert stored in keys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -130,3 +131,14 @@ async def test_unknown_route_and_method_are_json(client: httpx.AsyncClient) -> N
     assert missing.json()["error"]["type"] == "not_found"
     wrong = await client.put("/admin/tenants", headers=OPERATOR)
     assert wrong.status_code == 405
+
+
+async def test_oversized_chunked_body_is_413_too(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: sent chunked
+        for _ in range(10):
+            yield b'{"name": "' + b"x" * 10_000
+
+    response = await client.post(
+        "/admin/tenants", content=chunks(), headers={**OPERATOR, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 413

@@ -11,14 +11,14 @@ from urllib import request as urllib_request
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.comfy.client import ComfyClient
+from broker.db.models import Prompt, PromptStatus
 from tests.fixtures.app import AdminApi, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
 from tests.fixtures.dump import dump_database
-from tests.fixtures.live import serve_in_thread
 from tests.proxy.workflows import docs_workflow
 
 
@@ -35,13 +35,12 @@ def run_docs_example(server_url: str, token: str) -> dict[str, object]:
 
 
 async def test_the_comfy_docs_example_works_through_the_broker(
-    app: FastAPI, admin_api: AdminApi, fake_comfy: FakeComfyUI
+    live: httpx.AsyncClient, fake_comfy: FakeComfyUI
 ) -> None:
-    acme = await admin_api.tenant("acme")
+    admin_api = AdminApi(live)
     key = comfy_key()
-    alice = await admin_api.user(acme, "alice", key)
-    with serve_in_thread(app) as url:
-        answer = await asyncio.to_thread(run_docs_example, url, alice.token)
+    alice = await admin_api.user(await admin_api.tenant("acme"), "alice", key)
+    answer = await asyncio.to_thread(run_docs_example, str(live.base_url).rstrip("/"), alice.token)
     [received] = fake_comfy.prompts_received()
     assert received["prompt_id"] == answer["prompt_id"]
     assert received["extra_data"]["api_key_comfy_org"] == key
@@ -115,6 +114,12 @@ async def test_canary_key_and_tokens_appear_nowhere(
     ]
     fake_comfy.fail_next(500, "boom")
     responses.append(await client.post("/prompt", json=bodies, headers=alice.auth))
+    fake_comfy.echo_key_in_errors = True
+    broken = {**docs_workflow(), "99": {"class_type": "Gone", "inputs": {}}}
+    echoed = await client.post("/prompt", json={"prompt": broken}, headers=alice.auth)
+    assert echoed.status_code == 400
+    assert "[redacted]" in echoed.text
+    responses.append(echoed)
 
     original = ComfyClient.submit_prompt
 
@@ -140,3 +145,6 @@ async def test_canary_key_and_tokens_appear_nowhere(
     for secret in secrets:
         assert secret not in seen
     assert "RuntimeError" in caplog.text  # the forced exception was logged, by class only
+    async with db() as session:
+        statuses = (await session.scalars(select(Prompt.status))).all()
+    assert PromptStatus.PENDING not in statuses  # every forward ended in a recorded outcome

@@ -40,6 +40,7 @@ class TestInjection:
         fake_comfy: FakeComfyUI,
         db: async_sessionmaker[AsyncSession],
     ) -> None:
+        fake_comfy.auto_execute = False  # the record stays `queued`
         acme = await admin_api.tenant("acme")
         key = comfy_key()
         alice = await admin_api.user(acme, "alice", key)
@@ -365,7 +366,8 @@ class TestIdempotency:
         headers = {**alice.auth, "Idempotency-Key": "slow"}
         body = {"prompt": docs_workflow()}
         first = asyncio.create_task(client.post("/prompt", json=body, headers=headers))
-        await asyncio.sleep(0.2)
+        while not fake_comfy.prompts_received():  # noqa: ASYNC110  the fake runs in a thread
+            await asyncio.sleep(0.01)
         second = await client.post("/prompt", json=body, headers=headers)
         assert second.status_code == 409
         assert (await first).status_code == 200

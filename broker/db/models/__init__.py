@@ -3,6 +3,7 @@
 from broker.db.models.audit_event import AuditEvent
 from broker.db.models.comfy_key import ComfyKey
 from broker.db.models.prompt import Prompt, PromptStatus
+from broker.db.models.prompt_output import PromptOutput
 from broker.db.models.tenant import Tenant
 from broker.db.models.token import Token, TokenKind
 from broker.db.models.user import User
@@ -11,6 +12,7 @@ __all__ = [
     "AuditEvent",
     "ComfyKey",
     "Prompt",
+    "PromptOutput",
     "PromptStatus",
     "Tenant",
     "Token",

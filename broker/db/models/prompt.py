@@ -59,4 +59,6 @@ class Prompt(CreatedAtMixin, Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)

@@ -1,0 +1,42 @@
+"""A last line of defence for log output: Comfy keys, broker tokens and `?token=` values
+are replaced by `[redacted]` in every record, tracebacks included, whatever logged it
+(the broker, uvicorn's access and websocket lines, libraries)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+SECRET_PATTERNS = (
+    re.compile(r"comfyui-[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"cbk_(?:op|adm|svc|usr)_[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"(?<=[?&]token=)[^&\s\"']+"),
+)
+REDACTED = "[redacted]"
+LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+_traceback_formatter = logging.Formatter()
+
+
+def redact_text(text: str) -> str:
+    for pattern in SECRET_PATTERNS:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact_text(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = redact_text(_traceback_formatter.formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def install_redaction() -> None:
+    """Attach the filter to every handler of the root and uvicorn loggers (handler
+    filters see records propagated from every child logger; logger filters do not)."""
+    for name in LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())

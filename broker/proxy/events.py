@@ -1,0 +1,354 @@
+"""One websocket per ComfyUI server, fanned out to users, and the prompt lifecycle from it.
+
+The broker submits every prompt with its own `client_id`, so ComfyUI sends the
+events of all brokered prompts to this one socket and to no one else. Each
+event is delivered only to the prompt owner's sockets; binary frames (previews,
+API-node progress text) carry no prompt id and are attributed to the prompt
+executing at that moment (ComfyUI runs one prompt at a time per server).
+
+The same events move prompt records to running / success / error /
+interrupted and record output files. After every (re)connect, prompts still
+unfinished are settled from `/history`, so a lost socket loses no outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
+
+from broker.comfy.client import ComfyClient
+from broker.comfy.redaction import SENSITIVE_KEYS, redact
+from broker.db.base import utc_now
+from broker.db.models import Prompt, PromptStatus
+from broker.db.session import session_scope
+from broker.errors import BrokerError
+from broker.usage import service as usage_service
+from broker.usage.repository import PromptRepository
+
+log = logging.getLogger("broker.events")
+
+OWNER_CACHE_SIZE = 10_000
+SUBSCRIBER_QUEUE_SIZE = 1_000
+RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+RECONCILE_INTERVAL_SECONDS = 30.0
+FINISHING_EVENTS = {
+    "execution_success": PromptStatus.SUCCESS,
+    "execution_error": PromptStatus.ERROR,
+    "execution_interrupted": PromptStatus.INTERRUPTED,
+}
+Message = str | bytes
+
+
+@dataclass(frozen=True)
+class Owner:
+    user_id: uuid.UUID
+    client_id: str | None  # the client's own clientId for this prompt, if it gave one
+
+
+class Subscriber:
+    """One user websocket: a bounded outbox drained by its own sender task."""
+
+    def __init__(self, user_id: uuid.UUID, client_id: str) -> None:
+        self.user_id = user_id
+        self.client_id = client_id
+        self.outbox: asyncio.Queue[Message | None] = asyncio.Queue(SUBSCRIBER_QUEUE_SIZE)
+
+    def deliver(self, message: Message) -> bool:
+        """False when the client is too slow to keep up (it is then disconnected)."""
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.outbox.put_nowait(None)
+
+
+class EventHub:
+    def __init__(
+        self,
+        comfy: ComfyClient,
+        client_id: str,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        stale_after: timedelta,
+    ) -> None:
+        self._comfy = comfy
+        self._ws_url = comfy.websocket_url(client_id)
+        self._sessionmaker = sessionmaker
+        self._upstream = comfy.base_url
+        self._stale_after = stale_after  # a pending record older than this has no forward left
+        self._reconciling = asyncio.Lock()
+        self._owners: OrderedDict[uuid.UUID, Owner] = OrderedDict()
+        self._subscribers: dict[uuid.UUID, dict[str, Subscriber]] = {}
+        self._executing: uuid.UUID | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connected = asyncio.Event()
+        self.queue_remaining = 0
+
+    # lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._run(), name="comfy-events"),
+            asyncio.create_task(self._reconcile_periodically(), name="comfy-reconcile"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for subscriber in self._all_subscribers():
+            subscriber.close()
+
+    def _all_subscribers(self) -> list[Subscriber]:
+        return [sub for by_client in self._subscribers.values() for sub in by_client.values()]
+
+    # who gets what ---------------------------------------------------------
+    def remember(self, prompt_id: uuid.UUID, owner: Owner) -> None:
+        self._owners[prompt_id] = owner
+        self._owners.move_to_end(prompt_id)
+        while len(self._owners) > OWNER_CACHE_SIZE:
+            self._owners.popitem(last=False)
+
+    def subscribe(self, user_id: uuid.UUID, client_id: str) -> Subscriber:
+        """A new socket for (user, clientId) takes over an older one, as in ComfyUI;
+        the same clientId of another user is a separate stream."""
+        subscriber = Subscriber(user_id, client_id)
+        by_client = self._subscribers.setdefault(user_id, {})
+        previous = by_client.get(client_id)
+        if previous is not None:
+            previous.close()
+        by_client[client_id] = subscriber
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        by_client = self._subscribers.get(subscriber.user_id, {})
+        if by_client.get(subscriber.client_id) is subscriber:
+            del by_client[subscriber.client_id]
+            if not by_client:
+                del self._subscribers[subscriber.user_id]
+
+    def status_message(self, client_id: str) -> str:
+        status = {"status": {"exec_info": {"queue_remaining": self.queue_remaining}}}
+        return orjson.dumps({"type": "status", "data": {**status, "sid": client_id}}).decode()
+
+    # the upstream socket ---------------------------------------------------
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with connect(self._ws_url, max_size=None, open_timeout=5) as socket:
+                    attempt = 0
+                    self.connected.set()
+                    await self._reconcile()
+                    async for message in socket:
+                        await self._on_message(message)
+            except (OSError, WebSocketException, TimeoutError) as exc:
+                log.warning(
+                    "events.disconnected upstream=%s error=%s", self._upstream, type(exc).__name__
+                )
+            self.connected.clear()
+            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            attempt += 1
+
+    async def _on_message(self, message: Message) -> None:
+        if isinstance(message, bytes):
+            self._on_binary(message)
+            return
+        try:
+            event = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict) and isinstance(event.get("data"), dict):
+            await self._on_event(str(event.get("type")), event["data"], message)
+
+    def _on_binary(self, frame: bytes) -> None:
+        prompt_id = self._executing
+        owner = self._owners.get(prompt_id) if prompt_id else None
+        if owner is not None:
+            self._deliver(owner, frame)
+
+    async def _on_event(self, kind: str, data: dict[str, Any], raw: str) -> None:
+        if kind == "status":
+            self._on_status(data)
+            return
+        prompt_id = _prompt_id(data)
+        owner = await self._owner(prompt_id) if prompt_id else None
+        if owner is None or prompt_id is None:
+            return  # not a brokered prompt, or no prompt at all: nobody's business
+        self._track_execution(kind, data, prompt_id)
+        await self._record(kind, data, prompt_id)
+        self._deliver(owner, _redacted(raw, kind, data))
+
+    def _on_status(self, data: dict[str, Any]) -> None:
+        status = data.get("status")
+        exec_info = status.get("exec_info") if isinstance(status, dict) else None
+        remaining = exec_info.get("queue_remaining") if isinstance(exec_info, dict) else None
+        if isinstance(remaining, int):
+            self.queue_remaining = remaining
+        for subscriber in self._all_subscribers():
+            self._push(subscriber, self.status_message(subscriber.client_id))
+
+    def _track_execution(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
+        if kind == "execution_start" or (kind == "executing" and data.get("node") is not None):
+            self._executing = prompt_id
+        elif self._executing == prompt_id and (
+            kind in FINISHING_EVENTS or (kind == "executing" and data.get("node") is None)
+        ):
+            self._executing = None
+
+    async def _record(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
+        if kind not in ("execution_start", "executed", *FINISHING_EVENTS):
+            return
+        try:
+            async with session_scope(self._sessionmaker) as session:
+                if kind == "execution_start":
+                    await usage_service.record_running(session, prompt_id)
+                elif kind == "executed":
+                    await usage_service.record_outputs(session, prompt_id, data.get("output"))
+                else:
+                    await _record_finish(session, kind, data, prompt_id)
+        except Exception as exc:  # noqa: BLE001  a lost record is reconciled from /history
+            log.error("events.record_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
+
+    def _deliver(self, owner: Owner, message: Message) -> None:
+        """To the owner's socket with the prompt's clientId, or to all the owner's sockets
+        when the prompt named none."""
+        by_client = self._subscribers.get(owner.user_id, {})
+        if owner.client_id is None:
+            targets = list(by_client.values())
+        else:
+            target = by_client.get(owner.client_id)
+            targets = [target] if target is not None else []
+        for subscriber in targets:
+            self._push(subscriber, message)
+
+    def _push(self, subscriber: Subscriber, message: Message) -> None:
+        if not subscriber.deliver(message):
+            log.warning("events.slow_client_dropped user_id=%s", subscriber.user_id)
+            self.unsubscribe(subscriber)
+            subscriber.close()
+
+    async def _owner(self, prompt_id: uuid.UUID) -> Owner | None:
+        owner = self._owners.get(prompt_id)
+        if owner is not None:
+            return owner
+        async with session_scope(self._sessionmaker) as session:
+            prompt = await PromptRepository.from_session(session).get(prompt_id)
+        if prompt is None:
+            return None
+        owner = Owner(prompt.user_id, prompt.client_id)
+        self.remember(prompt_id, owner)
+        return owner
+
+    # settling what the socket missed ---------------------------------------
+    async def _reconcile_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL_SECONDS)
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Settle unfinished prompts from ComfyUI's history and queue: outcomes the socket
+        missed, and `pending` records whose forward ended without an answer recorded."""
+        async with self._reconciling:
+            try:
+                await self._reconcile_unfinished()
+            except (BrokerError, SQLAlchemyError) as exc:
+                log.warning(
+                    "events.reconcile_failed upstream=%s error=%s",
+                    self._upstream,
+                    type(exc).__name__,
+                )
+
+    async def _reconcile_unfinished(self) -> None:
+        async with session_scope(self._sessionmaker) as session:
+            unfinished = await PromptRepository.from_session(session).in_states(
+                self._upstream, list(usage_service.UNFINISHED)
+            )
+        stale_before = utc_now() - self._stale_after
+        candidates = [p for p in unfinished if p.status is not PromptStatus.PENDING
+                      or p.created_at < stale_before]  # fmt: skip
+        if not candidates:
+            return
+        queued = await self._queued_ids()
+        for prompt in candidates:
+            await self._settle(prompt, queued, stale=prompt.created_at < stale_before)
+
+    async def _queued_ids(self) -> set[str]:
+        answer = await self._comfy.get_json("/queue")
+        items = [*answer.get("queue_running", []), *answer.get("queue_pending", [])]
+        return {str(item[1]) for item in items if isinstance(item, list) and len(item) > 1}
+
+    async def _settle(self, prompt: Prompt, queued: set[str], *, stale: bool) -> None:
+        entry = (await self._comfy.get_json(f"/history/{prompt.id}")).get(str(prompt.id))
+        async with session_scope(self._sessionmaker) as session:
+            if isinstance(entry, dict) and _is_finished(entry):
+                await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
+                outcome, error = _outcome_from_messages(entry["status"].get("messages"))
+                await usage_service.record_finished(
+                    session, prompt.id, outcome,
+                    error_type=error and "execution_error", message=error,
+                )  # fmt: skip
+            elif str(prompt.id) in queued or isinstance(entry, dict):
+                await usage_service.record_accepted(session, prompt.id)
+            elif stale:
+                await usage_service.record_lost(session, prompt.id, prompt.status)
+
+
+def _is_finished(entry: dict[str, Any]) -> bool:
+    status = entry.get("status")
+    return isinstance(status, dict) and (
+        bool(status.get("completed")) or status.get("status_str") == "error"
+    )
+
+
+async def _record_finish(
+    session: AsyncSession, kind: str, data: dict[str, Any], prompt_id: uuid.UUID
+) -> None:
+    message = data.get("exception_message") if kind == "execution_error" else None
+    await usage_service.record_finished(
+        session,
+        prompt_id,
+        FINISHING_EVENTS[kind],
+        error_type="execution_error" if kind == "execution_error" else None,
+        message=str(message).strip() if message else None,
+    )
+
+
+def _outcome_from_messages(messages: Any) -> tuple[PromptStatus, str | None]:
+    for event in messages if isinstance(messages, list) else []:
+        if isinstance(event, list) and len(event) == 2 and event[0] in FINISHING_EVENTS:
+            data = event[1] if isinstance(event[1], dict) else {}
+            message = data.get("exception_message")
+            return FINISHING_EVENTS[event[0]], str(message).strip() if message else None
+    return PromptStatus.SUCCESS, None
+
+
+def _prompt_id(data: dict[str, Any]) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(data.get("prompt_id")))
+    except ValueError:
+        return None
+
+
+def _redacted(raw: str, kind: str, data: dict[str, Any]) -> str:
+    if not any(key in raw for key in SENSITIVE_KEYS):
+        return raw
+    return orjson.dumps({"type": kind, "data": redact(data)}).decode()

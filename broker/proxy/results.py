@@ -1,0 +1,329 @@
+"""Each user's private view of a shared ComfyUI: history, files, uploads, queue, interrupt.
+
+ComfyUI answers these for everyone; the broker asks it, then keeps only what
+belongs to the caller's own prompts (by its `prompts` table) and removes every
+credential from what it relays. Anything not the caller's is a 404 with the same
+body as something that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import UploadFile
+
+from broker.comfy.files import FileRef, UnsafePath, clean_filename, file_ref
+from broker.comfy.redaction import redact
+from broker.db.models import Prompt, PromptStatus
+from broker.db.session import session_scope
+from broker.errors import BadRequest, Conflict, NotFound, UpstreamUnavailable
+from broker.proxy.service import ProxyContext
+from broker.proxy.uploads import UPLOAD_TYPES, is_own_upload, upload_subfolder
+from broker.tenants.auth import ActingUser
+from broker.usage import service as usage_service
+from broker.usage.repository import PromptOutputRepository, PromptRepository
+
+PROMPT_NOT_FOUND = "Prompt not found."
+FILE_NOT_FOUND = "File not found."
+HISTORY_STATUSES = [
+    PromptStatus.QUEUED, PromptStatus.RUNNING, PromptStatus.SUCCESS,
+    PromptStatus.ERROR, PromptStatus.INTERRUPTED,
+]  # fmt: skip
+DEFAULT_HISTORY_ITEMS = 100
+UPSTREAM_FETCHES_AT_ONCE = 8
+OUTPUT_REFRESH_PROMPTS = 10
+
+
+def parse_prompt_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(PROMPT_NOT_FOUND) from None
+
+
+async def history_entry(context: ProxyContext, acting: ActingUser, value: str) -> dict[str, Any]:
+    prompt_id = parse_prompt_id(value)
+    async with session_scope(context.sessionmaker) as session:
+        prompt = await PromptRepository.from_session(session).get_owned(acting.user_id, prompt_id)
+    if prompt is None:
+        raise NotFound(PROMPT_NOT_FOUND)
+    return await _fetch_history(context, [prompt])
+
+
+async def history(
+    context: ProxyContext, acting: ActingUser, max_items: int | None, offset: int
+) -> dict[str, Any]:
+    """The caller's prompts only, newest first, in ComfyUI's `/history` shape."""
+    async with session_scope(context.sessionmaker) as session:
+        prompts = await PromptRepository.from_session(session).recent_for_user(
+            acting.user_id,
+            statuses=HISTORY_STATUSES,
+            limit=max_items or DEFAULT_HISTORY_ITEMS,
+            offset=offset,
+        )
+    return await _fetch_history(context, prompts)
+
+
+async def _fetch_history(context: ProxyContext, prompts: list[Prompt]) -> dict[str, Any]:
+    limiter = asyncio.Semaphore(UPSTREAM_FETCHES_AT_ONCE)
+
+    async def fetch(prompt: Prompt) -> dict[str, Any]:
+        async with limiter:
+            return await context.upstream.comfy.get_json(f"/history/{prompt.id}")
+
+    answers = await asyncio.gather(*(fetch(prompt) for prompt in prompts))
+    entries: dict[str, Any] = {}
+    for prompt, answer in zip(prompts, answers, strict=True):
+        entry = answer.get(str(prompt.id))
+        if isinstance(entry, dict):
+            entries[str(prompt.id)] = _present_history_entry(entry, prompt)
+    await _remember_outputs(context, prompts, entries)
+    return entries
+
+
+def _present_history_entry(entry: dict[str, Any], prompt: Prompt) -> dict[str, Any]:
+    clean: dict[str, Any] = redact(entry)
+    if isinstance(clean.get("prompt"), list):
+        clean["prompt"] = present_queue_item(clean["prompt"], prompt)
+    return clean
+
+
+def present_queue_item(item: list[Any], prompt: Prompt) -> list[Any]:
+    """A queue tuple [number, id, graph, extra_data, outputs, …] as its owner sees it:
+    no credentials, and their own client_id instead of the broker's."""
+    item = redact(item)
+    if len(item) > 3 and isinstance(item[3], dict):
+        extra_data = {key: value for key, value in item[3].items() if key != "client_id"}
+        if prompt.client_id is not None:
+            extra_data["client_id"] = prompt.client_id
+        item[3] = extra_data
+    return item
+
+
+async def _remember_outputs(
+    context: ProxyContext, prompts: list[Prompt], entries: dict[str, Any]
+) -> None:
+    async with session_scope(context.sessionmaker) as session:
+        for prompt in prompts:
+            entry = entries.get(str(prompt.id))
+            if entry is not None:
+                await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
+
+
+VIEW_OPTIONS = ("preview", "channel")
+
+
+async def authorize_view(
+    context: ProxyContext, acting: ActingUser, query: dict[str, str]
+) -> list[tuple[str, str]]:
+    """Allow a file only if it is the caller's upload or an output of the caller's prompt.
+
+    Returns the query to send ComfyUI: the checked file reference and display options.
+    """
+    try:
+        ref = file_ref(
+            query.get("filename", ""), query.get("subfolder", ""), query.get("type", "output")
+        )
+    except UnsafePath:
+        raise NotFound(FILE_NOT_FOUND) from None
+    if not (is_own_upload(ref, acting.user_id) or await _is_own_output(context, acting, ref)):
+        raise NotFound(FILE_NOT_FOUND)
+    options = [(name, query[name]) for name in VIEW_OPTIONS if name in query]
+    return [("filename", ref.filename), ("subfolder", ref.subfolder), ("type", ref.type), *options]
+
+
+async def authorize_original(context: ProxyContext, acting: ActingUser, original_ref: str) -> None:
+    """A mask may only be attached to the caller's own image."""
+    try:
+        reference = orjson.loads(original_ref)
+    except orjson.JSONDecodeError:
+        raise BadRequest("original_ref must be JSON {filename, subfolder, type}.") from None
+    if not isinstance(reference, dict):
+        raise BadRequest("original_ref must be JSON {filename, subfolder, type}.")
+    query = {name: str(reference.get(name) or "") for name in ("filename", "subfolder", "type")}
+    await authorize_view(context, acting, {**query, "type": query["type"] or "input"})
+
+
+async def _is_own_output(context: ProxyContext, acting: ActingUser, ref: FileRef) -> bool:
+    if await _output_recorded(context, acting, ref):
+        return True
+    # Outputs of prompts whose events the broker missed: look them up once.
+    async with session_scope(context.sessionmaker) as session:
+        unchecked = await PromptRepository.from_session(session).without_outputs(
+            acting.user_id, statuses=HISTORY_STATUSES, limit=OUTPUT_REFRESH_PROMPTS
+        )
+    if not unchecked:
+        return False
+    await _fetch_history(context, unchecked)
+    return await _output_recorded(context, acting, ref)
+
+
+async def _output_recorded(context: ProxyContext, acting: ActingUser, ref: FileRef) -> bool:
+    async with session_scope(context.sessionmaker) as session:
+        return await PromptOutputRepository.from_session(session).user_has(acting.user_id, ref)
+
+
+async def open_view(context: ProxyContext, params: list[tuple[str, str]]) -> httpx.Response:
+    """ComfyUI's `/view` answer, unread, for streaming. The caller closes it."""
+    response = await context.upstream.comfy.open_stream("/view", params)
+    if response.status_code == 200:
+        return response
+    await response.aclose()
+    if response.status_code in (400, 403, 404):
+        raise NotFound(FILE_NOT_FOUND)
+    raise UpstreamUnavailable(f"ComfyUI answered {response.status_code}.")
+
+
+async def upload(
+    context: ProxyContext,
+    acting: ActingUser,
+    path: str,
+    image: UploadFile,
+    fields: dict[str, str],
+) -> dict[str, Any]:
+    """Store an upload in the caller's own folder; answer as ComfyUI does."""
+    upload_type = fields.get("type") or "input"
+    if upload_type not in UPLOAD_TYPES:
+        raise BadRequest("type must be input or temp.")
+    try:
+        filename = clean_filename(image.filename or "")
+    except UnsafePath:
+        raise BadRequest("The file name must be a plain name, without folders.") from None
+    forwarded = {
+        "type": upload_type,
+        "subfolder": upload_subfolder(acting.user_id, fields.get("subfolder", "")),
+        "overwrite": fields.get("overwrite", "false"),
+    }
+    if "original_ref" in fields:
+        forwarded["original_ref"] = fields["original_ref"]
+    content_type = image.content_type or "application/octet-stream"
+    response = await context.upstream.comfy.upload(
+        path, file=(filename, image.file, content_type), fields=forwarded
+    )
+    return _upstream_json(response)
+
+
+def _upstream_json(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code == 400:
+        raise BadRequest("ComfyUI refused the request.")
+    if response.status_code != 200:
+        raise UpstreamUnavailable(f"ComfyUI answered {response.status_code}.")
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return redact(body) if isinstance(body, dict) else {}
+
+
+async def queue(context: ProxyContext, acting: ActingUser) -> dict[str, Any]:
+    """ComfyUI's queue with only the caller's running and pending prompts."""
+    upstream = await context.upstream.comfy.get_json("/queue")
+    running, pending = _items(upstream, "queue_running"), _items(upstream, "queue_pending")
+    owned = await _owned(context, acting, running + pending)
+    return {
+        "queue_running": _keep_owned(running, owned),
+        "queue_pending": _keep_owned(pending, owned),
+    }
+
+
+def _items(queue_answer: dict[str, Any], name: str) -> list[list[Any]]:
+    items = queue_answer.get(name)
+    if not isinstance(items, list):
+        return []
+    return [item for item in items if isinstance(item, list) and len(item) > 1]
+
+
+def _item_id(item: list[Any]) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(item[1]))
+    except ValueError:
+        return None
+
+
+async def _owned(
+    context: ProxyContext, acting: ActingUser, items: list[list[Any]]
+) -> dict[uuid.UUID, Prompt]:
+    ids = [prompt_id for item in items if (prompt_id := _item_id(item)) is not None]
+    async with session_scope(context.sessionmaker) as session:
+        return await PromptRepository.from_session(session).owned_among(acting.user_id, ids)
+
+
+def _keep_owned(items: list[list[Any]], owned: dict[uuid.UUID, Prompt]) -> list[list[Any]]:
+    kept = []
+    for item in items:
+        prompt_id = _item_id(item)
+        if prompt_id in owned:
+            kept.append(present_queue_item(item, owned[prompt_id]))
+    return kept
+
+
+async def change_queue(context: ProxyContext, acting: ActingUser, body: dict[str, Any]) -> None:
+    """`{"delete": [ids]}` and `{"clear": true}`, limited to the caller's pending prompts."""
+    upstream = await context.upstream.comfy.get_json("/queue")
+    pending = _items(upstream, "queue_pending")
+    own_pending = await _owned(context, acting, pending)
+    requested = body.get("delete")
+    if body.get("clear") is True:
+        doomed = list(own_pending)
+    elif isinstance(requested, list):
+        wanted = {str(value) for value in requested}
+        doomed = [prompt_id for prompt_id in own_pending if str(prompt_id) in wanted]
+    else:
+        raise BadRequest('Send {"delete": [prompt ids]} or {"clear": true}.')
+    if not doomed:
+        return
+    _expect_ok(await context.upstream.comfy.post_json("/queue", {"delete": list(map(str, doomed))}))
+    async with session_scope(context.sessionmaker) as session:
+        for prompt_id in doomed:
+            await usage_service.record_finished(
+                session, prompt_id, PromptStatus.INTERRUPTED,
+                error_type="deleted_from_queue", message="Deleted from the queue by its owner.",
+            )  # fmt: skip
+
+
+async def interrupt(context: ProxyContext, acting: ActingUser, body: dict[str, Any]) -> None:
+    """Interrupt the caller's own running prompt, never anyone else's."""
+    upstream = await context.upstream.comfy.get_json("/queue")
+    own_running = await _owned(context, acting, _items(upstream, "queue_running"))
+    requested = body.get("prompt_id")
+    if requested is not None:
+        prompt_id = parse_prompt_id(str(requested))
+        await _require_owned(context, acting, prompt_id)
+        if prompt_id not in own_running:
+            raise Conflict("That prompt is not running.", error_type="not_running")
+    elif own_running:
+        prompt_id = next(iter(own_running))
+    else:
+        raise Conflict("None of your prompts is running.", error_type="not_running")
+    _expect_ok(await context.upstream.comfy.post_json("/interrupt", {"prompt_id": str(prompt_id)}))
+
+
+async def _require_owned(context: ProxyContext, acting: ActingUser, prompt_id: uuid.UUID) -> None:
+    async with session_scope(context.sessionmaker) as session:
+        owned = await PromptRepository.from_session(session).get_owned(acting.user_id, prompt_id)
+    if owned is None:
+        raise NotFound(PROMPT_NOT_FOUND)
+
+
+def _expect_ok(response: httpx.Response) -> None:
+    if response.status_code != 200:
+        raise UpstreamUnavailable(f"ComfyUI answered {response.status_code}.")
+
+
+async def relay_to_operator(
+    context: ProxyContext, method: str, path: str, body: bytes
+) -> tuple[int, Any]:
+    """Operator-only routes (`/free`, `POST /history`, `/system_stats`, `/internal/*`)."""
+    comfy = context.upstream.comfy
+    if method == "GET":
+        return 200, redact(await comfy.get_json(path))
+    response = await comfy.post_raw(path, body)
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {}
+    return response.status_code, redact(answer)
