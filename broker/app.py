@@ -27,6 +27,7 @@ from broker.proxy.timing import ServerTimingMiddleware
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator
+from broker.usage.pricing import Pricer, credits_to_mc
 
 DESCRIPTION = """
 Put in front of ComfyUI so that many users run workflows with **their own**
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
         upstream = _upstream(http, sessionmaker, settings)
-        app.state.proxy = ProxyContext(sessionmaker, custody, upstream)
+        app.state.proxy = ProxyContext(sessionmaker, custody, upstream, _pricer(settings))
         upstream.events.start()
         try:
             yield
@@ -79,6 +80,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
     return app
+
+
+def _pricer(settings: Settings) -> Pricer:
+    table = {
+        class_type: (credits_to_mc(price), credits_to_mc(price))
+        if isinstance(price, int | float)
+        else (credits_to_mc(price[0]), credits_to_mc(price[1]))
+        for class_type, price in settings.PRICE_TABLE.items()
+    }
+    return Pricer(table)
 
 
 def _upstream(

@@ -3,11 +3,13 @@
     BrokerError                 (500, never raised directly)
     ├── BadRequest              400
     ├── Unauthorized            401
+    ├── PaymentRequired         402  (a budget)
     ├── Forbidden               403
     ├── NotFound                404
     ├── Conflict                409
     ├── PayloadTooLarge         413
     ├── Unprocessable           422
+    ├── TooManyRequests         429  (with Retry-After)
     ├── UpstreamUnavailable     502
     └── UpstreamTimeout         504
 
@@ -75,6 +77,20 @@ class Forbidden(BrokerError):
     error_type = "forbidden"
 
 
+class PaymentRequired(BrokerError):
+    """A budget would be exceeded; `extra` says which one and what remains."""
+
+    status_code = 402
+    error_type = "budget_exceeded"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "message": self.message, **self.extra}}
+
+
 class NotFound(BrokerError):
     status_code = 404
     error_type = "not_found"
@@ -93,6 +109,18 @@ class PayloadTooLarge(BrokerError):
 class Unprocessable(BrokerError):
     status_code = 422
     error_type = "unprocessable"
+
+
+class TooManyRequests(BrokerError):
+    status_code = 429
+    error_type = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class UpstreamUnavailable(BrokerError):
@@ -118,8 +146,12 @@ COMFY_ERROR_PATHS = frozenset({"/prompt", "/api/prompt"})
 def render_error(path: str, error: BrokerError) -> JSONBody:
     body = error.body()
     if path in COMFY_ERROR_PATHS and "node_errors" not in body:
-        detail = {"details": error.message, "extra_info": {}, **body["error"]}
-        body = {"error": detail, "node_errors": {}}
+        fields = body["error"]
+        extra = {key: value for key, value in fields.items() if key not in ("type", "message")}
+        body = {
+            "error": {**fields, "details": error.message, "extra_info": extra},
+            "node_errors": {},
+        }
     return JSONBody(body, status_code=error.http_status, headers=error.headers())
 
 
@@ -205,9 +237,11 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing, invalid, expired or revoked token",
         403: "The token's role may not do this",
         404: "Not found, or not yours",
+        402: "A credit budget would be exceeded",
         409: "Conflicts with existing state",
         413: "Request body too large",
         422: "Validation error",
+        429: "Rate limited (see Retry-After)",
         502: "ComfyUI unreachable or answered with an error",
         504: "ComfyUI did not answer in time",
     }

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     MAX_ADMIN_BODY_BYTES: int = Field(default=64 * 1024, gt=0)
     MAX_UPLOAD_BYTES: int = Field(default=32 * 1024 * 1024, gt=0)
     OBJECT_INFO_TTL_SECONDS: float = Field(default=300.0, ge=0)
+    # Credits for API nodes without a usable price badge: {"ClassType": 10 or [5, 20]}.
+    PRICE_TABLE: dict[str, float | tuple[float, float]] = Field(default_factory=dict)
     LOG_LEVEL: str = "INFO"
 
     @field_validator("DATABASE_URL")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 import uvicorn
 
-from broker.cli import db, keys, tenants, tokens, users
+from broker.cli import db, keys, tenants, tokens, usage, users
 from broker.cli.context import settings
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app.add_typer(tenants.app, name="tenants")
 app.add_typer(users.app, name="users")
 app.add_typer(keys.app, name="keys")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(usage.app, name="usage")
 
 
 @app.command("serve")

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Body, File, Form, Header, Query, Request, UploadF
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from broker.db.base import utc_now
+from broker.db.session import DbSession
 from broker.errors import error_responses
 from broker.proxy import results
 from broker.proxy import service as proxy_service
@@ -24,6 +26,8 @@ from broker.proxy.schemas import (
 from broker.proxy.service import PromptAnswer, Timing
 from broker.responses import JSONBody
 from broker.tenants.auth import CurrentUser, OperatorCaller
+from broker.usage import reports
+from broker.usage.schemas import UserUsage
 
 router = APIRouter(responses=error_responses(401, 403, 404, 502, 504))
 
@@ -81,6 +85,11 @@ async def get_object_info(acting: CurrentUser, proxy: Proxy) -> Response:
 @router.get("/object_info/{node_class}", summary="One node definition (cached); {} if unknown")
 async def get_node_info(node_class: str, acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
     return await proxy_service.node_info(proxy, node_class)
+
+
+@router.get("/usage", summary="The caller's own prompts and credits this month")
+async def get_usage(acting: CurrentUser, session: DbSession) -> UserUsage:
+    return await reports.user_usage(session, acting.tenant_id, acting.user_id, utc_now())
 
 
 @router.get("/history", summary="The caller's prompts' history, newest first")

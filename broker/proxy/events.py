@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,7 +28,6 @@ import orjson
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
-from websockets.exceptions import WebSocketException
 
 from broker.comfy.client import ComfyClient
 from broker.comfy.redaction import SENSITIVE_KEYS, redact
@@ -35,6 +36,8 @@ from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BrokerError
 from broker.usage import service as usage_service
+from broker.usage.classify import classify_execution_error, price_in_progress_text
+from broker.usage.pricing import credits_to_mc, usd_to_mc
 from broker.usage.repository import PromptRepository
 
 log = logging.getLogger("broker.events")
@@ -43,6 +46,7 @@ OWNER_CACHE_SIZE = 10_000
 SUBSCRIBER_QUEUE_SIZE = 1_000
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONCILE_INTERVAL_SECONDS = 30.0
+TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT
 FINISHING_EVENTS = {
     "execution_success": PromptStatus.SUCCESS,
     "execution_error": PromptStatus.ERROR,
@@ -160,7 +164,7 @@ class EventHub:
                     await self._reconcile()
                     async for message in socket:
                         await self._on_message(message)
-            except (OSError, WebSocketException, TimeoutError) as exc:
+            except Exception as exc:  # noqa: BLE001  the hub must outlive any one failure
                 log.warning(
                     "events.disconnected upstream=%s error=%s", self._upstream, type(exc).__name__
                 )
@@ -170,7 +174,7 @@ class EventHub:
 
     async def _on_message(self, message: Message) -> None:
         if isinstance(message, bytes):
-            self._on_binary(message)
+            await self._on_binary(message)
             return
         try:
             event = orjson.loads(message)
@@ -179,11 +183,17 @@ class EventHub:
         if isinstance(event, dict) and isinstance(event.get("data"), dict):
             await self._on_event(str(event.get("type")), event["data"], message)
 
-    def _on_binary(self, frame: bytes) -> None:
+    async def _on_binary(self, frame: bytes) -> None:
+        """Previews and progress text carry no prompt id: they belong to the prompt
+        executing now (ComfyUI runs one at a time)."""
         prompt_id = self._executing
         owner = self._owners.get(prompt_id) if prompt_id else None
-        if owner is not None:
-            self._deliver(owner, frame)
+        if owner is None or prompt_id is None:
+            return
+        self._deliver(owner, frame)
+        price = _reported_price(frame)
+        if price is not None:
+            await self._write(prompt_id, usage_service.record_reported_price, price)
 
     async def _on_event(self, kind: str, data: dict[str, Any], raw: str) -> None:
         if kind == "status":
@@ -215,17 +225,22 @@ class EventHub:
             self._executing = None
 
     async def _record(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
-        if kind not in ("execution_start", "executed", *FINISHING_EVENTS):
-            return
+        if kind == "execution_start":
+            await self._write(prompt_id, usage_service.record_running)
+        elif kind == "execution_cached":
+            await self._write(prompt_id, usage_service.record_cached, data.get("nodes"))
+        elif kind == "executed":
+            await self._write(prompt_id, usage_service.record_outputs, data.get("output"))
+        elif kind in FINISHING_EVENTS:
+            await self._write(prompt_id, _record_finish, kind, data)
+
+    async def _write(
+        self, prompt_id: uuid.UUID, record: Callable[..., Awaitable[Any]], *args: Any
+    ) -> None:
         try:
             async with session_scope(self._sessionmaker) as session:
-                if kind == "execution_start":
-                    await usage_service.record_running(session, prompt_id)
-                elif kind == "executed":
-                    await usage_service.record_outputs(session, prompt_id, data.get("output"))
-                else:
-                    await _record_finish(session, kind, data, prompt_id)
-        except Exception as exc:  # noqa: BLE001  a lost record is reconciled from /history
+                await record(session, prompt_id, *args)
+        except SQLAlchemyError as exc:  # reconciliation settles what could not be written
             log.error("events.record_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
 
     def _deliver(self, owner: Owner, message: Message) -> None:
@@ -302,10 +317,10 @@ class EventHub:
             if isinstance(entry, dict) and _is_finished(entry):
                 await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
                 outcome, error = _outcome_from_messages(entry["status"].get("messages"))
+                error_type = classify_execution_error(error) if error else None
                 await usage_service.record_finished(
-                    session, prompt.id, outcome,
-                    error_type=error and "execution_error", message=error,
-                )  # fmt: skip
+                    session, prompt.id, outcome, error_type=error_type, message=error
+                )
             elif str(prompt.id) in queued or isinstance(entry, dict):
                 await usage_service.record_accepted(session, prompt.id)
             elif stale:
@@ -320,16 +335,30 @@ def _is_finished(entry: dict[str, Any]) -> bool:
 
 
 async def _record_finish(
-    session: AsyncSession, kind: str, data: dict[str, Any], prompt_id: uuid.UUID
+    session: AsyncSession, prompt_id: uuid.UUID, kind: str, data: dict[str, Any]
 ) -> None:
     message = data.get("exception_message") if kind == "execution_error" else None
+    text = str(message).strip() if message else None
     await usage_service.record_finished(
         session,
         prompt_id,
         FINISHING_EVENTS[kind],
-        error_type="execution_error" if kind == "execution_error" else None,
-        message=str(message).strip() if message else None,
+        error_type=classify_execution_error(text) if kind == "execution_error" else None,
+        message=text,
     )
+
+
+def _reported_price(frame: bytes) -> int | None:
+    """Milli-credits from an API node's "Price: …" progress text (binary frame type 3:
+    type, node id length, node id, UTF-8 text; all lengths 4-byte big-endian)."""
+    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != TEXT_FRAME:
+        return None
+    (length,) = struct.unpack(">I", frame[4:8])
+    found = price_in_progress_text(frame[8 + length :].decode("utf-8", "replace"))
+    if found is None:
+        return None
+    amount, in_credits = found
+    return credits_to_mc(amount) if in_credits else usd_to_mc(amount)
 
 
 def _outcome_from_messages(messages: Any) -> tuple[PromptStatus, str | None]:

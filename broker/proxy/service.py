@@ -33,6 +33,7 @@ from broker.proxy.prompt_body import PromptBody, parse_prompt_body, upstream_bod
 from broker.proxy.uploads import foreign_file_inputs
 from broker.tenants.auth import ActingUser
 from broker.usage import service as usage_service
+from broker.usage.pricing import Estimate, Pricer
 from broker.usage.repository import PromptRepository
 from broker.usage.service import NewPrompt, Settlement
 
@@ -55,6 +56,7 @@ class ProxyContext:
     sessionmaker: async_sessionmaker[AsyncSession]
     custody: KeyCustody
     upstream: Upstream
+    pricer: Pricer
 
 
 @dataclass
@@ -82,6 +84,9 @@ async def submit_prompt(
     body = parse_prompt_body(raw)
     _refuse_foreign_files(body, acting)
     key_nodes = await context.upstream.object_info.key_using_nodes_in(body.class_types.values())
+    estimate = context.pricer.estimate(
+        body.fields["prompt"], await context.upstream.object_info.nodes(), key_nodes
+    )
     try:
         async with session_scope(context.sessionmaker) as session:
             replay = await _replay(session, acting, idempotency_key, body)
@@ -89,9 +94,8 @@ async def submit_prompt(
                 return replay
             api_key = await _key_for(session, context.custody, acting, key_nodes, body)
             prompt_id = await _choose_prompt_id(session, body)
-            await usage_service.record_pending(
-                session, _new_prompt(context, acting, body, prompt_id, key_nodes, idempotency_key)
-            )
+            new = _new_prompt(context, acting, body, prompt_id, estimate, idempotency_key)
+            await usage_service.admit_prompt(session, new)
     except IntegrityError as exc:  # a concurrent twin won the unique constraint
         message = "A request with this Idempotency-Key is in progress."
         raise Conflict(message if idempotency_key else "This prompt already exists.") from exc
@@ -196,7 +200,7 @@ def _new_prompt(
     acting: ActingUser,
     body: PromptBody,
     prompt_id: uuid.UUID,
-    key_nodes: list[str],
+    estimate: Estimate,
     idempotency_key: str | None,
 ) -> NewPrompt:
     return NewPrompt(
@@ -206,10 +210,14 @@ def _new_prompt(
         token_id=acting.token_id,
         upstream=context.upstream.comfy.base_url,
         client_id=body.client_id,
-        api_nodes=key_nodes,
+        api_nodes=sorted(
+            {node.class_type for node in estimate.nodes}
+            | {body.class_types[node_id] for node_id in estimate.unpriced}
+        ),
         body_bytes=body.size,
         idempotency_key=idempotency_key,
         request_hash=body.digest,
+        estimate=estimate,
     )
 
 

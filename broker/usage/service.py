@@ -16,7 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.comfy.files import output_files
 from broker.db.base import utc_now
-from broker.db.models import Prompt, PromptStatus
+from broker.db.models import Prompt, PromptStatus, Tenant, User
+from broker.errors import BadRequest, NotFound
+from broker.usage import budgets, limits
+from broker.usage.pricing import Estimate
 from broker.usage.repository import PromptOutputRepository, PromptRepository
 
 MAX_ERROR_MESSAGE = 1000
@@ -35,9 +38,30 @@ class NewPrompt:
     body_bytes: int
     idempotency_key: str | None
     request_hash: str
+    estimate: Estimate
 
 
-async def record_pending(session: AsyncSession, new: NewPrompt) -> Prompt:
+async def admit_prompt(session: AsyncSession, new: NewPrompt) -> Prompt:
+    """Everything that decides whether a prompt may go, in the caller's transaction:
+    the tenant's policy for unpriced nodes, rate limits, budget reservations, and the
+    `pending` record. Any refusal rolls all of it back."""
+    tenant = await session.get(Tenant, new.tenant_id)
+    user = await session.get(User, new.user_id)
+    if tenant is None or user is None:
+        raise NotFound("User not found.")
+    estimate = new.estimate
+    if estimate.unpriced and tenant.unpriced_policy == "refuse":
+        raise BadRequest(
+            "This prompt has API nodes without a known price, and your tenant refuses those.",
+            error_type="unpriced_nodes",
+        )
+    now = utc_now()
+    await limits.admit(session, user.id, limits.Limits.of(tenant, user), now)
+    reservations, over_soft = (
+        await budgets.reserve(session, tenant.id, user.id, estimate.max_mc, now)
+        if estimate.max_mc
+        else ([], False)
+    )
     prompt = Prompt(
         id=new.prompt_id,
         tenant_id=new.tenant_id,
@@ -50,6 +74,13 @@ async def record_pending(session: AsyncSession, new: NewPrompt) -> Prompt:
         body_bytes=new.body_bytes,
         idempotency_key=new.idempotency_key,
         request_hash=new.request_hash,
+        estimated_min_mc=estimate.min_mc,
+        estimated_max_mc=estimate.max_mc,
+        unpriced_nodes=estimate.unpriced,
+        cost_breakdown=[node.as_dict() for node in estimate.nodes],
+        reserved_mc=estimate.max_mc if reservations else 0,
+        reservations=[reservation.as_dict() for reservation in reservations],
+        over_soft_limit=over_soft,
     )
     return await PromptRepository.from_session(session).add(prompt)
 
@@ -114,7 +145,7 @@ async def _record_failed(
     replayable: bool,
 ) -> None:
     values: dict[str, Any] = {"idempotency_key": None} if not replayable else {}
-    await PromptRepository.from_session(session).transition(
+    settled = await PromptRepository.from_session(session).transition(
         prompt_id,
         allowed_from=frozenset({PromptStatus.PENDING}),
         status=status,
@@ -125,6 +156,8 @@ async def _record_failed(
         updated_at=utc_now(),
         **values,
     )
+    if settled:
+        await _charge(session, prompt_id)
 
 
 def storable(text: str | None, limit: int) -> str | None:
@@ -155,9 +188,10 @@ async def record_finished(
     error_type: str | None = None,
     message: str | None = None,
 ) -> bool:
-    """Settle a prompt that ran (once: a settled prompt is never changed again)."""
+    """Settle a prompt that ran (once: a settled prompt is never changed again), and
+    charge it."""
     now = utc_now()
-    return await PromptRepository.from_session(session).transition(
+    settled = await PromptRepository.from_session(session).transition(
         prompt_id,
         allowed_from=UNFINISHED,
         status=status,
@@ -166,6 +200,9 @@ async def record_finished(
         finished_at=now,
         updated_at=now,
     )
+    if settled:
+        await _charge(session, prompt_id)
+    return settled
 
 
 async def record_outputs(session: AsyncSession, prompt_id: uuid.UUID, outputs: Any) -> None:
@@ -190,7 +227,7 @@ async def record_lost(session: AsyncSession, prompt_id: uuid.UUID, status: Promp
     """ComfyUI has neither queued nor run it: never accepted (`pending`), or lost (a
     restart emptied its queue). Settled as an error, never replayed."""
     never_accepted = status is PromptStatus.PENDING
-    await PromptRepository.from_session(session).transition(
+    settled = await PromptRepository.from_session(session).transition(
         prompt_id,
         allowed_from=frozenset({status}),
         status=PromptStatus.ERROR,
@@ -200,3 +237,53 @@ async def record_lost(session: AsyncSession, prompt_id: uuid.UUID, status: Promp
         finished_at=utc_now(),
         updated_at=utc_now(),
     )
+    if settled:
+        await _charge(session, prompt_id)
+
+
+async def record_cached(session: AsyncSession, prompt_id: uuid.UUID, nodes: Any) -> None:
+    """Nodes ComfyUI served from its cache: they made no API call, so they cost nothing."""
+    if isinstance(nodes, list) and nodes:
+        await PromptRepository.from_session(session).set_fields(
+            prompt_id, cached_nodes=[str(node) for node in nodes]
+        )
+
+
+async def record_reported_price(session: AsyncSession, prompt_id: uuid.UUID, mc: int) -> None:
+    """A price an API node reported while the prompt ran (its progress text)."""
+    await PromptRepository.from_session(session).add_reported(prompt_id, mc, UNFINISHED)
+
+
+NOT_CHARGED_ERRORS = frozenset(
+    {"insufficient_credits", "invalid_key", "account_problem", "rate_limited"}
+)
+
+
+def actual_charge(prompt: Prompt) -> tuple[int, str]:
+    """What a finished prompt cost, and where that number comes from."""
+    if prompt.reported_mc is not None:
+        return prompt.reported_mc, "progress_text"
+    never_ran = prompt.started_at is None and prompt.status is not PromptStatus.SUCCESS
+    if never_ran or prompt.status in (PromptStatus.REJECTED, PromptStatus.INTERRUPTED):
+        return 0, "none"
+    if prompt.error_type in NOT_CHARGED_ERRORS:
+        return 0, "none"
+    cached = set(prompt.cached_nodes)
+    estimate = sum(
+        node["max_mc"] for node in prompt.cost_breakdown if node["node_id"] not in cached
+    )
+    return estimate, "estimate"
+
+
+async def _charge(session: AsyncSession, prompt_id: uuid.UUID) -> None:
+    """Settle the budgets and free the rate-limit slot of a prompt that just reached its
+    final status. Called once per prompt: only the transition that succeeded calls it."""
+    repository = PromptRepository.from_session(session)
+    prompt = await repository.get_fresh(prompt_id)
+    if prompt is None:
+        return
+    actual, source = actual_charge(prompt)
+    await repository.set_fields(prompt_id, actual_mc=actual, actual_source=source)
+    reservations = [budgets.Reservation.from_dict(item) for item in prompt.reservations]
+    await budgets.settle(session, reservations, prompt.tenant_id, prompt.user_id, actual, utc_now())
+    await limits.release(session, prompt.user_id)

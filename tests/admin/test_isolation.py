@@ -29,7 +29,8 @@ async def world(admin_api: AdminApi) -> World:
 
 def requests_on_acme(w: World) -> dict[tuple[str, str], tuple[str, dict[str, object] | None]]:
     """Route → a request aimed at acme's objects, for every admin route."""
-    users = f"/admin/tenants/{w.acme.id}/users"
+    tenant = f"/admin/tenants/{w.acme.id}"
+    users = f"{tenant}/users"
     return {
         ("GET", "/admin/tenants/{tenant_id}"): (f"/admin/tenants/{w.acme.id}", None),
         ("POST", "/admin/tenants/{tenant_id}/tokens"): (
@@ -52,9 +53,35 @@ def requests_on_acme(w: World) -> dict[tuple[str, str], tuple[str, dict[str, obj
             f"{users}/{w.alice.id}/comfy-key",
             None,
         ),
+        ("PUT", "/admin/tenants/{tenant_id}/budget"): (f"{tenant}/budget", BUDGET),
+        ("GET", "/admin/tenants/{tenant_id}/budget"): (f"{tenant}/budget", None),
+        ("DELETE", "/admin/tenants/{tenant_id}/budget"): (f"{tenant}/budget", None),
+        ("PUT", "/admin/tenants/{tenant_id}/users/{user_id}/budget"): (
+            f"{users}/{w.alice.id}/budget",
+            BUDGET,
+        ),
+        ("GET", "/admin/tenants/{tenant_id}/users/{user_id}/budget"): (
+            f"{users}/{w.alice.id}/budget",
+            None,
+        ),
+        ("DELETE", "/admin/tenants/{tenant_id}/users/{user_id}/budget"): (
+            f"{users}/{w.alice.id}/budget",
+            None,
+        ),
+        ("PATCH", "/admin/tenants/{tenant_id}/limits"): (
+            f"{tenant}/limits",
+            {"max_active_prompts": 1},
+        ),
+        ("PATCH", "/admin/tenants/{tenant_id}/users/{user_id}/limits"): (
+            f"{users}/{w.alice.id}/limits",
+            {"max_active_prompts": 1},
+        ),
+        ("GET", "/admin/tenants/{tenant_id}/usage"): (f"{tenant}/usage", None),
+        ("GET", "/admin/tenants/{tenant_id}/prompts"): (f"{tenant}/prompts", None),
     }
 
 
+BUDGET: dict[str, object] = {"period": "month", "limit_credits": "100"}
 OPERATOR_ONLY = {("POST", "/admin/tenants"), ("GET", "/admin/tenants")}
 
 

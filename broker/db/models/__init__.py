@@ -1,15 +1,18 @@
 """Every table, imported in one place so Alembic sees the whole schema."""
 
 from broker.db.models.audit_event import AuditEvent
+from broker.db.models.budget import Budget
 from broker.db.models.comfy_key import ComfyKey
 from broker.db.models.prompt import Prompt, PromptStatus
 from broker.db.models.prompt_output import PromptOutput
 from broker.db.models.tenant import Tenant
 from broker.db.models.token import Token, TokenKind
 from broker.db.models.user import User
+from broker.db.models.user_quota import UserQuota
 
 __all__ = [
     "AuditEvent",
+    "Budget",
     "ComfyKey",
     "Prompt",
     "PromptOutput",
@@ -18,4 +21,5 @@ __all__ = [
     "Token",
     "TokenKind",
     "User",
+    "UserQuota",
 ]

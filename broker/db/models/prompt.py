@@ -5,7 +5,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.db.base import Base, CreatedAtMixin, utc_now
@@ -61,4 +70,17 @@ class Prompt(CreatedAtMixin, Base):
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+    # Credits, in milli-credits (1 credit = 1000): exact, and atomic to add up in SQL.
+    estimated_min_mc: Mapped[int] = mapped_column(BigInteger, default=0)
+    estimated_max_mc: Mapped[int] = mapped_column(BigInteger, default=0)
+    unpriced_nodes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    cost_breakdown: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    reserved_mc: Mapped[int] = mapped_column(BigInteger, default=0)
+    reservations: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    over_soft_limit: Mapped[bool] = mapped_column(default=False)
+    reported_mc: Mapped[int | None] = mapped_column(BigInteger)  # from progress text
+    cached_nodes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    actual_mc: Mapped[int | None] = mapped_column(BigInteger)
+    actual_source: Mapped[str | None] = mapped_column(String(16))
     updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)

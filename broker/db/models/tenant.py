@@ -12,3 +12,7 @@ class Tenant(IdMixin, CreatedAtMixin, Base):
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # What to do with API nodes no price is known for: "allow" (and flag) or "refuse".
+    unpriced_policy: Mapped[str] = mapped_column(String(16), default="allow")
+    max_prompts_per_minute: Mapped[int | None]
+    max_active_prompts: Mapped[int | None]

@@ -19,3 +19,6 @@ class User(IdMixin, CreatedAtMixin, Base):
     )
     external_id: Mapped[str] = mapped_column(String(200))
     name: Mapped[str | None] = mapped_column(String(200))
+    # Rate limits for this user; None falls back to the tenant's.
+    max_prompts_per_minute: Mapped[int | None]
+    max_active_prompts: Mapped[int | None]

@@ -1,0 +1,139 @@
+"""Budgets and rate limits as admins set them (the mechanics are in budgets.py and limits.py)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from broker.audit import service as audit
+from broker.audit.service import Actor
+from broker.db.base import utc_now
+from broker.db.models import Budget
+from broker.errors import NotFound
+from broker.tenants import service as tenants_service
+from broker.usage.budgets import window_start
+from broker.usage.pricing import credits_to_mc, mc_to_credits
+from broker.usage.schemas import BudgetRead, BudgetSet, LimitsRead, TenantLimitsSet, UserLimitsSet
+
+
+def budget_scope(tenant_id: uuid.UUID, user_id: uuid.UUID | None) -> str:
+    return f"user:{user_id}" if user_id else f"tenant:{tenant_id}"
+
+
+async def set_budget(
+    session: AsyncSession,
+    actor: Actor,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID | None,
+    data: BudgetSet,
+) -> BudgetRead:
+    """Create or change a budget. Changing the period starts a fresh window."""
+    await _check_owner(session, tenant_id, user_id)
+    scope = budget_scope(tenant_id, user_id)
+    budget = await _get(session, scope)
+    now = utc_now()
+    if budget is None:
+        budget = Budget(scope=scope, tenant_id=tenant_id, user_id=user_id, reserved_mc=0,
+                        spent_mc=0, window_start=window_start(data.period, now))  # fmt: skip
+        session.add(budget)
+    elif budget.period != data.period:
+        budget.window_start, budget.spent_mc = window_start(data.period, now), 0
+    budget.period = data.period
+    budget.limit_mc = credits_to_mc(data.limit_credits)
+    soft = data.soft_limit_credits
+    budget.soft_limit_mc = None if soft is None else credits_to_mc(soft)
+    await session.flush()
+    audit.record(
+        session, actor, "budget.set", object_type="budget", object_id=budget.id,
+        tenant_id=tenant_id, details={"scope": scope.split(":")[0], "period": data.period,
+                                      "limit_credits": str(data.limit_credits)},
+    )  # fmt: skip
+    return budget_read(budget)
+
+
+async def get_budget(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID | None
+) -> BudgetRead:
+    await _check_owner(session, tenant_id, user_id)
+    budget = await _get(session, budget_scope(tenant_id, user_id))
+    if budget is None:
+        raise NotFound("No budget is set.")
+    return budget_read(budget)
+
+
+async def find_budget(session: AsyncSession, scope: str) -> BudgetRead | None:
+    budget = await _get(session, scope)
+    return None if budget is None else budget_read(budget)
+
+
+async def delete_budget(
+    session: AsyncSession, actor: Actor, tenant_id: uuid.UUID, user_id: uuid.UUID | None
+) -> None:
+    await _check_owner(session, tenant_id, user_id)
+    scope = budget_scope(tenant_id, user_id)
+    result = await session.execute(delete(Budget).where(Budget.scope == scope))
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise NotFound("No budget is set.")
+    audit.record(session, actor, "budget.delete", object_type="budget", object_id=scope,
+                 tenant_id=tenant_id)  # fmt: skip
+
+
+def budget_read(budget: Budget) -> BudgetRead:
+    current = window_start(budget.period, utc_now())
+    stale = budget.window_start < current  # no prompt yet in this window
+    spent, reserved = (0, 0) if stale else (budget.spent_mc, budget.reserved_mc)
+    return BudgetRead(
+        scope="user" if budget.user_id else "tenant",
+        period=budget.period,
+        limit_credits=mc_to_credits(budget.limit_mc),
+        soft_limit_credits=None
+        if budget.soft_limit_mc is None
+        else mc_to_credits(budget.soft_limit_mc),
+        window_start=current,
+        spent_credits=mc_to_credits(spent),
+        reserved_credits=mc_to_credits(reserved),
+        remaining_credits=mc_to_credits(max(0, budget.limit_mc - spent - reserved)),
+    )
+
+
+async def set_tenant_limits(
+    session: AsyncSession, actor: Actor, tenant_id: uuid.UUID, data: TenantLimitsSet
+) -> LimitsRead:
+    tenant = await tenants_service.get_tenant(session, tenant_id)
+    for field, value in data.model_dump(exclude_unset=True).items():
+        setattr(tenant, field, value)
+    await session.flush()
+    audit.record(session, actor, "tenant.limits", object_type="tenant", object_id=tenant_id,
+                 tenant_id=tenant_id, details=data.model_dump(exclude_unset=True))  # fmt: skip
+    return LimitsRead.model_validate(tenant)
+
+
+async def set_user_limits(
+    session: AsyncSession,
+    actor: Actor,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    data: UserLimitsSet,
+) -> LimitsRead:
+    user = await tenants_service.get_user(session, tenant_id, user_id)
+    for field, value in data.model_dump(exclude_unset=True).items():
+        setattr(user, field, value)
+    await session.flush()
+    audit.record(session, actor, "user.limits", object_type="user", object_id=user_id,
+                 tenant_id=tenant_id, details=data.model_dump(exclude_unset=True))  # fmt: skip
+    return LimitsRead.model_validate(user)
+
+
+async def _check_owner(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID | None
+) -> None:
+    if user_id is None:
+        await tenants_service.get_tenant(session, tenant_id)
+    else:
+        await tenants_service.get_user(session, tenant_id, user_id)
+
+
+async def _get(session: AsyncSession, scope: str) -> Budget | None:
+    return await session.scalar(select(Budget).where(Budget.scope == scope))

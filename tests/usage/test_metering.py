@@ -1,0 +1,343 @@
+"""Credits end to end: estimate, reserve, run, settle; budgets, rate limits, policies."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from decimal import Decimal
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from broker.db.models import Budget, Prompt, PromptStatus
+from broker.settings import Settings
+from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User, comfy_key
+from tests.fixtures.comfy import PAYMENT_REQUIRED, FakeComfyUI
+from tests.proxy.helpers import submit, wait_for_status
+from tests.proxy.workflows import LOCAL_WORKFLOW, docs_workflow
+
+
+@pytest.fixture
+async def alice(admin_api: AdminApi) -> User:
+    return await admin_api.user(await admin_api.tenant("acme"), "alice", comfy_key())
+
+
+async def prompt_row(db: async_sessionmaker[AsyncSession], prompt_id: str) -> Prompt:
+    async with db() as session:
+        row = await session.get(Prompt, uuid.UUID(prompt_id))
+        assert row is not None
+        return row
+
+
+async def set_budget(
+    client: httpx.AsyncClient, user: User, body: dict[str, object], *, tenant: bool = False
+) -> None:
+    path = f"/admin/tenants/{user.tenant.id}" + ("" if tenant else f"/users/{user.id}")
+    response = await client.put(f"{path}/budget", json=body, headers=user.tenant.admin)
+    assert response.status_code == 200, response.text
+
+
+class TestSettlement:
+    async def test_estimate_reserve_and_actual_from_progress_text(
+        self, client: httpx.AsyncClient, alice: User, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        await set_budget(client, alice, {"period": "month", "limit_credits": "100"})
+        prompt_id = await submit(client, alice)
+        row = await prompt_row(db, prompt_id)
+        assert (row.estimated_min_mc, row.estimated_max_mc, row.reserved_mc) == (
+            12_660,
+            12_660,
+            12_660,
+        )
+        assert row.cost_breakdown == [
+            {
+                "node_id": "11",
+                "class_type": "FluxProUltraImageNode",
+                "min_mc": 12_660,
+                "max_mc": 12_660,
+                "source": "badge",
+            }
+        ]
+        done = await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+        for _ in range(100):  # the settlement lands with the final status; wait for it
+            done = await prompt_row(db, prompt_id)
+            if done.actual_mc is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert (done.actual_mc, done.actual_source) == (12_660, "progress_text")
+        budget = (
+            await client.get(
+                f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget",
+                headers=alice.tenant.admin,
+            )
+        ).json()
+        assert (
+            budget["spent_credits"],
+            budget["reserved_credits"],
+            budget["remaining_credits"],
+        ) == ("12.660", "0.000", "87.340")
+
+    async def test_cached_api_nodes_are_not_charged(
+        self, client: httpx.AsyncClient, alice: User, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        first = await submit(client, alice)
+        await wait_for_status(db, first, PromptStatus.SUCCESS)
+        again = await submit(client, alice)  # the same graph: ComfyUI serves it from cache
+        await wait_for_status(db, again, PromptStatus.SUCCESS)
+        row = await prompt_row(db, again)
+        assert "11" in row.cached_nodes
+        assert (row.actual_mc, row.actual_source) == (0, "estimate")
+
+    async def test_failures_are_classified_and_not_charged(
+        self,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        fake_comfy.fail_execution_with = PAYMENT_REQUIRED
+        prompt_id = await submit(client, alice)
+        row = await wait_for_status(db, prompt_id, PromptStatus.ERROR)
+        assert row.error_type == "insufficient_credits"
+        assert (row.actual_mc, row.actual_source) == (0, "none")
+
+    async def test_a_broker_restart_between_forward_and_completion_loses_nothing(
+        self,
+        app_factory: AppFactory,
+        settings: Settings,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        fake_comfy.auto_execute = False
+        first = await app_factory(settings)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=first), base_url="http://b"
+        ) as c:
+            prompt_id = await submit(c, alice)
+        await first.state.proxy.upstream.events.stop()  # the broker goes away
+        fake_comfy.auto_execute = True
+        await fake_comfy.await_idle()
+        await app_factory(settings)  # a new broker process reconciles on connect
+        row = await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+        assert row.finished_at is not None
+        async with db() as session:
+            assert len((await session.scalars(select(Prompt))).all()) == 1
+
+
+class TestBudgets:
+    async def test_over_budget_is_402_naming_the_limit(
+        self, client: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI
+    ) -> None:
+        fake_comfy.auto_execute = False
+        await set_budget(client, alice, {"period": "month", "limit_credits": "30"})
+        for seed in (1, 2):
+            await submit(client, alice, prompt=docs_workflow(seed))
+        refused = await client.post(
+            "/prompt", json={"prompt": docs_workflow(3)}, headers=alice.auth
+        )
+        assert refused.status_code == 402
+        error = refused.json()["error"]
+        assert error["type"] == "budget_exceeded"
+        assert (error["scope"], error["remaining_credits"], error["limit_credits"]) == (
+            "user",
+            "4.680",
+            "30.000",
+        )
+        assert error["extra_info"]["remaining_credits"] == "4.680"
+        assert len(fake_comfy.prompts_received()) == 2
+        free = await client.post("/prompt", json={"prompt": LOCAL_WORKFLOW}, headers=alice.auth)
+        assert free.status_code == 200  # what costs nothing still runs
+
+    async def test_tenant_budget_applies_to_all_its_users(
+        self, client: httpx.AsyncClient, admin_api: AdminApi, alice: User, fake_comfy: FakeComfyUI
+    ) -> None:
+        fake_comfy.auto_execute = False
+        bob = await admin_api.user(alice.tenant, "bob", comfy_key())
+        await set_budget(client, alice, {"period": "day", "limit_credits": "20"}, tenant=True)
+        assert (
+            await client.post("/prompt", json={"prompt": docs_workflow(1)}, headers=alice.auth)
+        ).status_code == 200
+        refused = await client.post("/prompt", json={"prompt": docs_workflow(2)}, headers=bob.auth)
+        assert refused.status_code == 402
+        assert refused.json()["error"]["scope"] == "tenant"
+
+    async def test_soft_limit_flags_but_runs(
+        self, client: httpx.AsyncClient, alice: User, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        await set_budget(
+            client, alice, {"period": "month", "limit_credits": "100", "soft_limit_credits": "20"}
+        )
+        first = await submit(client, alice, prompt=docs_workflow(1))
+        second = await submit(client, alice, prompt=docs_workflow(2))
+        assert not (await prompt_row(db, first)).over_soft_limit
+        assert (await prompt_row(db, second)).over_soft_limit
+
+    async def test_budget_holds_under_concurrency(
+        self,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        fake_comfy.auto_execute = False
+        await set_budget(
+            client, alice, {"period": "month", "limit_credits": "126.6"}
+        )  # ten prompts
+        answers = await asyncio.gather(*(
+            client.post("/prompt", json={"prompt": docs_workflow(seed)}, headers=alice.auth)
+            for seed in range(40)
+        ))  # fmt: skip
+        assert sorted({r.status_code for r in answers}) == [200, 402]
+        assert sum(r.status_code == 200 for r in answers) == 10
+        async with db() as session:
+            budget = (await session.scalars(select(Budget))).one()
+        assert budget.reserved_mc == 126_600
+
+
+class TestRateLimits:
+    async def test_concurrent_prompts_are_capped_with_retry_after(
+        self,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        fake_comfy.auto_execute = False
+        limits = await client.patch(
+            f"/admin/tenants/{alice.tenant.id}/limits",
+            json={"max_active_prompts": 2},
+            headers=alice.tenant.admin,
+        )
+        assert limits.json()["max_active_prompts"] == 2
+        first = await submit(client, alice, prompt=docs_workflow(1))
+        await submit(client, alice, prompt=docs_workflow(2))
+        third = await client.post("/prompt", json={"prompt": docs_workflow(3)}, headers=alice.auth)
+        assert third.status_code == 429
+        assert int(third.headers["Retry-After"]) >= 1
+        fake_comfy.auto_execute = True
+        await wait_for_status(db, first, PromptStatus.SUCCESS)
+        await fake_comfy.await_idle()
+        for _ in range(100):
+            if (
+                await client.post("/prompt", json={"prompt": docs_workflow(4)}, headers=alice.auth)
+            ).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the slots were never given back")
+
+    async def test_prompts_per_minute_user_override(
+        self, client: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI
+    ) -> None:
+        await client.patch(
+            f"/admin/tenants/{alice.tenant.id}/limits",
+            json={"max_prompts_per_minute": 100},
+            headers=alice.tenant.admin,
+        )
+        override = await client.patch(
+            f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/limits",
+            json={"max_prompts_per_minute": 2},
+            headers=alice.tenant.admin,
+        )
+        assert override.status_code == 200
+        statuses = [
+            (
+                await client.post("/prompt", json={"prompt": LOCAL_WORKFLOW}, headers=alice.auth)
+            ).status_code
+            for _ in range(3)
+        ]
+        assert statuses[:2] == [200, 200]
+        assert statuses[2] == 429 or statuses == [200, 200, 200]  # a minute boundary may pass
+        assert len(fake_comfy.prompts_received()) == statuses.count(200)
+
+
+class TestUnpricedPolicy:
+    async def test_refuse_or_allow_and_flag(
+        self,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        del fake_comfy.object_info["OpenAIDalle3"]["price_badge"]
+        dalle = {"prompt": "x", "seed": 1, "quality": "hd", "style": "vivid", "size": "1024x1024"}
+        workflow = {"1": {"class_type": "OpenAIDalle3", "inputs": dalle},
+                    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "d"}}}  # fmt: skip
+        allowed = await submit(client, alice, prompt=workflow)
+        assert (await prompt_row(db, allowed)).unpriced_nodes == ["1"]
+        await client.patch(
+            f"/admin/tenants/{alice.tenant.id}/limits",
+            json={"unpriced_policy": "refuse"},
+            headers=alice.tenant.admin,
+        )
+        refused = await client.post("/prompt", json={"prompt": workflow}, headers=alice.auth)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["type"] == "unpriced_nodes"
+
+
+class TestReports:
+    async def test_usage_grouped_and_prompts_listed(
+        self,
+        client: httpx.AsyncClient,
+        admin_api: AdminApi,
+        alice: User,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        bob = await admin_api.user(alice.tenant, "bob", comfy_key())
+        ids = [
+            await submit(client, alice, prompt=docs_workflow(1)),
+            await submit(client, bob, prompt=docs_workflow(2)),
+        ]
+        for prompt_id in ids:
+            await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+        base = f"/admin/tenants/{alice.tenant.id}"
+        for _ in range(100):
+            by_user = (
+                await client.get(f"{base}/usage?group_by=user", headers=alice.tenant.admin)
+            ).json()
+            if by_user["total"]["actual_credits"] == "25.320":
+                break
+            await asyncio.sleep(0.02)
+        assert {row["key"]: row["actual_credits"] for row in by_user["rows"]} == {
+            alice.id: "12.660",
+            bob.id: "12.660",
+        }
+        by_node = (
+            await client.get(f"{base}/usage?group_by=node", headers=alice.tenant.admin)
+        ).json()
+        assert by_node["rows"] == [
+            {
+                "key": "FluxProUltraImageNode",
+                "prompts": 2,
+                "estimated_credits": "25.320",
+                "actual_credits": "25.320",
+            }
+        ]
+        by_day = (await client.get(f"{base}/usage?group_by=day", headers=OPERATOR)).json()
+        assert len(by_day["rows"]) == 1
+        assert by_day["rows"][0]["prompts"] == 2
+        csv = await client.get(
+            f"{base}/usage?group_by=user", headers={**alice.tenant.admin, "Accept": "text/csv"}
+        )
+        assert csv.headers["content-type"].startswith("text/csv")
+        assert csv.text.splitlines()[0] == "user,prompts,estimated_credits,actual_credits"
+        listed = (
+            await client.get(
+                f"{base}/prompts?user_id={bob.id}&status=success", headers=alice.tenant.admin
+            )
+        ).json()
+        assert [item["prompt_id"] for item in listed["items"]] == [ids[1]]
+        assert listed["items"][0]["actual_credits"] == "12.660"
+        exported = await client.get(
+            f"{base}/prompts", headers={**alice.tenant.admin, "Accept": "text/csv"}
+        )
+        assert len(exported.text.strip().splitlines()) == 3
+        mine = (await client.get("/usage", headers=alice.auth)).json()
+        assert (mine["prompts"], Decimal(mine["actual_credits"]), mine["budget"]) == (
+            1,
+            Decimal("12.66"),
+            None,
+        )

@@ -1,0 +1,191 @@
+"""Estimates from real price badges, copied as data in ComfyUI's /object_info format,
+against hand-computed values (credits = USD x 211)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from broker.usage.pricing import Estimate, Pricer, mc_to_credits, result_bounds
+
+FLUX_ULTRA: dict[str, Any] = {
+    "api_node": True,
+    "input": {"required": {"prompt": ["STRING", {}]}},
+    "price_badge": {
+        "engine": "jsonata",
+        "depends_on": {"widgets": [], "inputs": [], "input_groups": []},
+        "expr": '{"type":"usd","usd":0.06}',
+    },
+}
+FLUX2_PRO: dict[str, Any] = {
+    "api_node": True,
+    "input": {
+        "required": {"width": ["INT", {"default": 1024}], "height": ["INT", {"default": 768}]},
+        "optional": {"images": ["IMAGE", {}]},
+    },
+    "price_badge": {
+        "engine": "jsonata",
+        "depends_on": {
+            "widgets": [{"name": "width", "type": "INT"}, {"name": "height", "type": "INT"}],
+            "inputs": ["images"],
+            "input_groups": [],
+        },
+        "expr": (
+            "( $MP := 1024*1024;"
+            "  $outMP := $max([1, $floor(((widgets.width*widgets.height) + $MP - 1) / $MP)]);"
+            "  $outputCost := 0.03 + 0.015 * ($outMP - 1);"
+            "  inputs.images.connected"
+            '    ? {"type":"range_usd","min_usd":$outputCost+0.015,"max_usd":$outputCost+0.12,'
+            '       "format":{"approximate":true}}'
+            '    : {"type":"usd","usd":$outputCost} )'
+        ),
+    },
+}
+FLUX3_VIDEO: dict[str, Any] = {
+    "api_node": True,
+    "input": {
+        "required": {
+            "resolution": [["720p", "1080p"], {"default": "720p"}],
+            "duration": [["auto", "5", "10"], {"default": "5"}],
+        }
+    },
+    "price_badge": {
+        "engine": "jsonata",
+        "depends_on": {
+            "widgets": [
+                {"name": "resolution", "type": "COMBO"},
+                {"name": "duration", "type": "COMBO"},
+            ],
+            "inputs": [],
+            "input_groups": [],
+        },
+        "expr": (
+            '( $rate := widgets.resolution = "1080p" ? 0.4147 : 0.2431;'
+            '  $type(widgets.duration) = "string" and widgets.duration != "auto"'
+            '    ? {"type":"usd","usd": $rate * $number(widgets.duration)}'
+            '    : {"type":"usd","usd": $rate, "format":{"suffix":"/second"}} )'
+        ),
+    },
+}
+GPT_IMAGE: dict[str, Any] = {
+    "api_node": True,
+    "input": {
+        "required": {
+            "quality": [["low", "medium", "high"], {"default": "low"}],
+            "n": ["INT", {"default": 1}],
+            "model": [["gpt-image-1", "gpt-image-1.5"], {}],
+        }
+    },
+    "price_badge": {
+        "engine": "jsonata",
+        "depends_on": {
+            "widgets": [
+                {"name": "quality", "type": "COMBO"},
+                {"name": "n", "type": "INT"},
+                {"name": "model", "type": "COMBO"},
+            ],
+            "inputs": [],
+            "input_groups": [],
+        },
+        "expr": (
+            '( $ranges := $contains(widgets.model,"gpt-image-1.5")'
+            '    ? {"low":[0.009,0.016],"medium":[0.037,0.056],"high":[0.134,0.240]}'
+            '    : {"low":[0.011,0.020],"medium":[0.046,0.070],"high":[0.167,0.300]};'
+            "  $range := $lookup($ranges, widgets.quality);"
+            '  (widgets.n = 1) ? {"type":"range_usd","min_usd":$range[0],"max_usd":$range[1]}'
+            '                 : {"type":"range_usd","min_usd":$range[0],"max_usd":$range[1],'
+            '                    "format":{"suffix":" x " & $string(widgets.n) & "/Run"}} )'
+        ),
+    },
+}
+NODES = {
+    "FluxProUltraImageNode": FLUX_ULTRA,
+    "Flux2ProImageNode": FLUX2_PRO,
+    "Flux3VideoNode": FLUX3_VIDEO,
+    "OpenAIGPTImage1": GPT_IMAGE,
+    "NoBadgeNode": {"api_node": True, "input": {}},
+}
+
+
+def estimate(
+    class_type: str, inputs: dict[str, Any], table: dict[str, tuple[int, int]] | None = None
+) -> Estimate:
+    graph = {"1": {"class_type": class_type, "inputs": inputs}}
+    return Pricer(table or {}).estimate(graph, NODES, [class_type])
+
+
+def credits(estimate_: Any) -> tuple[str, str]:
+    return str(mc_to_credits(estimate_.min_mc)), str(mc_to_credits(estimate_.max_mc))
+
+
+def test_flux_ultra_is_12_66_credits() -> None:
+    assert credits(estimate("FluxProUltraImageNode", {"prompt": "x"})) == ("12.660", "12.660")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ({"width": 1024, "height": 1024}, ("6.330", "6.330")),  # 1 MP: $0.03
+        ({"width": 2048, "height": 2048}, ("15.825", "15.825")),  # 4 MP: 0.03 + 3 x 0.015
+        ({"width": 1025, "height": 1024}, ("9.495", "9.495")),  # just over 1 MP rounds up: 2 MP
+        ({"width": 2048, "height": 2048, "images": ["5", 0]}, ("18.990", "41.145")),  # refs: range
+        ({"width": ["7", 0], "height": 768}, ("6.330", "6.330")),  # linked width: the default
+    ],
+)
+def test_flux2_depends_on_megapixels_and_references(
+    inputs: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    assert credits(estimate("Flux2ProImageNode", inputs)) == expected
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ({"resolution": "720p", "duration": "5"}, ("256.471", "256.471")),  # 0.2431 x 5 x 211
+        ({"resolution": "1080P ", "duration": "10"}, ("875.017", "875.017")),  # lowercased, trimmed
+        ({"resolution": "1080p", "duration": "auto"}, ("1750.034", "1750.034")),  # /second x 20 s
+    ],
+)
+def test_video_is_duration_times_resolution(
+    inputs: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    assert credits(estimate("Flux3VideoNode", inputs)) == expected
+
+
+def test_range_node_and_suffix_multiplier() -> None:
+    one = estimate("OpenAIGPTImage1", {"quality": "High", "n": 1, "model": "gpt-image-1.5"})
+    assert credits(one) == ("28.274", "50.640")
+    four = estimate("OpenAIGPTImage1", {"quality": "high", "n": 4, "model": "gpt-image-1.5"})
+    assert credits(four) == ("113.096", "202.560")
+
+
+def test_without_badge_the_price_table_then_unpriced() -> None:
+    assert credits(estimate("NoBadgeNode", {}, {"NoBadgeNode": (5_000, 20_000)})) == (
+        "5.000",
+        "20.000",
+    )
+    nothing = estimate("NoBadgeNode", {})
+    assert (nothing.min_mc, nothing.max_mc, nothing.unpriced) == (0, 0, ["1"])
+
+
+@pytest.mark.parametrize(
+    ("result", "bounds"),
+    [
+        ({"type": "list_usd", "usd": [0.1, 0.05, 0.2]}, (10_550, 42_200)),
+        ({"usd": 0.01}, (2_110, 2_110)),
+        ({"type": "text", "text": "varies"}, None),
+        (
+            {
+                "type": "range_usd",
+                "min_usd": 0.01,
+                "max_usd": 0.02,
+                "format": {"suffix": " per 1K tokens"},
+            },
+            None,
+        ),
+        ("garbage", None),
+    ],
+)
+def test_result_shapes(result: Any, bounds: tuple[int, int] | None) -> None:
+    assert result_bounds(result) == bounds

@@ -1,0 +1,139 @@
+"""Two broker processes on one database: budgets and token revocation hold across both."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from broker.db.models import Budget
+from broker.settings import Settings
+from tests.fixtures.app import OPERATOR, AdminApi, comfy_key
+from tests.fixtures.comfy import FakeComfyUI
+from tests.proxy.workflows import docs_workflow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def broker_env(settings: Settings) -> dict[str, str]:
+    assert settings.KEYRING
+    assert settings.SECRET_KEY
+    assert settings.ADMIN_TOKEN
+    return {
+        **os.environ,
+        "BROKER_ENV": "test",
+        "BROKER_DATABASE_URL": settings.DATABASE_URL,
+        "BROKER_COMFYUI_URL": settings.COMFYUI_URL,
+        "BROKER_KEYRING": settings.KEYRING.get_secret_value(),
+        "BROKER_SECRET_KEY": settings.SECRET_KEY.get_secret_value(),
+        "BROKER_ADMIN_TOKEN": settings.ADMIN_TOKEN.get_secret_value(),
+        "BROKER_LOG_LEVEL": "warning",
+    }
+
+
+async def wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(300):
+            if process.returncode is not None:
+                raise RuntimeError("broker process exited")
+            try:
+                if (await client.get(f"{url}/openapi.json")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError("broker process did not start")
+
+
+@pytest.fixture
+async def replicas(
+    settings: Settings, db: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[list[str]]:
+    """Two `comfy-broker serve` processes on the test database."""
+    ports = [free_port(), free_port()]
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--port",
+            str(port),
+            env=broker_env(settings),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for url, process in zip(urls, processes, strict=True):
+            await wait_ready(url, process)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            await process.wait()
+
+
+async def test_budget_holds_across_two_broker_processes(
+    replicas: list[str], fake_comfy: FakeComfyUI, db: async_sessionmaker[AsyncSession]
+) -> None:
+    fake_comfy.auto_execute = False
+    limits = httpx.Limits(max_connections=200)
+    clients = [httpx.AsyncClient(base_url=url, timeout=60, limits=limits) for url in replicas]
+    try:
+        admin = AdminApi(clients[0])
+        alice = await admin.user(await admin.tenant("acme"), "alice", comfy_key())
+        budget = {"period": "month", "limit_credits": "126.6"}  # exactly ten prompts
+        set_ = await clients[1].put(
+            f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget",
+            json=budget,
+            headers=OPERATOR,
+        )
+        assert set_.status_code == 200
+        answers = await asyncio.gather(*(
+            clients[seed % 2].post("/prompt", json={"prompt": docs_workflow(seed)}, headers=alice.auth)
+            for seed in range(200)
+        ))  # fmt: skip
+    finally:
+        for client in clients:
+            await client.aclose()
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 402}, statuses
+    assert statuses.count(200) == 10
+    assert len(fake_comfy.prompts_received()) == 10
+    async with db() as session:
+        stored = (await session.scalars(select(Budget))).one()
+    assert (stored.reserved_mc, stored.spent_mc) == (126_600, 0)
+
+
+async def test_token_revocation_is_effective_on_both_at_once(replicas: list[str]) -> None:
+    async with (
+        httpx.AsyncClient(base_url=replicas[0]) as first,
+        httpx.AsyncClient(base_url=replicas[1]) as second,
+    ):
+        admin = AdminApi(first)
+        acme = await admin.tenant("acme")
+        alice = await admin.user(acme, "alice", comfy_key())
+        tokens = await second.get(
+            f"/admin/tenants/{acme.id}/tokens?user_id={alice.id}", headers=OPERATOR
+        )
+        assert (await second.get("/usage", headers=alice.auth)).status_code == 200
+        revoked = await first.delete(
+            f"/admin/tokens/{tokens.json()['items'][0]['id']}", headers=OPERATOR
+        )
+        assert revoked.status_code == 204
+        assert (await second.get("/usage", headers=alice.auth)).status_code == 401
