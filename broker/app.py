@@ -22,7 +22,9 @@ from broker.keys.service import KeyCustody
 from broker.logs import install_redaction
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
-from broker.proxy.service import ProxyContext, Upstream
+from broker.proxy.fanout import Subscribers
+from broker.proxy.pool import Health, Upstream, UpstreamPool
+from broker.proxy.service import ProxyContext
 from broker.proxy.timing import ServerTimingMiddleware
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
@@ -55,13 +57,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
-        upstream = _upstream(http, sessionmaker, settings)
-        app.state.proxy = ProxyContext(sessionmaker, custody, upstream, _pricer(settings))
-        upstream.events.start()
+        pool = _pool(http, sessionmaker, settings)
+        app.state.proxy = ProxyContext(sessionmaker, custody, pool, _pricer(settings))
+        await pool.start()
         try:
             yield
         finally:
-            await upstream.events.stop()
+            await pool.stop()
             await http.aclose()
             await engine.dispose()
 
@@ -92,17 +94,33 @@ def _pricer(settings: Settings) -> Pricer:
     return Pricer(table)
 
 
-def _upstream(
+def _pool(
     http: httpx.AsyncClient, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
-) -> Upstream:
-    comfy = ComfyClient(http, settings.COMFYUI_URL)
-    cache = ObjectInfoCache(comfy, settings.OBJECT_INFO_TTL_SECONDS)
-    client_id = f"comfy-broker-{uuid.uuid4().hex}"
+) -> UpstreamPool:
+    subscribers = Subscribers()
     longest_forward = settings.UPSTREAM_CONNECT_TIMEOUT + settings.UPSTREAM_READ_TIMEOUT
-    events = EventHub(
-        comfy, client_id, sessionmaker, stale_after=timedelta(seconds=longest_forward + 10)
+    stale_after = timedelta(seconds=longest_forward + 10)
+
+    def upstream(url: str) -> Upstream:
+        comfy = ComfyClient(http, url)
+        client_id = f"comfy-broker-{uuid.uuid4().hex}"
+        health = Health()
+
+        def on_queue_size(size: int) -> None:
+            health.queue_remaining = size
+
+        events = EventHub(comfy, client_id, sessionmaker, subscribers, stale_after=stale_after,
+                          on_queue_size=on_queue_size)  # fmt: skip
+        cache = ObjectInfoCache(comfy, settings.OBJECT_INFO_TTL_SECONDS)
+        return Upstream(comfy, cache, client_id, events, health)
+
+    upstreams = [upstream(url) for url in settings.comfyui_urls]
+    return UpstreamPool(
+        upstreams,
+        subscribers,
+        refuse_leaky=settings.REFUSE_LEAKY_UPSTREAMS,
+        check_interval=settings.UPSTREAM_HEALTH_INTERVAL_SECONDS,
     )
-    return Upstream(comfy, cache, client_id, events)
 
 
 def _body_limits(settings: Settings) -> Callable[[str], int]:

@@ -11,6 +11,7 @@
     ├── Unprocessable           422
     ├── TooManyRequests         429  (with Retry-After)
     ├── UpstreamUnavailable     502
+    ├── ServiceUnavailable      503  (no healthy ComfyUI; with Retry-After)
     └── UpstreamTimeout         504
 
 Bodies are `{"error": {"type", "message"}}`. Messages are written for the
@@ -128,6 +129,18 @@ class UpstreamUnavailable(BrokerError):
     error_type = "upstream_unavailable"
 
 
+class ServiceUnavailable(BrokerError):
+    status_code = 503
+    error_type = "no_upstream_available"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class UpstreamTimeout(BrokerError):
     status_code = 504
     error_type = "upstream_timeout"
@@ -243,6 +256,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Validation error",
         429: "Rate limited (see Retry-After)",
         502: "ComfyUI unreachable or answered with an error",
+        503: "No ComfyUI server is healthy (see Retry-After)",
         504: "ComfyUI did not answer in time",
     }
     return {code: {"description": descriptions[code], "model": ErrorBody} for code in statuses}

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     ENV: Environment = Environment.DEV
     DATABASE_URL: str = "sqlite+aiosqlite:///./broker.db"
     COMFYUI_URL: str = "http://127.0.0.1:8188"
+    # Several ComfyUI servers, comma-separated; when set, it replaces COMFYUI_URL.
+    COMFYUI_URLS: str | None = None
+    # Take ComfyUI versions known to leak keys out of the pool instead of only warning.
+    REFUSE_LEAKY_UPSTREAMS: bool = False
+    UPSTREAM_HEALTH_INTERVAL_SECONDS: float = Field(default=5.0, gt=0)
     HOST: str = "127.0.0.1"
     PORT: int = Field(default=8189, ge=1, le=65535)
 
@@ -97,6 +102,13 @@ class Settings(BaseSettings):
                 f"{MIN_ADMIN_TOKEN_LENGTH} characters in production"
             )
         return self
+
+    @property
+    def comfyui_urls(self) -> list[str]:
+        if not self.COMFYUI_URLS:
+            return [self.COMFYUI_URL]
+        urls = [url.strip().rstrip("/") for url in self.COMFYUI_URLS.split(",")]
+        return list(dict.fromkeys(url for url in urls if url))
 
     @property
     def is_sqlite(self) -> bool:

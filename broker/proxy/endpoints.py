@@ -79,7 +79,7 @@ async def get_prompt(acting: CurrentUser, proxy: Proxy) -> QueueInfo:
 
 @router.get("/object_info", summary="Every node definition (cached)")
 async def get_object_info(acting: CurrentUser, proxy: Proxy) -> Response:
-    return Response(await proxy.upstream.object_info.encoded(), media_type="application/json")
+    return Response(await proxy_service.object_info(proxy), media_type="application/json")
 
 
 @router.get("/object_info/{node_class}", summary="One node definition (cached); {} if unknown")
@@ -113,8 +113,8 @@ async def get_history_entry(prompt_id: str, acting: CurrentUser, proxy: Proxy) -
     response_class=StreamingResponse,
 )
 async def get_view(request: Request, acting: CurrentUser, proxy: Proxy) -> StreamingResponse:
-    params = await results.authorize_view(proxy, acting, dict(request.query_params))
-    upstream = await results.open_view(proxy, params)
+    server, params = await results.authorize_view(proxy, acting, dict(request.query_params))
+    upstream = await results.open_view(server, params)
     passed = {
         name: upstream.headers[name]
         for name in ("content-length", "content-disposition", "cache-control")

@@ -20,7 +20,6 @@ import struct
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +34,7 @@ from broker.db.base import utc_now
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BrokerError
+from broker.proxy.fanout import Message, Owner, Subscribers
 from broker.usage import service as usage_service
 from broker.usage.classify import classify_execution_error, price_in_progress_text
 from broker.usage.pricing import credits_to_mc, usd_to_mc
@@ -43,7 +43,6 @@ from broker.usage.repository import PromptRepository
 log = logging.getLogger("broker.events")
 
 OWNER_CACHE_SIZE = 10_000
-SUBSCRIBER_QUEUE_SIZE = 1_000
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONCILE_INTERVAL_SECONDS = 30.0
 TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT
@@ -52,34 +51,6 @@ FINISHING_EVENTS = {
     "execution_error": PromptStatus.ERROR,
     "execution_interrupted": PromptStatus.INTERRUPTED,
 }
-Message = str | bytes
-
-
-@dataclass(frozen=True)
-class Owner:
-    user_id: uuid.UUID
-    client_id: str | None  # the client's own clientId for this prompt, if it gave one
-
-
-class Subscriber:
-    """One user websocket: a bounded outbox drained by its own sender task."""
-
-    def __init__(self, user_id: uuid.UUID, client_id: str) -> None:
-        self.user_id = user_id
-        self.client_id = client_id
-        self.outbox: asyncio.Queue[Message | None] = asyncio.Queue(SUBSCRIBER_QUEUE_SIZE)
-
-    def deliver(self, message: Message) -> bool:
-        """False when the client is too slow to keep up (it is then disconnected)."""
-        try:
-            self.outbox.put_nowait(message)
-        except asyncio.QueueFull:
-            return False
-        return True
-
-    def close(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self.outbox.put_nowait(None)
 
 
 class EventHub:
@@ -88,8 +59,10 @@ class EventHub:
         comfy: ComfyClient,
         client_id: str,
         sessionmaker: async_sessionmaker[AsyncSession],
+        subscribers: Subscribers,
         *,
         stale_after: timedelta,
+        on_queue_size: Callable[[int], None] = lambda _: None,
     ) -> None:
         self._comfy = comfy
         self._ws_url = comfy.websocket_url(client_id)
@@ -98,7 +71,8 @@ class EventHub:
         self._stale_after = stale_after  # a pending record older than this has no forward left
         self._reconciling = asyncio.Lock()
         self._owners: OrderedDict[uuid.UUID, Owner] = OrderedDict()
-        self._subscribers: dict[uuid.UUID, dict[str, Subscriber]] = {}
+        self._subscribers = subscribers
+        self._on_queue_size = on_queue_size
         self._executing: uuid.UUID | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
@@ -118,11 +92,6 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        for subscriber in self._all_subscribers():
-            subscriber.close()
-
-    def _all_subscribers(self) -> list[Subscriber]:
-        return [sub for by_client in self._subscribers.values() for sub in by_client.values()]
 
     # who gets what ---------------------------------------------------------
     def remember(self, prompt_id: uuid.UUID, owner: Owner) -> None:
@@ -130,28 +99,6 @@ class EventHub:
         self._owners.move_to_end(prompt_id)
         while len(self._owners) > OWNER_CACHE_SIZE:
             self._owners.popitem(last=False)
-
-    def subscribe(self, user_id: uuid.UUID, client_id: str) -> Subscriber:
-        """A new socket for (user, clientId) takes over an older one, as in ComfyUI;
-        the same clientId of another user is a separate stream."""
-        subscriber = Subscriber(user_id, client_id)
-        by_client = self._subscribers.setdefault(user_id, {})
-        previous = by_client.get(client_id)
-        if previous is not None:
-            previous.close()
-        by_client[client_id] = subscriber
-        return subscriber
-
-    def unsubscribe(self, subscriber: Subscriber) -> None:
-        by_client = self._subscribers.get(subscriber.user_id, {})
-        if by_client.get(subscriber.client_id) is subscriber:
-            del by_client[subscriber.client_id]
-            if not by_client:
-                del self._subscribers[subscriber.user_id]
-
-    def status_message(self, client_id: str) -> str:
-        status = {"status": {"exec_info": {"queue_remaining": self.queue_remaining}}}
-        return orjson.dumps({"type": "status", "data": {**status, "sid": client_id}}).decode()
 
     # the upstream socket ---------------------------------------------------
     async def _run(self) -> None:
@@ -190,7 +137,7 @@ class EventHub:
         owner = self._owners.get(prompt_id) if prompt_id else None
         if owner is None or prompt_id is None:
             return
-        self._deliver(owner, frame)
+        self._subscribers.deliver(owner, frame)
         price = _reported_price(frame)
         if price is not None:
             await self._write(prompt_id, usage_service.record_reported_price, price)
@@ -205,7 +152,7 @@ class EventHub:
             return  # not a brokered prompt, or no prompt at all: nobody's business
         self._track_execution(kind, data, prompt_id)
         await self._record(kind, data, prompt_id)
-        self._deliver(owner, _redacted(raw, kind, data))
+        self._subscribers.deliver(owner, _redacted(raw, kind, data))
 
     def _on_status(self, data: dict[str, Any]) -> None:
         status = data.get("status")
@@ -213,8 +160,8 @@ class EventHub:
         remaining = exec_info.get("queue_remaining") if isinstance(exec_info, dict) else None
         if isinstance(remaining, int):
             self.queue_remaining = remaining
-        for subscriber in self._all_subscribers():
-            self._push(subscriber, self.status_message(subscriber.client_id))
+            self._on_queue_size(remaining)
+        self._subscribers.broadcast_status()
 
     def _track_execution(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
         if kind == "execution_start" or (kind == "executing" and data.get("node") is not None):
@@ -242,24 +189,6 @@ class EventHub:
                 await record(session, prompt_id, *args)
         except SQLAlchemyError as exc:  # reconciliation settles what could not be written
             log.error("events.record_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
-
-    def _deliver(self, owner: Owner, message: Message) -> None:
-        """To the owner's socket with the prompt's clientId, or to all the owner's sockets
-        when the prompt named none."""
-        by_client = self._subscribers.get(owner.user_id, {})
-        if owner.client_id is None:
-            targets = list(by_client.values())
-        else:
-            target = by_client.get(owner.client_id)
-            targets = [target] if target is not None else []
-        for subscriber in targets:
-            self._push(subscriber, message)
-
-    def _push(self, subscriber: Subscriber, message: Message) -> None:
-        if not subscriber.deliver(message):
-            log.warning("events.slow_client_dropped user_id=%s", subscriber.user_id)
-            self.unsubscribe(subscriber)
-            subscriber.close()
 
     async def _owner(self, prompt_id: uuid.UUID) -> Owner | None:
         owner = self._owners.get(prompt_id)

@@ -20,7 +20,8 @@ from broker.comfy.files import FileRef, UnsafePath, clean_filename, file_ref
 from broker.comfy.redaction import redact
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
-from broker.errors import BadRequest, Conflict, NotFound, UpstreamUnavailable
+from broker.errors import BadRequest, BrokerError, Conflict, NotFound, UpstreamUnavailable
+from broker.proxy.pool import Upstream
 from broker.proxy.service import ProxyContext
 from broker.proxy.uploads import UPLOAD_TYPES, is_own_upload, upload_subfolder
 from broker.tenants.auth import ActingUser
@@ -51,7 +52,7 @@ async def history_entry(context: ProxyContext, acting: ActingUser, value: str) -
         prompt = await PromptRepository.from_session(session).get_owned(acting.user_id, prompt_id)
     if prompt is None:
         raise NotFound(PROMPT_NOT_FOUND)
-    return await _fetch_history(context, [prompt])
+    return await _fetch_history(context, [prompt], tolerant=False)
 
 
 async def history(
@@ -65,15 +66,27 @@ async def history(
             limit=max_items or DEFAULT_HISTORY_ITEMS,
             offset=offset,
         )
-    return await _fetch_history(context, prompts)
+    return await _fetch_history(context, prompts, tolerant=True)
 
 
-async def _fetch_history(context: ProxyContext, prompts: list[Prompt]) -> dict[str, Any]:
+async def _fetch_history(
+    context: ProxyContext, prompts: list[Prompt], *, tolerant: bool
+) -> dict[str, Any]:
+    """Each prompt's entry from the server that ran it. `tolerant`: a server that does
+    not answer only leaves its prompts out (for lists)."""
     limiter = asyncio.Semaphore(UPSTREAM_FETCHES_AT_ONCE)
 
     async def fetch(prompt: Prompt) -> dict[str, Any]:
+        upstream = context.pool.for_url(prompt.upstream)
+        if upstream is None:
+            return {}  # a server no longer in the pool
         async with limiter:
-            return await context.upstream.comfy.get_json(f"/history/{prompt.id}")
+            try:
+                return await upstream.comfy.get_json(f"/history/{prompt.id}")
+            except BrokerError:
+                if tolerant:
+                    return {}
+                raise
 
     answers = await asyncio.gather(*(fetch(prompt) for prompt in prompts))
     entries: dict[str, Any] = {}
@@ -119,10 +132,11 @@ VIEW_OPTIONS = ("preview", "channel")
 
 async def authorize_view(
     context: ProxyContext, acting: ActingUser, query: dict[str, str]
-) -> list[tuple[str, str]]:
+) -> tuple[Upstream, list[tuple[str, str]]]:
     """Allow a file only if it is the caller's upload or an output of the caller's prompt.
 
-    Returns the query to send ComfyUI: the checked file reference and display options.
+    Returns the server to ask (uploads are on every server) and the query to send it:
+    the checked file reference and display options.
     """
     try:
         ref = file_ref(
@@ -130,10 +144,17 @@ async def authorize_view(
         )
     except UnsafePath:
         raise NotFound(FILE_NOT_FOUND) from None
-    if not (is_own_upload(ref, acting.user_id) or await _is_own_output(context, acting, ref)):
-        raise NotFound(FILE_NOT_FOUND)
+    if is_own_upload(ref, acting.user_id):
+        upstream = context.pool.choose()
+    else:
+        url = await _own_output_upstream(context, acting, ref)
+        found = context.pool.for_url(url) if url else None
+        if found is None:
+            raise NotFound(FILE_NOT_FOUND)
+        upstream = found
     options = [(name, query[name]) for name in VIEW_OPTIONS if name in query]
-    return [("filename", ref.filename), ("subfolder", ref.subfolder), ("type", ref.type), *options]
+    file = [("filename", ref.filename), ("subfolder", ref.subfolder), ("type", ref.type)]
+    return upstream, [*file, *options]
 
 
 async def authorize_original(context: ProxyContext, acting: ActingUser, original_ref: str) -> None:
@@ -148,28 +169,32 @@ async def authorize_original(context: ProxyContext, acting: ActingUser, original
     await authorize_view(context, acting, {**query, "type": query["type"] or "input"})
 
 
-async def _is_own_output(context: ProxyContext, acting: ActingUser, ref: FileRef) -> bool:
-    if await _output_recorded(context, acting, ref):
-        return True
+async def _own_output_upstream(
+    context: ProxyContext, acting: ActingUser, ref: FileRef
+) -> str | None:
+    """The server holding `ref` if it is an output of the caller's prompts, else None."""
+    found = await _output_recorded(context, acting, ref)
+    if found is not None:
+        return found
     # Outputs of prompts whose events the broker missed: look them up once.
     async with session_scope(context.sessionmaker) as session:
         unchecked = await PromptRepository.from_session(session).without_outputs(
             acting.user_id, statuses=HISTORY_STATUSES, limit=OUTPUT_REFRESH_PROMPTS
         )
     if not unchecked:
-        return False
-    await _fetch_history(context, unchecked)
+        return None
+    await _fetch_history(context, unchecked, tolerant=True)
     return await _output_recorded(context, acting, ref)
 
 
-async def _output_recorded(context: ProxyContext, acting: ActingUser, ref: FileRef) -> bool:
+async def _output_recorded(context: ProxyContext, acting: ActingUser, ref: FileRef) -> str | None:
     async with session_scope(context.sessionmaker) as session:
-        return await PromptOutputRepository.from_session(session).user_has(acting.user_id, ref)
+        return await PromptOutputRepository.from_session(session).upstream_of(acting.user_id, ref)
 
 
-async def open_view(context: ProxyContext, params: list[tuple[str, str]]) -> httpx.Response:
+async def open_view(upstream: Upstream, params: list[tuple[str, str]]) -> httpx.Response:
     """ComfyUI's `/view` answer, unread, for streaming. The caller closes it."""
-    response = await context.upstream.comfy.open_stream("/view", params)
+    response = await upstream.comfy.open_stream("/view", params)
     if response.status_code == 200:
         return response
     await response.aclose()
@@ -201,10 +226,20 @@ async def upload(
     if "original_ref" in fields:
         forwarded["original_ref"] = fields["original_ref"]
     content_type = image.content_type or "application/octet-stream"
-    response = await context.upstream.comfy.upload(
-        path, file=(filename, image.file, content_type), fields=forwarded
-    )
-    return _upstream_json(response)
+    content = await image.read()
+    targets = _healthy(context)
+    responses = await asyncio.gather(*(
+        upstream.comfy.upload(path, file=(filename, content, content_type), fields=forwarded)
+        for upstream in targets
+    ))  # fmt: skip
+    answers = [_upstream_json(response) for response in responses]
+    return answers[0]
+
+
+def _healthy(context: ProxyContext) -> list[Upstream]:
+    """Every healthy server (a 503 when there is none)."""
+    healthy = [upstream for upstream in context.pool.upstreams if upstream.health.healthy]
+    return healthy or [context.pool.choose()]
 
 
 def _upstream_json(response: httpx.Response) -> dict[str, Any]:
@@ -220,14 +255,22 @@ def _upstream_json(response: httpx.Response) -> dict[str, Any]:
 
 
 async def queue(context: ProxyContext, acting: ActingUser) -> dict[str, Any]:
-    """ComfyUI's queue with only the caller's running and pending prompts."""
-    upstream = await context.upstream.comfy.get_json("/queue")
-    running, pending = _items(upstream, "queue_running"), _items(upstream, "queue_pending")
+    """ComfyUI's queue with only the caller's running and pending prompts (all servers)."""
+    running, pending = [], []
+    for _, answer in await _queues(context):
+        running += _items(answer, "queue_running")
+        pending += _items(answer, "queue_pending")
     owned = await _owned(context, acting, running + pending)
     return {
         "queue_running": _keep_owned(running, owned),
         "queue_pending": _keep_owned(pending, owned),
     }
+
+
+async def _queues(context: ProxyContext) -> list[tuple[Upstream, dict[str, Any]]]:
+    targets = _healthy(context)
+    answers = await asyncio.gather(*(upstream.comfy.get_json("/queue") for upstream in targets))
+    return list(zip(targets, answers, strict=True))
 
 
 def _items(queue_answer: dict[str, Any], name: str) -> list[list[Any]]:
@@ -263,20 +306,20 @@ def _keep_owned(items: list[list[Any]], owned: dict[uuid.UUID, Prompt]) -> list[
 
 async def change_queue(context: ProxyContext, acting: ActingUser, body: dict[str, Any]) -> None:
     """`{"delete": [ids]}` and `{"clear": true}`, limited to the caller's pending prompts."""
-    upstream = await context.upstream.comfy.get_json("/queue")
-    pending = _items(upstream, "queue_pending")
-    own_pending = await _owned(context, acting, pending)
     requested = body.get("delete")
-    if body.get("clear") is True:
-        doomed = list(own_pending)
-    elif isinstance(requested, list):
-        wanted = {str(value) for value in requested}
-        doomed = [prompt_id for prompt_id in own_pending if str(prompt_id) in wanted]
-    else:
+    if body.get("clear") is not True and not isinstance(requested, list):
         raise BadRequest('Send {"delete": [prompt ids]} or {"clear": true}.')
-    if not doomed:
-        return
-    _expect_ok(await context.upstream.comfy.post_json("/queue", {"delete": list(map(str, doomed))}))
+    wanted = None if body.get("clear") is True else {str(value) for value in requested or []}
+    doomed: list[uuid.UUID] = []
+    for upstream, answer in await _queues(context):
+        own_pending = await _owned(context, acting, _items(answer, "queue_pending"))
+        here = [
+            prompt_id for prompt_id in own_pending if wanted is None or str(prompt_id) in wanted
+        ]
+        if here:
+            delete = {"delete": [str(prompt_id) for prompt_id in here]}
+            _expect_ok(await upstream.comfy.post_json("/queue", delete))
+            doomed += here
     async with session_scope(context.sessionmaker) as session:
         for prompt_id in doomed:
             await usage_service.record_finished(
@@ -287,19 +330,18 @@ async def change_queue(context: ProxyContext, acting: ActingUser, body: dict[str
 
 async def interrupt(context: ProxyContext, acting: ActingUser, body: dict[str, Any]) -> None:
     """Interrupt the caller's own running prompt, never anyone else's."""
-    upstream = await context.upstream.comfy.get_json("/queue")
-    own_running = await _owned(context, acting, _items(upstream, "queue_running"))
     requested = body.get("prompt_id")
     if requested is not None:
-        prompt_id = parse_prompt_id(str(requested))
-        await _require_owned(context, acting, prompt_id)
-        if prompt_id not in own_running:
-            raise Conflict("That prompt is not running.", error_type="not_running")
-    elif own_running:
-        prompt_id = next(iter(own_running))
-    else:
-        raise Conflict("None of your prompts is running.", error_type="not_running")
-    _expect_ok(await context.upstream.comfy.post_json("/interrupt", {"prompt_id": str(prompt_id)}))
+        await _require_owned(context, acting, parse_prompt_id(str(requested)))
+    for upstream, answer in await _queues(context):
+        own_running = await _owned(context, acting, _items(answer, "queue_running"))
+        for prompt_id in own_running:
+            if requested is None or str(prompt_id) == str(requested):
+                interrupt = {"prompt_id": str(prompt_id)}
+                _expect_ok(await upstream.comfy.post_json("/interrupt", interrupt))
+                return
+    message = "That prompt is not running." if requested else "None of your prompts is running."
+    raise Conflict(message, error_type="not_running")
 
 
 async def _require_owned(context: ProxyContext, acting: ActingUser, prompt_id: uuid.UUID) -> None:
@@ -318,7 +360,7 @@ async def relay_to_operator(
     context: ProxyContext, method: str, path: str, body: bytes
 ) -> tuple[int, Any]:
     """Operator-only routes (`/free`, `POST /history`, `/system_stats`, `/internal/*`)."""
-    comfy = context.upstream.comfy
+    comfy = context.pool.choose().comfy
     if method == "GET":
         return 200, redact(await comfy.get_json(path))
     response = await comfy.post_raw(path, body)

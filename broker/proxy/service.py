@@ -17,9 +17,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.comfy.client import ComfyClient
 from broker.comfy.errors import PromptRejected, UpstreamUnreachable
-from broker.comfy.object_info import ObjectInfoCache
 from broker.comfy.redaction import scrub
 from broker.db.models import PromptStatus
 from broker.db.session import session_scope
@@ -28,7 +26,8 @@ from broker.keys import service as keys_service
 from broker.keys.crypto import UnsealError
 from broker.keys.service import KeyCustody
 from broker.proxy.errors import PromptError, node_error
-from broker.proxy.events import EventHub, Owner
+from broker.proxy.fanout import Owner
+from broker.proxy.pool import Upstream, UpstreamPool
 from broker.proxy.prompt_body import PromptBody, parse_prompt_body, upstream_body
 from broker.proxy.uploads import foreign_file_inputs
 from broker.tenants.auth import ActingUser
@@ -42,20 +41,10 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 @dataclass
-class Upstream:
-    """One ComfyUI server and what the broker keeps about it."""
-
-    comfy: ComfyClient
-    object_info: ObjectInfoCache
-    client_id: str  # the broker's own clientId there: events come to the broker only
-    events: EventHub
-
-
-@dataclass
 class ProxyContext:
     sessionmaker: async_sessionmaker[AsyncSession]
     custody: KeyCustody
-    upstream: Upstream
+    pool: UpstreamPool
     pricer: Pricer
 
 
@@ -83,9 +72,10 @@ async def submit_prompt(
     _check_idempotency_key(idempotency_key)
     body = parse_prompt_body(raw)
     _refuse_foreign_files(body, acting)
-    key_nodes = await context.upstream.object_info.key_using_nodes_in(body.class_types.values())
+    upstream = context.pool.choose()
+    key_nodes = await upstream.object_info.key_using_nodes_in(body.class_types.values())
     estimate = context.pricer.estimate(
-        body.fields["prompt"], await context.upstream.object_info.nodes(), key_nodes
+        body.fields["prompt"], await upstream.object_info.nodes(), key_nodes
     )
     try:
         async with session_scope(context.sessionmaker) as session:
@@ -94,16 +84,17 @@ async def submit_prompt(
                 return replay
             api_key = await _key_for(session, context.custody, acting, key_nodes, body)
             prompt_id = await _choose_prompt_id(session, body)
-            new = _new_prompt(context, acting, body, prompt_id, estimate, idempotency_key)
+            new = _new_prompt(upstream, acting, body, prompt_id, estimate, idempotency_key)
             await usage_service.admit_prompt(session, new)
     except IntegrityError as exc:  # a concurrent twin won the unique constraint
         message = "A request with this Idempotency-Key is in progress."
         raise Conflict(message if idempotency_key else "This prompt already exists.") from exc
-    context.upstream.events.remember(prompt_id, Owner(acting.user_id, body.client_id))
+    upstream.events.remember(prompt_id, Owner(acting.user_id, body.client_id))
     forwarded = upstream_body(
-        body, prompt_id=prompt_id, client_id=context.upstream.client_id, api_key=api_key
+        body, prompt_id=prompt_id, client_id=upstream.client_id, api_key=api_key
     )
-    return await _forward(context, prompt_id, forwarded, api_key, timing)
+    with context.pool.forwarding(upstream):
+        return await _forward(context, upstream, prompt_id, forwarded, api_key, timing)
 
 
 def _refuse_foreign_files(body: PromptBody, acting: ActingUser) -> None:
@@ -196,7 +187,7 @@ async def _choose_prompt_id(session: AsyncSession, body: PromptBody) -> uuid.UUI
 
 
 def _new_prompt(
-    context: ProxyContext,
+    upstream: Upstream,
     acting: ActingUser,
     body: PromptBody,
     prompt_id: uuid.UUID,
@@ -208,7 +199,7 @@ def _new_prompt(
         tenant_id=acting.tenant_id,
         user_id=acting.user_id,
         token_id=acting.token_id,
-        upstream=context.upstream.comfy.base_url,
+        upstream=upstream.url,
         client_id=body.client_id,
         api_nodes=sorted(
             {node.class_type for node in estimate.nodes}
@@ -223,6 +214,7 @@ def _new_prompt(
 
 async def _forward(
     context: ProxyContext,
+    upstream: Upstream,
     prompt_id: uuid.UUID,
     forwarded: bytes,
     api_key: str | None,
@@ -230,23 +222,28 @@ async def _forward(
 ) -> PromptAnswer:
     started = time.perf_counter()
     try:
-        answer = await context.upstream.comfy.submit_prompt(forwarded)
+        answer = await upstream.comfy.submit_prompt(forwarded)
     except BaseException as exc:  # noqa: BLE001  every failure is recorded, then re-raised
         timing.upstream_seconds = time.perf_counter() - started
-        raise await _failed_forward(context, prompt_id, exc, api_key) from None
+        if isinstance(exc, UpstreamUnreachable):
+            context.pool.mark_down(upstream)
+        hidden = (api_key, upstream.client_id)
+        raise await _failed_forward(context, prompt_id, exc, hidden) from None
     timing.upstream_seconds = time.perf_counter() - started
-    answer = {**scrub(answer, api_key, context.upstream.client_id), "prompt_id": str(prompt_id)}
+    answer = {**scrub(answer, api_key, upstream.client_id), "prompt_id": str(prompt_id)}
     await _settle(context, prompt_id, usage_service.record_queued(answer))
     return PromptAnswer(200, answer)
 
 
 async def _failed_forward(
-    context: ProxyContext, prompt_id: uuid.UUID, exc: BaseException, api_key: str | None
+    context: ProxyContext,
+    prompt_id: uuid.UUID,
+    exc: BaseException,
+    hidden: tuple[str | None, str],
 ) -> BaseException:
     """Record why the forward failed (whatever failed, even cancellation) and return
     what to raise: ComfyUI's refusal with every trace of the key removed, or the error."""
     if isinstance(exc, PromptRejected):
-        hidden = (api_key, context.upstream.client_id)
         error: BrokerError = PromptRejected(scrub(exc.upstream_body, *hidden))
         status = PromptStatus.REJECTED
     elif isinstance(exc, BrokerError):
@@ -278,11 +275,19 @@ async def _settle(context: ProxyContext, prompt_id: uuid.UUID, record: Settlemen
 
 
 async def queue_info(context: ProxyContext) -> dict[str, Any]:
-    answer = await context.upstream.comfy.get_json("/prompt")
-    remaining = answer.get("exec_info", {}).get("queue_remaining", 0)
-    return {"exec_info": {"queue_remaining": remaining if isinstance(remaining, int) else 0}}
+    """ComfyUI's queue size, summed over the healthy servers."""
+    healthy = [upstream for upstream in context.pool.upstreams if upstream.health.healthy]
+    if not healthy:
+        context.pool.choose()  # raises the 503
+    answers = await asyncio.gather(*(upstream.comfy.get_json("/prompt") for upstream in healthy))
+    remaining = [answer.get("exec_info", {}).get("queue_remaining", 0) for answer in answers]
+    return {"exec_info": {"queue_remaining": sum(n for n in remaining if isinstance(n, int))}}
+
+
+async def object_info(context: ProxyContext) -> bytes:
+    return await context.pool.choose().object_info.encoded()
 
 
 async def node_info(context: ProxyContext, node_class: str) -> dict[str, Any]:
-    nodes = await context.upstream.object_info.nodes()
+    nodes = await context.pool.choose().object_info.nodes()
     return {node_class: nodes[node_class]} if node_class in nodes else {}

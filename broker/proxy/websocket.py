@@ -9,7 +9,7 @@ import uuid
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from broker.errors import BrokerError
-from broker.proxy.events import EventHub, Subscriber
+from broker.proxy.fanout import Subscriber, Subscribers
 from broker.proxy.service import ProxyContext
 from broker.tenants.auth import authenticate_websocket
 
@@ -32,14 +32,14 @@ async def user_events(websocket: WebSocket) -> None:
         await websocket.close(code=POLICY_VIOLATION)
         return
     context: ProxyContext = websocket.app.state.proxy
-    hub = context.upstream.events
+    subscribers = context.pool.subscribers
     await websocket.accept()
-    subscriber = hub.subscribe(acting.user_id, client_id)
-    await _relay(websocket, hub, subscriber)
+    subscriber = subscribers.subscribe(acting.user_id, client_id)
+    await _relay(websocket, subscribers, subscriber)
 
 
-async def _relay(websocket: WebSocket, hub: EventHub, subscriber: Subscriber) -> None:
-    sender = asyncio.create_task(_send_events(websocket, hub, subscriber))
+async def _relay(websocket: WebSocket, subscribers: Subscribers, subscriber: Subscriber) -> None:
+    sender = asyncio.create_task(_send_events(websocket, subscribers, subscriber))
     try:
         while True:  # ComfyUI clients may send (feature flags); nothing to act on
             message = await websocket.receive()
@@ -48,14 +48,16 @@ async def _relay(websocket: WebSocket, hub: EventHub, subscriber: Subscriber) ->
     except WebSocketDisconnect:
         pass
     finally:
-        hub.unsubscribe(subscriber)
+        subscribers.unsubscribe(subscriber)
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sender
 
 
-async def _send_events(websocket: WebSocket, hub: EventHub, subscriber: Subscriber) -> None:
-    await websocket.send_text(hub.status_message(subscriber.client_id))
+async def _send_events(
+    websocket: WebSocket, subscribers: Subscribers, subscriber: Subscriber
+) -> None:
+    await websocket.send_text(subscribers.status_message(subscriber.client_id))
     while (message := await subscriber.outbox.get()) is not None:
         if isinstance(message, bytes):
             await websocket.send_bytes(message)

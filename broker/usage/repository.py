@@ -130,9 +130,12 @@ class PromptOutputRepository(Repository):
                 )
         await self.session.flush()
 
-    async def user_has(self, user_id: uuid.UUID, ref: FileRef) -> bool:
-        found = await self.session.scalar(
-            select(PromptOutput.id)
+    async def upstream_of(self, user_id: uuid.UUID, ref: FileRef) -> str | None:
+        """The server of the user's prompt that produced `ref`, if any did."""
+        return await self.session.scalar(
+            select(Prompt.upstream)
+            .select_from(PromptOutput)
+            .join(Prompt, Prompt.id == PromptOutput.prompt_id)
             .where(
                 PromptOutput.user_id == user_id,
                 PromptOutput.filename == ref.filename,
@@ -141,4 +144,3 @@ class PromptOutputRepository(Repository):
             )
             .limit(1)
         )
-        return found is not None

@@ -68,7 +68,7 @@ class TestInjection:
         assert "number" not in received
         assert "front" not in received
         assert received["prompt"] == docs_workflow()
-        [request] = [r for r in fake_comfy.received if r.path == "/prompt"]
+        [request] = [r for r in fake_comfy.received if r.path == "/prompt" and r.method == "POST"]
         assert not {"origin", "cookie", "authorization"} & set(request.headers)
         assert key not in response.text
         [record] = await prompts_in_db(db)

@@ -95,16 +95,17 @@ async def test_upstream_hanging_past_the_timeout_is_504(
     assert (record.status, record.error_type) == (PromptStatus.ERROR, "upstream_timeout")
 
 
-async def test_unreachable_upstream_is_502(
+async def test_no_healthy_upstream_is_503_with_retry_after(
     app_factory: AppFactory, settings: Settings, alice: User, db: async_sessionmaker[AsyncSession]
 ) -> None:
     down = await app_factory(settings.model_copy(update={"COMFYUI_URL": "http://127.0.0.1:9"}))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=down), base_url="http://b") as c:
         response = await c.post("/prompt", json={"prompt": docs_workflow()}, headers=alice.auth)
         queue = await c.get("/prompt", headers=alice.auth)
-    assert response.status_code == 502
-    assert response.json()["error"]["type"] == "upstream_unavailable"
-    assert queue.status_code == 502
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "no_upstream_available"
+    assert int(response.headers["Retry-After"]) > 0
+    assert queue.status_code == 503
     async with db() as session:
         assert (await session.scalars(select(Prompt))).all() == []  # refused before recording
 

@@ -154,7 +154,7 @@ class TestLifecycle:
         db: async_sessionmaker[AsyncSession],
     ) -> None:
         app = await app_factory(settings)
-        hub = app.state.proxy.upstream.events
+        hub = app.state.proxy.pool.upstreams[0].events
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://b"
         ) as client:

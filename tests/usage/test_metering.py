@@ -117,7 +117,7 @@ class TestSettlement:
             transport=httpx.ASGITransport(app=first), base_url="http://b"
         ) as c:
             prompt_id = await submit(c, alice)
-        await first.state.proxy.upstream.events.stop()  # the broker goes away
+        await first.state.proxy.pool.upstreams[0].events.stop()  # the broker goes away
         fake_comfy.auto_execute = True
         await fake_comfy.await_idle()
         await app_factory(settings)  # a new broker process reconciles on connect

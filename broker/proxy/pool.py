@@ -1,0 +1,178 @@
+"""The ComfyUI servers behind the broker (`BROKER_COMFYUI_URLS`), and their health.
+
+New prompts go to a healthy server with the shortest queue; everything later
+about a prompt (history, files, interrupt, events) goes to the server that took
+it (`prompts.upstream`). A server failing its health checks is taken out and
+put back when it answers again; with none healthy, new prompts get a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from broker.comfy.client import ComfyClient
+from broker.comfy.object_info import ObjectInfoCache
+from broker.errors import BrokerError, ServiceUnavailable
+from broker.proxy.events import EventHub
+from broker.proxy.fanout import Subscribers
+
+log = logging.getLogger("broker.pool")
+
+HEALTH_INTERVAL_SECONDS = 5.0
+FAILURES_BEFORE_OUT = 2
+RETRY_AFTER_SECONDS = 5
+# ComfyUI before this returned keys in /queue (fixed upstream late 2025, PR #10502) and
+# logs API-node requests with their headers to temp/api_logs.
+FIRST_SAFE_VERSION = (0, 3, 67)
+
+
+@dataclass
+class Health:
+    healthy: bool = False
+    failures: int = 0
+    queue_remaining: int = 0
+    in_flight: int = 0  # prompts this process is forwarding there right now
+    version: str | None = None
+    leaky: bool = False
+
+    @property
+    def load(self) -> int:
+        return self.queue_remaining + self.in_flight
+
+
+@dataclass
+class Upstream:
+    """One ComfyUI server and what the broker keeps about it."""
+
+    comfy: ComfyClient
+    object_info: ObjectInfoCache
+    client_id: str  # the broker's own clientId there: events come to the broker only
+    events: EventHub
+    health: Health = field(default_factory=Health)
+
+    @property
+    def url(self) -> str:
+        return self.comfy.base_url
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        upstreams: list[Upstream],
+        subscribers: Subscribers,
+        *,
+        refuse_leaky: bool,
+        check_interval: float = HEALTH_INTERVAL_SECONDS,
+    ) -> None:
+        self.upstreams = upstreams
+        self.subscribers = subscribers
+        self._refuse_leaky = refuse_leaky
+        self._check_interval = check_interval
+        self._checker: asyncio.Task[None] | None = None
+        subscribers.queue_remaining = self.queue_remaining
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self.check(upstream) for upstream in self.upstreams))
+        for upstream in self.upstreams:
+            upstream.events.start()
+        self._checker = asyncio.create_task(self._check_periodically(), name="comfy-health")
+
+    async def stop(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+        for upstream in self.upstreams:
+            await upstream.events.stop()
+        self.subscribers.close_all()
+
+    def choose(self) -> Upstream:
+        """The healthy server with the least work, for a new prompt."""
+        healthy = [upstream for upstream in self.upstreams if upstream.health.healthy]
+        if not healthy:
+            raise ServiceUnavailable(
+                "No ComfyUI server is available right now.", retry_after=RETRY_AFTER_SECONDS
+            )
+        return min(healthy, key=lambda upstream: upstream.health.load)
+
+    def for_url(self, url: str) -> Upstream | None:
+        return next((upstream for upstream in self.upstreams if upstream.url == url), None)
+
+    def any_healthy(self) -> bool:
+        return any(upstream.health.healthy for upstream in self.upstreams)
+
+    def queue_remaining(self) -> int:
+        return sum(upstream.health.queue_remaining for upstream in self.upstreams)
+
+    @contextmanager
+    def forwarding(self, upstream: Upstream) -> Iterator[None]:
+        """Count a forward in progress, and once accepted, one more queued prompt there
+        (until ComfyUI's next status message says how many it really has)."""
+        upstream.health.in_flight += 1
+        try:
+            yield
+            upstream.health.queue_remaining += 1
+        finally:
+            upstream.health.in_flight -= 1
+
+    def mark_down(self, upstream: Upstream) -> None:
+        """A request found the server unreachable: out at once, back when a check passes."""
+        if upstream.health.healthy:
+            log.warning("pool.upstream_down url=%s error=unreachable", upstream.url)
+        upstream.health.healthy = False
+
+    async def check(self, upstream: Upstream) -> None:
+        health = upstream.health
+        try:
+            answer = await upstream.comfy.get_json("/prompt")
+            if health.version is None or not health.healthy:
+                await self._check_version(upstream)
+        except BrokerError as exc:
+            health.failures += 1
+            if health.healthy and health.failures >= FAILURES_BEFORE_OUT:
+                log.warning("pool.upstream_down url=%s error=%s", upstream.url, exc.type)
+                health.healthy = False
+            return
+        remaining = answer.get("exec_info", {}).get("queue_remaining")
+        health.queue_remaining = remaining if isinstance(remaining, int) else 0
+        health.failures = 0
+        usable = not (health.leaky and self._refuse_leaky)
+        if usable and not health.healthy:
+            log.info("pool.upstream_up url=%s version=%s", upstream.url, health.version)
+        health.healthy = usable
+
+    async def _check_version(self, upstream: Upstream) -> None:
+        stats = await upstream.comfy.get_json("/system_stats")
+        system = stats.get("system")
+        version = system.get("comfyui_version") if isinstance(system, dict) else None
+        upstream.health.version = str(version) if version else None
+        upstream.health.leaky = is_leaky_version(upstream.health.version)
+        if upstream.health.leaky:
+            log.warning(
+                "pool.leaky_upstream url=%s version=%s: this ComfyUI returns Comfy keys in "
+                "/queue and logs them to temp/api_logs. The broker redacts its answers, but "
+                "upgrade it, keep it reachable only from the broker, and run it with "
+                "--cache-none for strict isolation%s.",
+                upstream.url,
+                upstream.health.version,
+                " (refused: BROKER_REFUSE_LEAKY_UPSTREAMS)" if self._refuse_leaky else "",
+            )
+
+    async def _check_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_interval)
+            await asyncio.gather(*(self.check(upstream) for upstream in self.upstreams))
+
+
+def is_leaky_version(version: str | None) -> bool:
+    """Unknown versions are treated as leaky: the broker cannot vouch for them."""
+    numbers = re.findall(r"\d+", version or "")
+    if len(numbers) < 3:
+        return True
+    return tuple(int(number) for number in numbers[:3]) < FIRST_SAFE_VERSION
