@@ -19,16 +19,19 @@ from broker.comfy.object_info import ObjectInfoCache
 from broker.db.session import create_engine, create_sessionmaker
 from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
-from broker.logs import install_redaction
+from broker.logs import configure_logging, install_redaction
+from broker.ops.access import AccessMiddleware
+from broker.ops.health import router as health_router
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
 from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
 from broker.proxy.timing import ServerTimingMiddleware
+from broker.proxy.uploads import USER_FOLDER_PREFIX
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
-from broker.tenants.auth import Authenticator
+from broker.tenants.auth import Authenticator, CredentialsPrecheck
 from broker.usage.pricing import Pricer, credits_to_mc
 
 DESCRIPTION = """
@@ -43,6 +46,7 @@ Authenticate with `Authorization: Bearer <token>` (broker tokens start with `cbk
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     custody = KeyCustody.from_settings(settings)  # fail fast on a bad keyring
+    configure_logging(settings.LOG_LEVEL, json_lines=settings.LOG_FORMAT == "json")
     install_redaction()
 
     @asynccontextmanager
@@ -74,8 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.custody = custody
     add_exception_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
+    admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
+    app.add_middleware(CredentialsPrecheck, admin_token=admin_token)
     app.add_middleware(ServerTimingMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(AccessMiddleware)
+    app.include_router(health_router)
     app.include_router(admin_router)
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
@@ -111,7 +119,9 @@ def _pool(
 
         events = EventHub(comfy, client_id, sessionmaker, subscribers, stale_after=stale_after,
                           on_queue_size=on_queue_size)  # fmt: skip
-        cache = ObjectInfoCache(comfy, settings.OBJECT_INFO_TTL_SECONDS)
+        cache = ObjectInfoCache(
+            comfy, settings.OBJECT_INFO_TTL_SECONDS, hidden_prefix=USER_FOLDER_PREFIX
+        )
         return Upstream(comfy, cache, client_id, events, health)
 
     upstreams = [upstream(url) for url in settings.comfyui_urls]

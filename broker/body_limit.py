@@ -77,4 +77,5 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
     error = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    await render_error(scope["path"], error)(scope, receive, send)
+    request_id = scope.get("state", {}).get("request_id")
+    await render_error(scope["path"], error, request_id)(scope, receive, send)

@@ -156,7 +156,7 @@ def error_response(status_code: int, error_type: str, message: str, **extra: Any
 COMFY_ERROR_PATHS = frozenset({"/prompt", "/api/prompt"})
 
 
-def render_error(path: str, error: BrokerError) -> JSONBody:
+def render_error(path: str, error: BrokerError, request_id: str | None = None) -> JSONBody:
     body = error.body()
     if path in COMFY_ERROR_PATHS and "node_errors" not in body:
         fields = body["error"]
@@ -165,12 +165,14 @@ def render_error(path: str, error: BrokerError) -> JSONBody:
             "error": {**fields, "details": error.message, "extra_info": extra},
             "node_errors": {},
         }
+    if request_id is not None and isinstance(body.get("error"), dict):
+        body = {**body, "error": {**body["error"], "request_id": request_id}}
     return JSONBody(body, status_code=error.http_status, headers=error.headers())
 
 
 async def handle_broker_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, BrokerError)
-    return render_error(request.url.path, exc)
+    return render_error(request.url.path, exc, getattr(request.state, "request_id", None))
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> JSONBody:
@@ -223,7 +225,10 @@ class UnhandledErrorMiddleware:
         except Exception as exc:  # noqa: BLE001  (the point of this middleware)
             log.error("request.unhandled_error path=%s error=%s", scope["path"], type(exc).__name__)
             if not started:
-                response = error_response(500, "internal_error", "Internal error.")
+                request_id = scope.get("state", {}).get("request_id")
+                response = error_response(
+                    500, "internal_error", "Internal error.", request_id=request_id
+                )
                 await response(scope, receive, send)
 
 

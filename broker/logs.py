@@ -4,6 +4,7 @@ are replaced by `[redacted]` in every record, tracebacks included, whatever logg
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -27,6 +28,9 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = redact_text(record.getMessage())
         record.args = None
+        for key, value in vars(record).items():
+            if key not in STANDARD_ATTRIBUTES and isinstance(value, str):
+                setattr(record, key, redact_text(value))
         if record.exc_info:
             record.exc_text = redact_text(_traceback_formatter.formatException(record.exc_info))
             record.exc_info = None
@@ -40,3 +44,43 @@ def install_redaction() -> None:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())
+
+
+STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName",
+}  # fmt: skip
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(
+            (key, value) for key, value in vars(record).items() if key not in STANDARD_ATTRIBUTES
+        )
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, json_lines: bool) -> None:
+    """Log to stderr, redacted, as JSON lines or text. Leaves an already configured
+    root logger alone (tests, embedding applications)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    handler.addFilter(RedactingFilter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     # Credits for API nodes without a usable price badge: {"ClassType": 10 or [5, 20]}.
     PRICE_TABLE: dict[str, float | tuple[float, float]] = Field(default_factory=dict)
     LOG_LEVEL: str = "INFO"
+    LOG_FORMAT: str = Field(default="json", pattern="^(json|text)$")
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -36,4 +36,7 @@ def serve(
         port=port or current.PORT,
         workers=workers,
         log_level=current.LOG_LEVEL.lower(),
+        log_config=None,  # the broker configures logging: redacted, JSON lines
+        access_log=False,  # the broker writes its own access line, without query strings
+        timeout_graceful_shutdown=30,
     )

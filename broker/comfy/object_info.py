@@ -23,8 +23,10 @@ class ObjectInfoCache:
         ttl_seconds: float,
         *,
         clock: Callable[[], float] = time.monotonic,
+        hidden_prefix: str | None = None,
     ) -> None:
         self._client = client
+        self._hidden_prefix = hidden_prefix
         self._ttl = ttl_seconds
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -67,6 +69,8 @@ class ObjectInfoCache:
             if self._nodes is not None and self._age() <= max_age:
                 return  # another task refreshed it while we waited
             nodes = await self._client.get_json("/object_info")
+            if self._hidden_prefix:
+                _drop_choices(nodes, self._hidden_prefix)
             self._nodes, self._encoded = nodes, orjson.dumps(nodes)
             self._fetched_at = self._clock()
 
@@ -79,3 +83,16 @@ def _uses_comfy_key(definition: Any) -> bool:
     inputs = definition.get("input")
     hidden = inputs.get("hidden") if isinstance(inputs, dict) else None
     return isinstance(hidden, dict) and not SENSITIVE_KEYS.isdisjoint(hidden)
+
+
+def _drop_choices(nodes: dict[str, Any], prefix: str) -> None:
+    """Remove combo choices starting with `prefix` (file lists that would name other
+    users' upload folders) from every node's inputs, in place."""
+    for definition in nodes.values():
+        inputs = definition.get("input") if isinstance(definition, dict) else None
+        for section in (inputs or {}).values():
+            for spec in section.values() if isinstance(section, dict) else ():
+                if isinstance(spec, list) and spec and isinstance(spec[0], list):
+                    spec[0] = [
+                        c for c in spec[0] if not (isinstance(c, str) and c.startswith(prefix))
+                    ]

@@ -29,7 +29,10 @@ from broker.tenants.auth import CurrentUser, OperatorCaller
 from broker.usage import reports
 from broker.usage.schemas import UserUsage
 
-router = APIRouter(responses=error_responses(401, 403, 404, 502, 504))
+router = APIRouter(responses=error_responses(400, 401, 403, 404, 502, 503, 504))
+EMPTY_OK: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Done (an empty body, as ComfyUI)"}
+}
 
 PROMPT_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ComfyError, "description": "Refused by the broker or by ComfyUI's validation"},
@@ -128,7 +131,11 @@ async def get_view(request: Request, acting: CurrentUser, proxy: Proxy) -> Strea
     )
 
 
-@router.post("/upload/image", summary="Upload into the caller's own input folder")
+@router.post(
+    "/upload/image",
+    summary="Upload into the caller's own input folder",
+    responses=error_responses(400, 413),
+)
 async def post_upload_image(
     acting: CurrentUser,
     proxy: Proxy,
@@ -142,7 +149,11 @@ async def post_upload_image(
     return UploadAnswer.model_validate(answer)
 
 
-@router.post("/upload/mask", summary="Upload a mask for one of the caller's own images")
+@router.post(
+    "/upload/mask",
+    summary="Upload a mask for one of the caller's own images",
+    responses=error_responses(400, 413),
+)
 async def post_upload_mask(
     acting: CurrentUser,
     proxy: Proxy,
@@ -168,13 +179,23 @@ async def get_queue(acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
     return await results.queue(proxy, acting)
 
 
-@router.post("/queue", summary="Delete or clear the caller's own pending prompts")
+@router.post(
+    "/queue",
+    summary="Delete or clear the caller's own pending prompts",
+    response_class=Response,
+    responses=EMPTY_OK,
+)
 async def post_queue(change: QueueChange, acting: CurrentUser, proxy: Proxy) -> Response:
     await results.change_queue(proxy, acting, change.model_dump(exclude_none=True))
     return Response(status_code=200)
 
 
-@router.post("/interrupt", summary="Interrupt the caller's own running prompt")
+@router.post(
+    "/interrupt",
+    summary="Interrupt the caller's own running prompt",
+    response_class=Response,
+    responses={**EMPTY_OK, **error_responses(409)},
+)
 async def post_interrupt(
     acting: CurrentUser,
     proxy: Proxy,

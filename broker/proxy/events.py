@@ -19,9 +19,9 @@ import logging
 import struct
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,6 +41,7 @@ from broker.usage.pricing import credits_to_mc, usd_to_mc
 from broker.usage.repository import PromptRepository
 
 log = logging.getLogger("broker.events")
+T = TypeVar("T")
 
 OWNER_CACHE_SIZE = 10_000
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
@@ -184,6 +185,11 @@ class EventHub:
     async def _write(
         self, prompt_id: uuid.UUID, record: Callable[..., Awaitable[Any]], *args: Any
     ) -> None:
+        await _uninterrupted(self._write_now(prompt_id, record, *args))
+
+    async def _write_now(
+        self, prompt_id: uuid.UUID, record: Callable[..., Awaitable[Any]], *args: Any
+    ) -> None:
         try:
             async with session_scope(self._sessionmaker) as session:
                 await record(session, prompt_id, *args)
@@ -194,13 +200,16 @@ class EventHub:
         owner = self._owners.get(prompt_id)
         if owner is not None:
             return owner
-        async with session_scope(self._sessionmaker) as session:
-            prompt = await PromptRepository.from_session(session).get(prompt_id)
+        prompt = await _uninterrupted(self._load_prompt(prompt_id))
         if prompt is None:
             return None
         owner = Owner(prompt.user_id, prompt.client_id)
         self.remember(prompt_id, owner)
         return owner
+
+    async def _load_prompt(self, prompt_id: uuid.UUID) -> Prompt | None:
+        async with session_scope(self._sessionmaker) as session:
+            return await PromptRepository.from_session(session).get(prompt_id)
 
     # settling what the socket missed ---------------------------------------
     async def _reconcile_periodically(self) -> None:
@@ -211,6 +220,9 @@ class EventHub:
     async def _reconcile(self) -> None:
         """Settle unfinished prompts from ComfyUI's history and queue: outcomes the socket
         missed, and `pending` records whose forward ended without an answer recorded."""
+        await _uninterrupted(self._reconcile_now())
+
+    async def _reconcile_now(self) -> None:
         async with self._reconciling:
             try:
                 await self._reconcile_unfinished()
@@ -254,6 +266,17 @@ class EventHub:
                 await usage_service.record_accepted(session, prompt.id)
             elif stale:
                 await usage_service.record_lost(session, prompt.id, prompt.status)
+
+
+async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
+    """Finish database work even when the hub is being stopped: abandoned halfway, it
+    would leave its connection to the garbage collector. The stop waits for it."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _is_finished(entry: dict[str, Any]) -> bool:

@@ -19,6 +19,7 @@ from broker.comfy.redaction import SENSITIVE_KEYS
 from broker.proxy.errors import PromptError, node_error
 
 MAX_DEPTH = 32
+MAX_NODES = 10_000  # real workflows have hundreds; more is a bomb, not a graph
 MAX_CLIENT_ID_LENGTH = 200
 QUEUE_CONTROL_FIELDS = ("number", "front")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -111,6 +112,8 @@ def _without_broker_fields(body: dict[str, Any]) -> dict[str, Any]:
 def _class_types(graph: Any) -> dict[str, str]:
     if not isinstance(graph, dict) or not graph:
         raise PromptError("No prompt provided", error_type="no_prompt")
+    if len(graph) > MAX_NODES:
+        raise _invalid(f"A prompt may have at most {MAX_NODES} nodes.", error_type="too_many_nodes")
     class_types: dict[str, str] = {}
     for node_id, node in graph.items():
         class_type = node.get("class_type") if isinstance(node, dict) else None

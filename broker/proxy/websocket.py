@@ -10,11 +10,11 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from broker.errors import BrokerError
 from broker.proxy.fanout import Subscriber, Subscribers
+from broker.proxy.prompt_body import CONTROL_CHARACTERS, MAX_CLIENT_ID_LENGTH
 from broker.proxy.service import ProxyContext
 from broker.tenants.auth import authenticate_websocket
 
 router = APIRouter()
-MAX_CLIENT_ID_LENGTH = 200
 POLICY_VIOLATION = 1008
 
 
@@ -28,7 +28,7 @@ async def user_events(websocket: WebSocket) -> None:
         await websocket.close(code=POLICY_VIOLATION)
         return
     client_id = websocket.query_params.get("clientId") or uuid.uuid4().hex
-    if len(client_id) > MAX_CLIENT_ID_LENGTH:
+    if len(client_id) > MAX_CLIENT_ID_LENGTH or CONTROL_CHARACTERS.search(client_id):
         await websocket.close(code=POLICY_VIOLATION)
         return
     context: ProxyContext = websocket.app.state.proxy

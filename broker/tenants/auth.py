@@ -19,12 +19,14 @@ from typing import Annotated
 from fastapi import Depends, Request, WebSocket
 from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.audit.service import Actor
 from broker.db.base import utc_now
 from broker.db.models import Token, TokenKind
 from broker.db.session import session_scope
-from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized, render_error
 from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
 
@@ -134,7 +136,9 @@ async def get_current_caller(
 ) -> Caller:
     authenticator: Authenticator = request.app.state.authenticator
     raw = token_from_header(request.headers.get("authorization"))
-    return await authenticator.authenticate(raw)
+    caller = await authenticator.authenticate(raw)
+    request.state.caller = caller  # for the access log
+    return caller
 
 
 CurrentCaller = Annotated[Caller, Depends(get_current_caller)]
@@ -217,3 +221,39 @@ async def authenticate_websocket(websocket: WebSocket) -> ActingUser:
 
 
 CurrentUser = Annotated[ActingUser, Depends(get_acting_user)]
+
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/openapi.json"})  # fmt: skip
+
+
+class CredentialsPrecheck:
+    """Answers 401 to HTTP requests whose credentials cannot be valid (none, or nothing
+    shaped like a broker token) before the application reads their body: anonymous
+    clients get no upload parsed and no word from the body's validation.
+
+    The real check (the token's hash in the database) is still the route's dependency.
+    """
+
+    def __init__(self, app: ASGIApp, admin_token: str | None) -> None:
+        self.app = app
+        self._admin_token_hash = hash_token(admin_token) if admin_token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            self._check(Headers(scope=scope).get("authorization"))
+        except Unauthorized as error:
+            request_id = scope.get("state", {}).get("request_id")
+            await render_error(scope["path"], error, request_id)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, authorization: str | None) -> None:
+        raw = token_from_header(authorization)
+        if kind_of(raw) is None and not (
+            self._admin_token_hash and hmac.compare_digest(hash_token(raw), self._admin_token_hash)
+        ):
+            raise Unauthorized(INVALID_TOKEN)

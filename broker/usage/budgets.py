@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.db.models import Budget
 from broker.errors import PaymentRequired
+from broker.ops import metrics
 from broker.usage.pricing import mc_to_credits
 
 PERIODS = ("month", "day")
@@ -152,6 +153,9 @@ async def _refuse(session: AsyncSession, budget: Budget, amount_mc: int) -> None
     )
     assert current is not None
     remaining = max(0, current.limit_mc - current.spent_mc - current.reserved_mc)
+    metrics.BUDGET_REJECTIONS.labels(
+        str(current.tenant_id), "user" if current.user_id else "tenant"
+    ).inc()
     raise PaymentRequired(
         f"This prompt needs up to {mc_to_credits(amount_mc)} credits; the "
         f"{'user' if current.user_id else 'tenant'} budget has {mc_to_credits(remaining)} left.",

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.db.models import Tenant, User, UserQuota
 from broker.errors import TooManyRequests
+from broker.ops import metrics
 
 UNLIMITED = 2**31 - 1
 CONCURRENCY_RETRY_SECONDS = 5
@@ -36,7 +37,9 @@ class Limits:
         )
 
 
-async def admit(session: AsyncSession, user_id: uuid.UUID, limits: Limits, now: datetime) -> None:
+async def admit(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, limits: Limits, now: datetime
+) -> None:
     """Count one more prompt for the user, or raise 429 (with Retry-After)."""
     minute = now.replace(second=0, microsecond=0)
     await _ensure_row(session, user_id, minute)
@@ -59,6 +62,7 @@ async def admit(session: AsyncSession, user_id: uuid.UUID, limits: Limits, now: 
     )
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return
+    metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
     await _refuse(session, user_id, limits, now)
 
 

@@ -5,7 +5,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from broker.tenants.schemas import RequestModel, ResponseModel
 
@@ -38,6 +38,13 @@ class TenantLimitsSet(RequestModel):
     unpriced_policy: Literal["allow", "refuse"] | None = Field(
         None, description="API nodes without a known price: allow (flagged) or refuse."
     )
+
+    @field_validator("unpriced_policy", mode="before")
+    @classmethod
+    def _no_null_policy(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("must be allow or refuse (leave it out to keep the current one)")
+        return value
 
 
 class UserLimitsSet(RequestModel):

@@ -18,8 +18,9 @@ from broker.comfy.files import output_files
 from broker.db.base import utc_now
 from broker.db.models import Prompt, PromptStatus, Tenant, User
 from broker.errors import BadRequest, NotFound
+from broker.ops import metrics
 from broker.usage import budgets, limits
-from broker.usage.pricing import Estimate
+from broker.usage.pricing import MC_PER_CREDIT, Estimate
 from broker.usage.repository import PromptOutputRepository, PromptRepository
 
 MAX_ERROR_MESSAGE = 1000
@@ -56,7 +57,8 @@ async def admit_prompt(session: AsyncSession, new: NewPrompt) -> Prompt:
             error_type="unpriced_nodes",
         )
     now = utc_now()
-    await limits.admit(session, user.id, limits.Limits.of(tenant, user), now)
+    await limits.admit(session, tenant.id, user.id, limits.Limits.of(tenant, user), now)
+    metrics.CREDITS_ESTIMATED.labels(str(tenant.id)).inc(estimate.max_mc / MC_PER_CREDIT)
     reservations, over_soft = (
         await budgets.reserve(session, tenant.id, user.id, estimate.max_mc, now)
         if estimate.max_mc
@@ -284,6 +286,9 @@ async def _charge(session: AsyncSession, prompt_id: uuid.UUID) -> None:
         return
     actual, source = actual_charge(prompt)
     await repository.set_fields(prompt_id, actual_mc=actual, actual_source=source)
+    tenant = str(prompt.tenant_id)
+    metrics.PROMPTS.labels(tenant, prompt.status.value).inc()
+    metrics.CREDITS_ACTUAL.labels(tenant).inc(actual / MC_PER_CREDIT)
     reservations = [budgets.Reservation.from_dict(item) for item in prompt.reservations]
     await budgets.settle(session, reservations, prompt.tenant_id, prompt.user_id, actual, utc_now())
     await limits.release(session, prompt.user_id)

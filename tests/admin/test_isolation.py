@@ -8,7 +8,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.fixtures.app import AdminApi, Tenant, User, comfy_key
+from tests.fixtures.app import AdminApi, Tenant, User, comfy_key, error_of
 
 
 @dataclass
@@ -137,4 +137,4 @@ async def test_unknown_ids_answer_like_foreign_ones(
     unknown = f"/admin/tenants/{uuid.uuid4()}"
     foreign = await client.get(f"/admin/tenants/{world.acme.id}", headers=world.globex.admin)
     missing = await client.get(unknown, headers=world.globex.admin)
-    assert (foreign.status_code, foreign.json()) == (missing.status_code, missing.json())
+    assert (foreign.status_code, error_of(foreign)) == (missing.status_code, error_of(missing))

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.models import PromptStatus
-from tests.fixtures.app import OPERATOR, AdminApi, User, comfy_key
+from broker.settings import Settings
+from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User, comfy_key, error_of
 from tests.fixtures.comfy import FakeComfyUI
 from tests.proxy.helpers import submit, wait_for_status
 from tests.proxy.workflows import docs_workflow
@@ -77,7 +78,7 @@ class TestHistory:
         assert unknown.status_code == garbage.status_code == 404
         for user in others(world):
             response = await client.get(f"/history/{world.prompt_id}", headers=user.auth)
-            assert (response.status_code, response.json()) == (404, unknown.json())
+            assert (response.status_code, error_of(response)) == (404, error_of(unknown))
 
     async def test_history_lists_only_own_prompts_newest_first(
         self, client: httpx.AsyncClient, world: World, fake_comfy: FakeComfyUI
@@ -123,7 +124,7 @@ class TestView:
         for user in others(world):
             for params in (world.output, upload):
                 response = await client.get("/view", params=params, headers=user.auth)
-                assert (response.status_code, response.json()) == (404, missing.json())
+                assert (response.status_code, error_of(response)) == (404, error_of(missing))
 
     @pytest.mark.parametrize(
         "params",
@@ -340,3 +341,16 @@ class TestOperatorOnly:
         if path != "/internal/logs":
             response = await client.request(method, path, json=body, headers=OPERATOR)
             assert response.status_code == 200, response.text
+
+
+async def test_node_choices_do_not_list_other_users_upload_folders(
+    app_factory: AppFactory, settings: Settings, world: World
+) -> None:
+    fresh = await app_factory(settings.model_copy(update={"OBJECT_INFO_TTL_SECONDS": 0}))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=fresh), base_url="http://b"
+    ) as c:
+        info = (await c.get("/object_info/LoadImage", headers=world.bob.auth)).json()
+    choices = info["LoadImage"]["input"]["required"]["image"][0]
+    assert "example.png" in choices
+    assert not [choice for choice in choices if "cbk-" in choice]

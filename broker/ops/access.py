@@ -1,0 +1,80 @@
+"""Per request: an id (X-Request-ID, echoed or minted), one structured access log line,
+and the request metrics. The path is logged without its query string (`?token=`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.ops import metrics
+
+log = logging.getLogger("broker.access")
+REQUEST_ID_HEADER = "X-Request-ID"
+CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class AccessMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id = _request_id(scope)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _observe(scope, status, time.perf_counter() - started)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = str(value.decode("latin-1"))
+            if CLIENT_REQUEST_ID.fullmatch(candidate):
+                return candidate
+    return uuid.uuid4().hex
+
+
+def _observe(scope: Scope, status: int, seconds: float) -> None:
+    state: dict[str, Any] = scope.get("state", {})
+    route = getattr(scope.get("route"), "path", "unmatched")
+    timing = state.get("timing")
+    upstream = getattr(timing, "upstream_seconds", 0.0)
+    metrics.REQUESTS.labels(scope["method"], route, str(status)).inc()
+    metrics.BROKER_LATENCY.labels(route).observe(max(0.0, seconds - upstream))
+    if upstream:
+        metrics.UPSTREAM_LATENCY.labels(route).observe(upstream)
+    caller = state.get("caller")
+    log.info(
+        "request",
+        extra={
+            "request_id": state.get("request_id"),
+            "method": scope["method"],
+            "route": route,
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "upstream_ms": round(upstream * 1000, 2),
+            "tenant_id": str(getattr(caller, "tenant_id", None) or "") or None,
+            "token_id": str(getattr(caller, "token_id", None) or "") or None,
+        },
+    )
