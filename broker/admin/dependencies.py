@@ -7,7 +7,7 @@ from fastapi import Depends, Request
 from broker.keys.service import KeyCustody
 
 
-def get_key_custody(request: Request) -> KeyCustody:
+async def get_key_custody(request: Request) -> KeyCustody:
     custody: KeyCustody = request.app.state.custody
     return custody
 

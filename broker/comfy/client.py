@@ -28,7 +28,7 @@ def create_http_client(
     return httpx.AsyncClient(
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
         limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections // 4
+            max_connections=max_connections, max_keepalive_connections=max_connections
         ),
         follow_redirects=False,
         trust_env=False,  # never route requests carrying keys through an env proxy

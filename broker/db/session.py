@@ -33,7 +33,12 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30
 def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     if database_url.startswith("sqlite"):
         return _create_sqlite_engine(database_url, **kwargs)
-    return create_async_engine(database_url, pool_pre_ping=True, **kwargs)
+    # A pool as large as the concurrency a worker serves: connections beyond it would be
+    # opened and closed for every request.
+    options: dict[str, Any] = {"pool_size": 20, "max_overflow": 10, "pool_pre_ping": True}
+    if "poolclass" in kwargs:
+        options = {}
+    return create_async_engine(database_url, **{**options, **kwargs})
 
 
 def _create_sqlite_engine(database_url: str, **kwargs: Any) -> AsyncEngine:

@@ -7,7 +7,7 @@ from fastapi import Depends, Request
 from broker.proxy.service import ProxyContext
 
 
-def get_proxy(request: Request) -> ProxyContext:
+async def get_proxy(request: Request) -> ProxyContext:
     context: ProxyContext = request.app.state.proxy
     return context
 

@@ -113,8 +113,12 @@ class EventHub:
                     async for message in socket:
                         await self._on_message(message)
             except Exception as exc:  # noqa: BLE001  the hub must outlive any one failure
-                log.warning(
-                    "events.disconnected upstream=%s error=%s", self._upstream, type(exc).__name__
+                # Loud once per outage, quiet while retrying.
+                log.log(
+                    logging.WARNING if attempt == 0 else logging.DEBUG,
+                    "events.disconnected upstream=%s error=%s",
+                    self._upstream,
+                    type(exc).__name__,
                 )
             self.connected.clear()
             await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])

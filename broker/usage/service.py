@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import case
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.comfy.files import output_files
@@ -100,16 +101,15 @@ async def _record_queued(
     session: AsyncSession, prompt_id: uuid.UUID, *, answer: dict[str, Any]
 ) -> None:
     number = answer.get("number")
-    repository = PromptRepository.from_session(session)
-    await repository.set_fields(
+    await PromptRepository.from_session(session).set_fields(
         prompt_id,
+        status=case(
+            (Prompt.status == PromptStatus.PENDING, PromptStatus.QUEUED), else_=Prompt.status
+        ),
         number=number if isinstance(number, int) else None,
         response_status=200,
         response_body=answer,
         updated_at=utc_now(),
-    )
-    await repository.transition(
-        prompt_id, allowed_from=frozenset({PromptStatus.PENDING}), status=PromptStatus.QUEUED
     )
 
 

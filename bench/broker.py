@@ -1,0 +1,97 @@
+"""The broker under test: its environment, a fresh database, a seeded user with a key and a
+token, all through the broker's own CLI (`comfy-broker db upgrade`, `tenants create`, …)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
+BENCH_COMFY_KEY = "comfyui-bench-" + "0" * 40  # never leaves this machine: the fake ignores it
+
+
+def cli_path() -> Path:
+    """`comfy-broker` next to the running interpreter (the project's venv)."""
+    return Path(sys.executable).with_name("comfy-broker")
+
+
+def broker_env(database_url: str, comfyui_url: str) -> dict[str, str]:
+    def key() -> str:
+        return base64.b64encode(secrets.token_bytes(32)).decode()
+
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    return {
+        **inherited,
+        "BROKER_ENV": "dev",
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_KEYRING": f"k1:{key()}",
+        "BROKER_SECRET_KEY": key(),
+        "BROKER_COMFYUI_URL": comfyui_url,
+        "BROKER_LOG_LEVEL": "warning",
+    }
+
+
+def _cli(env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(  # noqa: S603 (the broker's own CLI)
+        [str(cli_path()), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"comfy-broker {' '.join(args)} failed:\n{done.stderr}{done.stdout}")
+    return done.stdout
+
+
+def seed(env: dict[str, str], cwd: Path) -> str:
+    """Migrate, then create a tenant, a user with a Comfy key, and that user's token."""
+    _cli(env, cwd, "db", "upgrade")
+    _cli(env, cwd, "tenants", "create", "bench")
+    _cli(env, cwd, "users", "create", "alice", "--tenant", "bench")
+    _cli(env, cwd, "keys", "set", "--tenant", "bench", "--user", "alice", stdin=BENCH_COMFY_KEY)
+    token = _cli(env, cwd, "tokens", "create", "--tenant", "bench", "--user", "alice")
+    return token.strip().splitlines()[-1]
+
+
+def sqlite_url(directory: Path, name: str) -> str:
+    return f"sqlite+aiosqlite:///{directory / f'{name}.db'}"
+
+
+async def _postgres(statement: str) -> None:
+    import asyncpg  # type: ignore[import-untyped]
+
+    connection = await asyncpg.connect(f"{POSTGRES_SERVER}/postgres", timeout=3)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def postgres_answers() -> bool:
+    try:
+        asyncio.run(_postgres("SELECT 1"))
+    except Exception:  # noqa: BLE001 (any failure means: benchmark without it)
+        return False
+    return True
+
+
+@contextmanager
+def postgres_database(label: str) -> Iterator[str]:
+    """A fresh database on the local server, dropped afterwards."""
+    name = f"broker_bench_{label}_{int(time.time())}_{os.getpid()}"
+    asyncio.run(_postgres(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        asyncio.run(_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
