@@ -13,6 +13,7 @@ import orjson
 
 from broker.comfy.errors import (
     PromptRejected,
+    UpstreamConnectionLost,
     UpstreamTimeout,
     UpstreamUnavailable,
     UpstreamUnreachable,
@@ -78,12 +79,14 @@ class ComfyClient:
         request = self._http.build_request(method, self.base_url + path, **kwargs)
         try:
             return await self._http.send(request, stream=stream)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise UpstreamUnreachable("ComfyUI is unreachable (no connection).") from exc
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"ComfyUI did not answer {method} {path} in time.") from exc
-        except httpx.ConnectError as exc:
-            raise UpstreamUnreachable("ComfyUI is unreachable (connection failed).") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"ComfyUI is unreachable ({type(exc).__name__}).") from exc
+            raise UpstreamConnectionLost(
+                f"The connection to ComfyUI failed ({type(exc).__name__})."
+            ) from exc
 
 
 def _expect_json_object(response: httpx.Response) -> dict[str, Any]:

@@ -6,11 +6,21 @@ from typing import Any
 
 from broker.errors import BrokerError, UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["PromptRejected", "UpstreamTimeout", "UpstreamUnavailable", "UpstreamUnreachable"]
+__all__ = [
+    "PromptRejected",
+    "UpstreamConnectionLost",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "UpstreamUnreachable",
+]
 
 
 class UpstreamUnreachable(UpstreamUnavailable):
     """No connection could be made: the request surely never reached ComfyUI."""
+
+
+class UpstreamConnectionLost(UpstreamUnavailable):
+    """The connection failed after the request was sent: ComfyUI may have it or not."""
 
 
 class PromptRejected(BrokerError):

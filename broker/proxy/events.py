@@ -108,6 +108,7 @@ class EventHub:
             try:
                 async with connect(self._ws_url, max_size=None, open_timeout=5) as socket:
                     attempt = 0
+                    self._executing = None  # whatever ran before may have ended unseen
                     self.connected.set()
                     await self._reconcile()
                     async for message in socket:
@@ -145,7 +146,7 @@ class EventHub:
         self._subscribers.deliver(owner, frame)
         price = _reported_price(frame)
         if price is not None:
-            await self._write(prompt_id, usage_service.record_reported_price, price)
+            await self._write(prompt_id, usage_service.record_reported_price, *price)
 
     async def _on_event(self, kind: str, data: dict[str, Any], raw: str) -> None:
         if kind == "status":
@@ -304,17 +305,18 @@ async def _record_finish(
     )
 
 
-def _reported_price(frame: bytes) -> int | None:
-    """Milli-credits from an API node's "Price: …" progress text (binary frame type 3:
-    type, node id length, node id, UTF-8 text; all lengths 4-byte big-endian)."""
+def _reported_price(frame: bytes) -> tuple[str, int] | None:
+    """(node id, milli-credits) from an API node's "Price: …" progress text (binary frame
+    type 3: type, node id length, node id, UTF-8 text; lengths 4-byte big-endian)."""
     if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != TEXT_FRAME:
         return None
     (length,) = struct.unpack(">I", frame[4:8])
     found = price_in_progress_text(frame[8 + length :].decode("utf-8", "replace"))
     if found is None:
         return None
+    node_id = frame[8 : 8 + length].decode("utf-8", "replace")
     amount, in_credits = found
-    return credits_to_mc(amount) if in_credits else usd_to_mc(amount)
+    return node_id, credits_to_mc(amount) if in_credits else usd_to_mc(amount)
 
 
 def _outcome_from_messages(messages: Any) -> tuple[PromptStatus, str | None]:

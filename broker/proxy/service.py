@@ -14,14 +14,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.comfy.errors import PromptRejected, UpstreamUnreachable
+from broker.comfy.errors import (
+    PromptRejected,
+    UpstreamConnectionLost,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from broker.comfy.redaction import scrub
 from broker.db.models import PromptStatus
 from broker.db.session import session_scope
-from broker.errors import BadRequest, BrokerError, Conflict, Unprocessable
+from broker.errors import BadRequest, BrokerError, Conflict, ServiceUnavailable, Unprocessable
 from broker.keys import service as keys_service
 from broker.keys.crypto import UnsealError
 from broker.keys.service import KeyCustody
@@ -72,8 +77,7 @@ async def submit_prompt(
     _check_idempotency_key(idempotency_key)
     body = parse_prompt_body(raw)
     _refuse_foreign_files(body, acting)
-    upstream = context.pool.choose()
-    key_nodes = await upstream.object_info.key_using_nodes_in(body.class_types.values())
+    upstream, key_nodes = await _choose_upstream(context, body)
     estimate = context.pricer.estimate(
         body.fields["prompt"], await upstream.object_info.nodes(), key_nodes
     )
@@ -89,12 +93,29 @@ async def submit_prompt(
     except IntegrityError as exc:  # a concurrent twin won the unique constraint
         message = "A request with this Idempotency-Key is in progress."
         raise Conflict(message if idempotency_key else "This prompt already exists.") from exc
+    except DBAPIError as exc:  # a deadlock, a lock timeout, a failover: nothing was kept
+        log.warning("proxy.admission_failed error=%s", type(exc.orig).__name__)
+        raise ServiceUnavailable("The database is busy; try again.", retry_after=1) from None
     upstream.events.remember(prompt_id, Owner(acting.user_id, body.client_id))
     forwarded = upstream_body(
         body, prompt_id=prompt_id, client_id=upstream.client_id, api_key=api_key
     )
     with context.pool.forwarding(upstream):
         return await _forward(context, upstream, prompt_id, forwarded, api_key, timing)
+
+
+async def _choose_upstream(context: ProxyContext, body: PromptBody) -> tuple[Upstream, list[str]]:
+    """A healthy server and the key-using nodes of the prompt by its /object_info. A server
+    found unreachable here is taken out, and the next one is tried."""
+    for _ in context.pool.upstreams:
+        upstream = context.pool.choose()
+        try:
+            nodes = await upstream.object_info.key_using_nodes_in(body.class_types.values())
+        except UpstreamUnreachable:
+            context.pool.mark_down(upstream)
+            continue
+        return upstream, nodes
+    raise ServiceUnavailable("No ComfyUI server is available right now.", retry_after=5)
 
 
 def _refuse_foreign_files(body: PromptBody, acting: ActingUser) -> None:
@@ -132,9 +153,13 @@ async def _replay(
             "This Idempotency-Key was used with a different request body.",
             error_type="idempotency_key_reused",
         )
-    if earlier.response_status is None or earlier.response_body is None:
+    if earlier.response_status is not None and earlier.response_body is not None:
+        return PromptAnswer(earlier.response_status, earlier.response_body, replayed=True)
+    if earlier.status is PromptStatus.PENDING:
         raise Conflict("A request with this Idempotency-Key is in progress.")
-    return PromptAnswer(earlier.response_status, earlier.response_body, replayed=True)
+    # Accepted by ComfyUI, but its answer was lost (reconciled later): rebuild it.
+    answer = {"prompt_id": str(earlier.id), "number": earlier.number or 0, "node_errors": {}}
+    return PromptAnswer(200, answer, replayed=True)
 
 
 async def _key_for(
@@ -241,16 +266,23 @@ async def _failed_forward(
     exc: BaseException,
     hidden: tuple[str | None, str],
 ) -> BaseException:
-    """Record why the forward failed (whatever failed, even cancellation) and return
-    what to raise: ComfyUI's refusal with every trace of the key removed, or the error."""
+    """Record why the forward failed and return what to raise: ComfyUI's refusal with
+    every trace of the key removed, or the error.
+
+    Only outcomes that are known are recorded: ComfyUI answered, or no connection was
+    made. After a timeout, a lost connection or cancellation, ComfyUI may have queued
+    the prompt: the record stays `pending` and reconciliation settles it from ComfyUI.
+    """
+    if isinstance(exc, UpstreamTimeout | UpstreamConnectionLost) or not isinstance(
+        exc, BrokerError
+    ):
+        log.warning("proxy.outcome_unknown prompt_id=%s error=%s", prompt_id, type(exc).__name__)
+        return exc
     if isinstance(exc, PromptRejected):
         error: BrokerError = PromptRejected(scrub(exc.upstream_body, *hidden))
         status = PromptStatus.REJECTED
-    elif isinstance(exc, BrokerError):
-        error, status = exc, PromptStatus.ERROR
     else:
-        error = BrokerError("The broker failed while forwarding.", error_type="broker_error")
-        status = PromptStatus.ERROR
+        error, status = exc, PromptStatus.ERROR
     settle = usage_service.record_failed(
         status=status,
         error_type=error.type,
@@ -260,7 +292,7 @@ async def _failed_forward(
         replayable=not isinstance(exc, UpstreamUnreachable),
     )
     await asyncio.shield(_settle(context, prompt_id, settle))
-    return error if isinstance(exc, BrokerError) else exc
+    return error
 
 
 async def _settle(context: ProxyContext, prompt_id: uuid.UUID, record: Settlement) -> None:

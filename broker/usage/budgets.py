@@ -1,4 +1,5 @@
-"""Credit budgets per tenant and per user, per calendar month or day (UTC).
+"""Credit budgets per tenant and per user: per calendar month or day (UTC), or rolling
+over the last N days.
 
 A prompt reserves its estimate's upper bound on every budget that applies, with a
 conditional UPDATE (`spent + reserved + amount <= limit`), inside the transaction
@@ -6,37 +7,44 @@ that records the prompt: with several broker replicas on one PostgreSQL, no two
 prompts can both take the last credits. Settlement replaces the reservation with
 the actual amount. A budget's counters belong to its current window; the first
 prompt of a new window rolls them over (also a conditional UPDATE).
+
+A rolling budget keeps one row per day (`budget_days`); a reservation locks the budget
+row (`SELECT … FOR UPDATE`; SQLite's write lock does the same), sums at most N day rows,
+and adds to today's: correct across replicas, and its cost does not grow with the
+number of prompts.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from broker.db.models import Budget
+from broker.db.models import Budget, BudgetDay
 from broker.errors import PaymentRequired
 from broker.ops import metrics
 from broker.usage.pricing import mc_to_credits
 
-PERIODS = ("month", "day")
+PERIODS = ("month", "day", "rolling")
 
 
 @dataclass(frozen=True)
 class Reservation:
     budget_id: uuid.UUID
-    window_start: datetime
+    window_start: datetime  # for a rolling budget: the day it was reserved on
     amount_mc: int
+    rolling: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "budget_id": str(self.budget_id),
             "window_start": self.window_start.isoformat(),
             "amount_mc": self.amount_mc,
+            "rolling": self.rolling,
         }
 
     @classmethod
@@ -45,6 +53,7 @@ class Reservation:
             uuid.UUID(data["budget_id"]),
             datetime.fromisoformat(data["window_start"]),
             int(data["amount_mc"]),
+            bool(data.get("rolling", False)),
         )
 
 
@@ -63,14 +72,24 @@ async def reserve(
     user_id: uuid.UUID,
     amount_mc: int,
     now: datetime,
+    *,
+    require_room: bool = False,
 ) -> tuple[list[Reservation], bool]:
     """Reserve `amount_mc` on each budget of the tenant and the user, or raise 402.
+    With `require_room`, a budget must also have some credits left beyond it.
 
     Returns the reservations and whether a soft limit is now passed.
     """
     reservations: list[Reservation] = []
     over_soft = False
     for budget in await _budgets(session, tenant_id, user_id):
+        if budget.period == "rolling":
+            reservation, used = await _reserve_rolling(
+                session, budget, amount_mc, now, require_room=require_room
+            )
+            reservations.append(reservation)
+            over_soft |= budget.soft_limit_mc is not None and used > budget.soft_limit_mc
+            continue
         window = await _current_window(session, budget, now)
         row = (
             await session.execute(
@@ -78,7 +97,8 @@ async def reserve(
                 .where(
                     Budget.id == budget.id,
                     Budget.window_start == window,
-                    Budget.spent_mc + Budget.reserved_mc + amount_mc <= Budget.limit_mc,
+                    Budget.spent_mc + Budget.reserved_mc + _needed(amount_mc, require_room)
+                    <= Budget.limit_mc,
                 )
                 .values(reserved_mc=Budget.reserved_mc + amount_mc)
                 .returning(Budget.spent_mc, Budget.reserved_mc)
@@ -105,6 +125,12 @@ async def settle(
     status transition guarantees it). Spend without a reservation (no budget then,
     or an unpriced node) counts in the budgets' current windows."""
     for reservation in reservations:
+        if reservation.rolling:
+            await _add_to_day(
+                session, reservation.budget_id, reservation.window_start,
+                reserved=-reservation.amount_mc, spent=actual_mc,
+            )  # fmt: skip
+            continue
         await session.execute(
             update(Budget)
             .where(
@@ -119,6 +145,10 @@ async def settle(
     if reservations or actual_mc == 0:
         return
     for budget in await _budgets(session, tenant_id, user_id):
+        if budget.period == "rolling":
+            await _lock(session, budget)
+            await _add_to_day(session, budget.id, window_start("day", now), spent=actual_mc)
+            continue
         window = await _current_window(session, budget, now)
         await session.execute(
             update(Budget)
@@ -147,12 +177,16 @@ async def _current_window(session: AsyncSession, budget: Budget, now: datetime) 
     return window
 
 
-async def _refuse(session: AsyncSession, budget: Budget, amount_mc: int) -> None:
+async def _refuse(session: AsyncSession, budget: Budget, amount_mc: int) -> NoReturn:
     current = await session.scalar(
         select(Budget).where(Budget.id == budget.id).execution_options(populate_existing=True)
     )
     assert current is not None
-    remaining = max(0, current.limit_mc - current.spent_mc - current.reserved_mc)
+    _refuse_with(current, amount_mc, current.limit_mc - current.spent_mc - current.reserved_mc)
+
+
+def _refuse_with(current: Budget, amount_mc: int, remaining: int) -> NoReturn:
+    remaining = max(0, remaining)
     metrics.BUDGET_REJECTIONS.labels(
         str(current.tenant_id), "user" if current.user_id else "tenant"
     ).inc()
@@ -165,3 +199,57 @@ async def _refuse(session: AsyncSession, budget: Budget, amount_mc: int) -> None
         remaining_credits=str(mc_to_credits(remaining)),
         required_credits=str(mc_to_credits(amount_mc)),
     )
+
+
+async def rolling_used(session: AsyncSession, budget: Budget, now: datetime) -> tuple[int, int]:
+    """(reserved, spent) in a rolling budget's window ending today."""
+    assert budget.rolling_days is not None
+    start = window_start("day", now) - timedelta(days=budget.rolling_days - 1)
+    row = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(BudgetDay.reserved_mc), 0),
+                func.coalesce(func.sum(BudgetDay.spent_mc), 0),
+            ).where(BudgetDay.budget_id == budget.id, BudgetDay.day >= start)
+        )
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+async def _reserve_rolling(
+    session: AsyncSession, budget: Budget, amount_mc: int, now: datetime, *, require_room: bool
+) -> tuple[Reservation, int]:
+    await _lock(session, budget)
+    reserved, spent = await rolling_used(session, budget, now)
+    if reserved + spent + _needed(amount_mc, require_room) > budget.limit_mc:
+        _refuse_with(budget, amount_mc, budget.limit_mc - reserved - spent)
+    today = window_start("day", now)
+    await _add_to_day(session, budget.id, today, reserved=amount_mc)
+    return Reservation(budget.id, today, amount_mc, rolling=True), reserved + spent + amount_mc
+
+
+async def _lock(session: AsyncSession, budget: Budget) -> None:
+    """Serialize the rolling budget's writers (a no-op on SQLite, whose write lock the
+    transaction already holds)."""
+    await session.execute(select(Budget.id).where(Budget.id == budget.id).with_for_update())
+
+
+async def _add_to_day(
+    session: AsyncSession, budget_id: uuid.UUID, day: datetime, *, reserved: int = 0, spent: int = 0
+) -> None:
+    """Add to a day's counters, creating the row; callers hold the budget's lock."""
+    result = await session.execute(
+        update(BudgetDay)
+        .where(BudgetDay.budget_id == budget_id, BudgetDay.day == day)
+        .values(reserved_mc=BudgetDay.reserved_mc + reserved, spent_mc=BudgetDay.spent_mc + spent)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(BudgetDay(budget_id=budget_id, day=day, reserved_mc=reserved, spent_mc=spent))
+        await session.flush()
+
+
+def _needed(amount_mc: int, require_room: bool) -> int:
+    """What must fit in the budget: the amount, plus one milli-credit when some room
+    must be left (a prompt whose cost is unknown)."""
+    return amount_mc + 1 if require_room else amount_mc

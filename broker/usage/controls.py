@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
+from pydantic import BaseModel
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.audit import service as audit
 from broker.audit.service import Actor
 from broker.db.base import utc_now
-from broker.db.models import Budget
+from broker.db.models import Budget, Tenant, User
 from broker.errors import NotFound
 from broker.tenants import service as tenants_service
-from broker.usage.budgets import window_start
+from broker.usage.budgets import rolling_used, window_start
 from broker.usage.pricing import credits_to_mc, mc_to_credits
 from broker.usage.schemas import BudgetRead, BudgetSet, LimitsRead, TenantLimitsSet, UserLimitsSet
 
@@ -36,11 +38,13 @@ async def set_budget(
     now = utc_now()
     if budget is None:
         budget = Budget(scope=scope, tenant_id=tenant_id, user_id=user_id, reserved_mc=0,
-                        spent_mc=0, window_start=window_start(data.period, now))  # fmt: skip
+                        spent_mc=0, window_start=window_start(_fixed(data.period), now))  # fmt: skip
         session.add(budget)
     elif budget.period != data.period:
-        budget.window_start, budget.spent_mc = window_start(data.period, now), 0
+        budget.window_start = window_start(_fixed(data.period), now)
+        budget.spent_mc = budget.reserved_mc = 0  # open reservations settle into no window
     budget.period = data.period
+    budget.rolling_days = data.rolling_days
     budget.limit_mc = credits_to_mc(data.limit_credits)
     soft = data.soft_limit_credits
     budget.soft_limit_mc = None if soft is None else credits_to_mc(soft)
@@ -50,7 +54,7 @@ async def set_budget(
         tenant_id=tenant_id, details={"scope": scope.split(":")[0], "period": data.period,
                                       "limit_credits": str(data.limit_credits)},
     )  # fmt: skip
-    return budget_read(budget)
+    return await budget_read(session, budget)
 
 
 async def get_budget(
@@ -60,12 +64,12 @@ async def get_budget(
     budget = await _get(session, budget_scope(tenant_id, user_id))
     if budget is None:
         raise NotFound("No budget is set.")
-    return budget_read(budget)
+    return await budget_read(session, budget)
 
 
 async def find_budget(session: AsyncSession, scope: str) -> BudgetRead | None:
     budget = await _get(session, scope)
-    return None if budget is None else budget_read(budget)
+    return None if budget is None else await budget_read(session, budget)
 
 
 async def delete_budget(
@@ -80,31 +84,41 @@ async def delete_budget(
                  tenant_id=tenant_id)  # fmt: skip
 
 
-def budget_read(budget: Budget) -> BudgetRead:
-    current = window_start(budget.period, utc_now())
-    stale = budget.window_start < current  # no prompt yet in this window
-    spent, reserved = (0, 0) if stale else (budget.spent_mc, budget.reserved_mc)
+async def budget_read(session: AsyncSession, budget: Budget) -> BudgetRead:
+    now = utc_now()
+    if budget.period == "rolling":
+        reserved, spent = await rolling_used(session, budget, now)
+        assert budget.rolling_days is not None
+        start = window_start("day", now) - timedelta(days=budget.rolling_days - 1)
+    else:
+        start = window_start(budget.period, now)
+        stale = budget.window_start < start  # no prompt yet in this window
+        reserved, spent = (0, 0) if stale else (budget.reserved_mc, budget.spent_mc)
     return BudgetRead(
         scope="user" if budget.user_id else "tenant",
         period=budget.period,
+        rolling_days=budget.rolling_days,
         limit_credits=mc_to_credits(budget.limit_mc),
         soft_limit_credits=None
         if budget.soft_limit_mc is None
         else mc_to_credits(budget.soft_limit_mc),
-        window_start=current,
+        window_start=start,
         spent_credits=mc_to_credits(spent),
         reserved_credits=mc_to_credits(reserved),
         remaining_credits=mc_to_credits(max(0, budget.limit_mc - spent - reserved)),
     )
 
 
+def _fixed(period: str) -> str:
+    """The calendar window a budget's own counters use (a rolling budget uses days)."""
+    return "day" if period == "rolling" else period
+
+
 async def set_tenant_limits(
     session: AsyncSession, actor: Actor, tenant_id: uuid.UUID, data: TenantLimitsSet
 ) -> LimitsRead:
     tenant = await tenants_service.get_tenant(session, tenant_id)
-    for field, value in data.model_dump(exclude_unset=True).items():
-        setattr(tenant, field, value)
-    await session.flush()
+    await _apply(session, tenant, data)
     audit.record(session, actor, "tenant.limits", object_type="tenant", object_id=tenant_id,
                  tenant_id=tenant_id, details=data.model_dump(exclude_unset=True))  # fmt: skip
     return LimitsRead.model_validate(tenant)
@@ -118,12 +132,17 @@ async def set_user_limits(
     data: UserLimitsSet,
 ) -> LimitsRead:
     user = await tenants_service.get_user(session, tenant_id, user_id)
-    for field, value in data.model_dump(exclude_unset=True).items():
-        setattr(user, field, value)
-    await session.flush()
+    await _apply(session, user, data)
     audit.record(session, actor, "user.limits", object_type="user", object_id=user_id,
                  tenant_id=tenant_id, details=data.model_dump(exclude_unset=True))  # fmt: skip
     return LimitsRead.model_validate(user)
+
+
+async def _apply(session: AsyncSession, target: Tenant | User, data: BaseModel) -> None:
+    """Set the fields the request named (a field sent as null clears that limit)."""
+    for field, value in data.model_dump(exclude_unset=True).items():
+        setattr(target, field, value)
+    await session.flush()
 
 
 async def _check_owner(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from broker.comfy.files import FileRef
 from broker.db.models import Prompt, PromptOutput, PromptStatus
@@ -40,16 +40,6 @@ class PromptRepository(Repository):
         """The row as the database has it now, not as this session last saw it."""
         return await self.session.scalar(
             select(Prompt).where(Prompt.id == prompt_id).execution_options(populate_existing=True)
-        )
-
-    async def add_reported(
-        self, prompt_id: uuid.UUID, mc: int, while_in: frozenset[PromptStatus]
-    ) -> None:
-        await self.session.execute(
-            update(Prompt)
-            .where(Prompt.id == prompt_id, Prompt.status.in_(while_in))
-            .values(reported_mc=func.coalesce(Prompt.reported_mc, 0) + mc)
-            .execution_options(synchronize_session=False)
         )
 
     async def set_fields(self, prompt_id: uuid.UUID, **values: Any) -> None:

@@ -5,7 +5,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from broker.tenants.schemas import RequestModel, ResponseModel
 
@@ -14,16 +14,26 @@ Count = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
 class BudgetSet(RequestModel):
-    period: Literal["month", "day"] = Field(description="Calendar month or day, UTC.")
+    period: Literal["month", "day", "rolling"] = Field(
+        description="Calendar month or day (UTC), or the last `rolling_days` days."
+    )
+    rolling_days: int | None = Field(None, ge=1, le=366, description="For a rolling period.")
     limit_credits: Credits
     soft_limit_credits: Credits | None = Field(
         None, description="Past this, prompts still run but are flagged."
     )
 
+    @model_validator(mode="after")
+    def _days_go_with_rolling(self) -> BudgetSet:
+        if (self.period == "rolling") != (self.rolling_days is not None):
+            raise ValueError("rolling_days is required for a rolling period, and only then")
+        return self
+
 
 class BudgetRead(ResponseModel):
     scope: Literal["tenant", "user"]
     period: str
+    rolling_days: int | None = None
     limit_credits: Decimal
     soft_limit_credits: Decimal | None
     window_start: datetime

@@ -60,9 +60,13 @@ async def admit_prompt(session: AsyncSession, new: NewPrompt) -> Prompt:
     now = utc_now()
     await limits.admit(session, tenant.id, user.id, limits.Limits.of(tenant, user), now)
     metrics.CREDITS_ESTIMATED.labels(str(tenant.id)).inc(estimate.max_mc / MC_PER_CREDIT)
+    # A prompt with unpriced nodes may cost anything: it needs some room left.
+    needs_room = bool(estimate.unpriced)
     reservations, over_soft = (
-        await budgets.reserve(session, tenant.id, user.id, estimate.max_mc, now)
-        if estimate.max_mc
+        await budgets.reserve(
+            session, tenant.id, user.id, estimate.max_mc, now, require_room=needs_room
+        )
+        if estimate.max_mc or needs_room
         else ([], False)
     )
     prompt = Prompt(
@@ -251,9 +255,17 @@ async def record_cached(session: AsyncSession, prompt_id: uuid.UUID, nodes: Any)
         )
 
 
-async def record_reported_price(session: AsyncSession, prompt_id: uuid.UUID, mc: int) -> None:
-    """A price an API node reported while the prompt ran (its progress text)."""
-    await PromptRepository.from_session(session).add_reported(prompt_id, mc, UNFINISHED)
+async def record_reported_price(
+    session: AsyncSession, prompt_id: uuid.UUID, node_id: str, mc: int
+) -> None:
+    """A price an API node reported while the prompt ran. Nodes repeat it in every
+    progress message while they poll, so the latest per node counts, not their sum."""
+    repository = PromptRepository.from_session(session)
+    prompt = await repository.get_fresh(prompt_id)
+    if prompt is None or prompt.status not in UNFINISHED:
+        return
+    prices = {**prompt.reported_prices, node_id: mc}
+    await repository.set_fields(prompt_id, reported_prices=prices, reported_mc=sum(prices.values()))
 
 
 NOT_CHARGED_ERRORS = frozenset(
@@ -290,5 +302,6 @@ async def _charge(session: AsyncSession, prompt_id: uuid.UUID) -> None:
     metrics.PROMPTS.labels(tenant, prompt.status.value).inc()
     metrics.CREDITS_ACTUAL.labels(tenant).inc(actual / MC_PER_CREDIT)
     reservations = [budgets.Reservation.from_dict(item) for item in prompt.reservations]
-    await budgets.settle(session, reservations, prompt.tenant_id, prompt.user_id, actual, utc_now())
+    # Same lock order as admission (quota row, then budgets), or two can deadlock.
     await limits.release(session, prompt.user_id)
+    await budgets.settle(session, reservations, prompt.tenant_id, prompt.user_id, actual, utc_now())

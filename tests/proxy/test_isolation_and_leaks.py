@@ -147,4 +147,6 @@ async def test_canary_key_and_tokens_appear_nowhere(
     assert "RuntimeError" in caplog.text  # the forced exception was logged, by class only
     async with db() as session:
         statuses = (await session.scalars(select(Prompt.status))).all()
-    assert PromptStatus.PENDING not in statuses  # every forward ended in a recorded outcome
+    # Every forward ended in a recorded outcome, but for the forced failure, whose outcome
+    # is unknown: it is left to reconciliation.
+    assert statuses.count(PromptStatus.PENDING) == 1

@@ -91,8 +91,8 @@ async def test_upstream_hanging_past_the_timeout_is_504(
     assert response.status_code == 504
     assert response.json()["error"]["type"] == "upstream_timeout"
     assert "node_errors" in response.json()
-    record = await only_record(db)
-    assert (record.status, record.error_type) == (PromptStatus.ERROR, "upstream_timeout")
+    record = await only_record(db)  # ComfyUI may have it: reconciliation decides, not a guess
+    assert (record.status, record.error_type) == (PromptStatus.PENDING, None)
 
 
 async def test_no_healthy_upstream_is_503_with_retry_after(

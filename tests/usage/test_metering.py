@@ -341,3 +341,102 @@ class TestReports:
             Decimal("12.66"),
             None,
         )
+
+
+class TestRollingBudgets:
+    async def test_the_window_is_the_last_n_days(
+        self,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        from datetime import timedelta
+
+        from broker.db.base import utc_now
+        from broker.db.models import BudgetDay
+        from broker.usage.budgets import window_start
+
+        await set_budget(
+            client, alice, {"period": "rolling", "rolling_days": 7, "limit_credits": "40"}
+        )
+        async with db() as session:
+            budget = (await session.scalars(select(Budget))).one()
+            today = window_start("day", utc_now())
+            session.add(
+                BudgetDay(budget_id=budget.id, day=today - timedelta(days=6), spent_mc=20_000)
+            )
+            session.add(
+                BudgetDay(budget_id=budget.id, day=today - timedelta(days=7), spent_mc=900_000)
+            )
+            await session.commit()
+        first = await submit(client, alice, prompt=docs_workflow(1))  # 20 + 12.66 <= 40
+        refused = await client.post(
+            "/prompt", json={"prompt": docs_workflow(2)}, headers=alice.auth
+        )
+        assert refused.status_code == 402
+        assert refused.json()["error"]["remaining_credits"] == "7.340"
+        await wait_for_status(db, first, PromptStatus.SUCCESS)
+        for _ in range(100):
+            read = (
+                await client.get(
+                    f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget",
+                    headers=alice.tenant.admin,
+                )
+            ).json()
+            if read["reserved_credits"] == "0.000":
+                break
+            await asyncio.sleep(0.02)
+        assert (read["period"], read["rolling_days"], read["spent_credits"]) == (
+            "rolling",
+            7,
+            "32.660",
+        )
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"period": "rolling", "limit_credits": "1"},
+            {"period": "month", "rolling_days": 3, "limit_credits": "1"},
+        ],
+    )
+    async def test_rolling_days_go_with_rolling(
+        self, client: httpx.AsyncClient, alice: User, body: dict[str, object]
+    ) -> None:
+        response = await client.put(
+            f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget",
+            json=body,
+            headers=alice.tenant.admin,
+        )
+        assert response.status_code == 422
+
+
+async def test_repeated_progress_text_counts_once_per_node(
+    client: httpx.AsyncClient,
+    alice: User,
+    fake_comfy: FakeComfyUI,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    """API nodes repeat "Price: …" in every progress message while they poll."""
+
+    from broker.usage import service as usage_service
+
+    fake_comfy.auto_execute = False
+    prompt_id = await submit(client, alice)
+    async with db() as session:
+        for _ in range(5):
+            await usage_service.record_reported_price(session, uuid.UUID(prompt_id), "11", 12_660)
+        await session.commit()
+    assert (await prompt_row(db, prompt_id)).reported_mc == 12_660
+
+
+async def test_unpriced_prompts_need_room_in_the_budget(
+    client: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI
+) -> None:
+    del fake_comfy.object_info["OpenAIDalle3"]["price_badge"]
+    dalle = {"prompt": "x", "seed": 1, "quality": "hd", "style": "vivid", "size": "1024x1024"}
+    workflow = {"1": {"class_type": "OpenAIDalle3", "inputs": dalle},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "d"}}}  # fmt: skip
+    await set_budget(client, alice, {"period": "month", "limit_credits": "0"})
+    refused = await client.post("/prompt", json={"prompt": workflow}, headers=alice.auth)
+    assert refused.status_code == 402

@@ -13,8 +13,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.db.base import utc_now
 from broker.db.models import Budget
 from broker.settings import Settings
+from broker.usage.budgets import rolling_used
 from tests.fixtures.app import OPERATOR, AdminApi, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
 from tests.proxy.workflows import docs_workflow
@@ -88,8 +90,12 @@ async def replicas(
             await process.wait()
 
 
+@pytest.mark.parametrize("period", [{"period": "month"}, {"period": "rolling", "rolling_days": 30}])
 async def test_budget_holds_across_two_broker_processes(
-    replicas: list[str], fake_comfy: FakeComfyUI, db: async_sessionmaker[AsyncSession]
+    replicas: list[str],
+    fake_comfy: FakeComfyUI,
+    db: async_sessionmaker[AsyncSession],
+    period: dict[str, object],
 ) -> None:
     fake_comfy.auto_execute = False
     limits = httpx.Limits(max_connections=200)
@@ -97,7 +103,7 @@ async def test_budget_holds_across_two_broker_processes(
     try:
         admin = AdminApi(clients[0])
         alice = await admin.user(await admin.tenant("acme"), "alice", comfy_key())
-        budget = {"period": "month", "limit_credits": "126.6"}  # exactly ten prompts
+        budget = {**period, "limit_credits": "126.6"}  # exactly ten prompts
         set_ = await clients[1].put(
             f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget",
             json=budget,
@@ -117,7 +123,11 @@ async def test_budget_holds_across_two_broker_processes(
     assert len(fake_comfy.prompts_received()) == 10
     async with db() as session:
         stored = (await session.scalars(select(Budget))).one()
-    assert (stored.reserved_mc, stored.spent_mc) == (126_600, 0)
+        if stored.rolling_days:
+            counters = await rolling_used(session, stored, utc_now())
+        else:
+            counters = (stored.reserved_mc, stored.spent_mc)
+    assert counters == (126_600, 0)
 
 
 async def test_token_revocation_is_effective_on_both_at_once(replicas: list[str]) -> None:

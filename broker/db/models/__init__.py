@@ -2,6 +2,7 @@
 
 from broker.db.models.audit_event import AuditEvent
 from broker.db.models.budget import Budget
+from broker.db.models.budget_day import BudgetDay
 from broker.db.models.comfy_key import ComfyKey
 from broker.db.models.prompt import Prompt, PromptStatus
 from broker.db.models.prompt_output import PromptOutput
@@ -13,6 +14,7 @@ from broker.db.models.user_quota import UserQuota
 __all__ = [
     "AuditEvent",
     "Budget",
+    "BudgetDay",
     "ComfyKey",
     "Prompt",
     "PromptOutput",

@@ -22,7 +22,8 @@ class Budget(IdMixin, CreatedAtMixin, Base):
         ForeignKey("tenants.id", ondelete="CASCADE"), index=True
     )
     user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    period: Mapped[str] = mapped_column(String(16))  # "month" or "day"
+    period: Mapped[str] = mapped_column(String(16))  # "month", "day" or "rolling"
+    rolling_days: Mapped[int | None]  # the window of a "rolling" budget (see BudgetDay)
     limit_mc: Mapped[int] = mapped_column(BigInteger)
     soft_limit_mc: Mapped[int | None] = mapped_column(BigInteger)
     window_start: Mapped[datetime]

@@ -79,7 +79,10 @@ class Prompt(CreatedAtMixin, Base):
     reserved_mc: Mapped[int] = mapped_column(BigInteger, default=0)
     reservations: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     over_soft_limit: Mapped[bool] = mapped_column(default=False)
-    reported_mc: Mapped[int | None] = mapped_column(BigInteger)  # from progress text
+    # Prices API nodes reported while running (progress text, repeated while they poll):
+    # the latest per node, and their sum.
+    reported_prices: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    reported_mc: Mapped[int | None] = mapped_column(BigInteger)
     cached_nodes: Mapped[list[str]] = mapped_column(JSON, default=list)
     actual_mc: Mapped[int | None] = mapped_column(BigInteger)
     actual_source: Mapped[str | None] = mapped_column(String(16))
