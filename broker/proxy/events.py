@@ -262,7 +262,10 @@ class EventHub:
         async with session_scope(self._sessionmaker) as session:
             if isinstance(entry, dict) and _is_finished(entry):
                 await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
-                outcome, error = _outcome_from_messages(entry["status"].get("messages"))
+                messages = entry["status"].get("messages")
+                if _started(messages):  # it ran (and may have cost credits)
+                    await usage_service.record_running(session, prompt.id)
+                outcome, error = _outcome_from_messages(messages)
                 error_type = classify_execution_error(error) if error else None
                 await usage_service.record_finished(
                     session, prompt.id, outcome, error_type=error_type, message=error
@@ -326,6 +329,11 @@ def _outcome_from_messages(messages: Any) -> tuple[PromptStatus, str | None]:
             message = data.get("exception_message")
             return FINISHING_EVENTS[event[0]], str(message).strip() if message else None
     return PromptStatus.SUCCESS, None
+
+
+def _started(messages: Any) -> bool:
+    events = messages if isinstance(messages, list) else []
+    return any(isinstance(event, list) and event[:1] == ["execution_start"] for event in events)
 
 
 def _prompt_id(data: dict[str, Any]) -> uuid.UUID | None:

@@ -166,4 +166,6 @@ class TestLifecycle:
             await fake_comfy.await_idle()
             await wait_for_status(db, prompt_id, PromptStatus.QUEUED)
             hub.start()  # reconnects, and reconciles
-            await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+            row = await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+        assert row.started_at is not None  # it ran: its history says so
+        assert (row.actual_mc, row.actual_source) == (12_660, "estimate")
