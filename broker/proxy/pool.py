@@ -104,9 +104,6 @@ class UpstreamPool:
     def for_url(self, url: str) -> Upstream | None:
         return next((upstream for upstream in self.upstreams if upstream.url == url), None)
 
-    def any_healthy(self) -> bool:
-        return any(upstream.health.healthy for upstream in self.upstreams)
-
     def queue_remaining(self) -> int:
         return sum(upstream.health.queue_remaining for upstream in self.upstreams)
 
