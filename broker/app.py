@@ -22,6 +22,7 @@ from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction
 from broker.ops.access import AccessMiddleware
 from broker.ops.health import router as health_router
+from broker.proxy.bus import EventBus
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
@@ -63,10 +64,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         pool = _pool(http, sessionmaker, settings)
         app.state.proxy = ProxyContext(sessionmaker, custody, pool, _pricer(settings))
+        bus = _bus(settings, pool)
         await pool.start()
         try:
             yield
         finally:
+            if bus is not None:
+                await bus.stop()
             await pool.stop()
             await http.aclose()
             await engine.dispose()
@@ -90,6 +94,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
     return app
+
+
+def _bus(settings: Settings, pool: UpstreamPool) -> EventBus | None:
+    """Share websocket events with the other broker processes, when Redis is configured."""
+    if not settings.REDIS_URL:
+        return None
+    bus = EventBus(settings.REDIS_URL.get_secret_value(), pool.subscribers.deliver_local)
+    pool.subscribers.publish = bus.publish
+    bus.start()
+    return bus
 
 
 def _pricer(settings: Settings) -> Pricer:

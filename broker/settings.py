@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # Take ComfyUI versions known to leak keys out of the pool instead of only warning.
     REFUSE_LEAKY_UPSTREAMS: bool = False
     UPSTREAM_HEALTH_INTERVAL_SECONDS: float = Field(default=5.0, gt=0)
+    # Redis for sharing websocket events between broker processes (replicas, --workers).
+    REDIS_URL: SecretStr | None = None
     HOST: str = "127.0.0.1"
     PORT: int = Field(default=8189, ge=1, le=65535)
 

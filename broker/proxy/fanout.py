@@ -50,6 +50,8 @@ class Subscribers:
     def __init__(self, queue_remaining: Callable[[], int] = lambda: 0) -> None:
         self._by_user: dict[uuid.UUID, dict[str, Subscriber]] = {}
         self.queue_remaining = queue_remaining
+        # Also hand each event to the other broker processes (see bus.py), when set.
+        self.publish: Callable[[Owner, Message], None] | None = None
 
     def subscribe(self, user_id: uuid.UUID, client_id: str) -> Subscriber:
         """A new socket for (user, clientId) takes over an older one, as in ComfyUI;
@@ -74,6 +76,13 @@ class Subscribers:
             subscriber.close()
 
     def deliver(self, owner: Owner, message: Message) -> None:
+        """An event of a prompt this process forwarded: to the owner's sockets here, and
+        to those connected to other processes."""
+        self.deliver_local(owner, message)
+        if self.publish is not None:
+            self.publish(owner, message)
+
+    def deliver_local(self, owner: Owner, message: Message) -> None:
         """To the owner's socket with the prompt's clientId, or to all the owner's sockets
         when the prompt named none."""
         by_client = self._by_user.get(owner.user_id, {})

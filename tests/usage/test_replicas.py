@@ -7,11 +7,13 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from websockets.asyncio.client import connect
 
 from broker.db.base import utc_now
 from broker.db.models import Budget
@@ -19,7 +21,10 @@ from broker.settings import Settings
 from broker.usage.budgets import rolling_used
 from tests.fixtures.app import OPERATOR, AdminApi, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
+from tests.proxy.test_websocket import events_until_done
 from tests.proxy.workflows import docs_workflow
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def free_port() -> int:
@@ -59,12 +64,11 @@ async def wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
     raise RuntimeError("broker process did not start")
 
 
-@pytest.fixture
-async def replicas(
-    settings: Settings, db: async_sessionmaker[AsyncSession]
-) -> AsyncIterator[list[str]]:
+@asynccontextmanager
+async def running_replicas(settings: Settings, **extra_env: str) -> AsyncIterator[list[str]]:
     """Two `comfy-broker serve` processes on the test database."""
     ports = [free_port(), free_port()]
+    env = {**broker_env(settings), **extra_env}
     processes = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -73,7 +77,7 @@ async def replicas(
             "serve",
             "--port",
             str(port),
-            env=broker_env(settings),
+            env=env,
             stdout=asyncio.subprocess.DEVNULL,
         )
         for port in ports
@@ -88,6 +92,14 @@ async def replicas(
             process.terminate()
         for process in processes:
             await process.wait()
+
+
+@pytest.fixture
+async def replicas(
+    settings: Settings, db: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[list[str]]:
+    async with running_replicas(settings) as urls:
+        yield urls
 
 
 @pytest.mark.parametrize("period", [{"period": "month"}, {"period": "rolling", "rolling_days": 30}])
@@ -147,3 +159,30 @@ async def test_token_revocation_is_effective_on_both_at_once(replicas: list[str]
         )
         assert revoked.status_code == 204
         assert (await second.get("/usage", headers=alice.auth)).status_code == 401
+
+
+async def test_events_reach_a_socket_on_another_process_through_redis(
+    settings: Settings, fake_comfy: FakeComfyUI, db: async_sessionmaker[AsyncSession]
+) -> None:
+    """Submitted through one process, listened to on the other (BROKER_REDIS_URL)."""
+    async with (
+        running_replicas(settings, BROKER_REDIS_URL=REDIS_URL) as (first, second),
+        httpx.AsyncClient(base_url=first) as client,
+    ):
+        admin = AdminApi(client)
+        alice = await admin.user(await admin.tenant("acme"), "alice", comfy_key())
+        ws = second.replace("http", "ws") + "/ws?clientId=tab"
+        async with connect(ws, additional_headers=alice.auth) as socket:
+            await socket.recv()  # the status greeting
+            await asyncio.sleep(0.3)  # both processes' subscriptions are live
+            answer = await client.post(
+                "/prompt",
+                json={"prompt": docs_workflow(), "client_id": "tab"},
+                headers=alice.auth,
+            )
+            prompt_id = answer.json()["prompt_id"]
+            events = await events_until_done(socket, prompt_id)
+    assert {event["type"] for event in events if isinstance(event, dict)} >= {
+        "execution_start",
+        "executed",
+    }
