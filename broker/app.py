@@ -19,7 +19,7 @@ from broker.comfy.object_info import ObjectInfoCache
 from broker.db.session import create_engine, create_sessionmaker
 from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
-from broker.logs import configure_logging, install_redaction
+from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
 from broker.ops.health import router as health_router
 from broker.proxy.bus import EventBus
@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     custody = KeyCustody.from_settings(settings)  # fail fast on a bad keyring
     configure_logging(settings.LOG_LEVEL, json_lines=settings.LOG_FORMAT == "json")
+    if settings.ADMIN_TOKEN:
+        redact_literally(settings.ADMIN_TOKEN.get_secret_value())
     install_redaction()
 
     @asynccontextmanager

@@ -18,10 +18,20 @@ LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
 _traceback_formatter = logging.Formatter()
 
 
+_literal_secrets: set[str] = set()
+
+
 def redact_text(text: str) -> str:
     for pattern in SECRET_PATTERNS:
         text = pattern.sub(REDACTED, text)
+    for secret in _literal_secrets:
+        text = text.replace(secret, REDACTED)
     return text
+
+
+def redact_literally(secret: str) -> None:
+    """Also redact this exact value (a configured secret no pattern recognises)."""
+    _literal_secrets.add(secret)
 
 
 class RedactingFilter(logging.Filter):

@@ -42,6 +42,9 @@ class ComfyClient:
     def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
+        # How the server is named in records, logs and metrics: without any credentials
+        # the operator may have put in its URL.
+        self.url = str(httpx.URL(self.base_url).copy_with(username=None, password=None))
 
     def websocket_url(self, client_id: str) -> str:
         scheme, rest = self.base_url.split("://", 1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from broker.proxy.fanout import Message, Owner
+from broker.proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("broker.bus")
 CHANNEL = "comfy-broker:events"
@@ -44,11 +44,7 @@ class EventBus:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         await self._redis.aclose()
 
     def publish(self, owner: Owner, message: Message) -> None:

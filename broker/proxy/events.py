@@ -14,7 +14,6 @@ unfinished are settled from `/history`, so a lost socket loses no outcome.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 import uuid
@@ -35,6 +34,7 @@ from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BrokerError
 from broker.proxy.fanout import Message, Owner, Subscribers
+from broker.proxy.tasks import cancel_and_wait
 from broker.usage import service as usage_service
 from broker.usage.classify import classify_execution_error, price_in_progress_text
 from broker.usage.pricing import credits_to_mc, usd_to_mc
@@ -68,7 +68,7 @@ class EventHub:
         self._comfy = comfy
         self._ws_url = comfy.websocket_url(client_id)
         self._sessionmaker = sessionmaker
-        self._upstream = comfy.base_url
+        self._upstream = comfy.url
         self._stale_after = stale_after  # a pending record older than this has no forward left
         self._reconciling = asyncio.Lock()
         self._owners: OrderedDict[uuid.UUID, Owner] = OrderedDict()
@@ -87,11 +87,7 @@ class EventHub:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     # who gets what ---------------------------------------------------------

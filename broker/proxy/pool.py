@@ -9,7 +9,6 @@ put back when it answers again; with none healthy, new prompts get a 503.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from broker.comfy.object_info import ObjectInfoCache
 from broker.errors import BrokerError, ServiceUnavailable
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
+from broker.proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("broker.pool")
 
@@ -58,7 +58,7 @@ class Upstream:
 
     @property
     def url(self) -> str:
-        return self.comfy.base_url
+        return self.comfy.url
 
 
 class UpstreamPool:
@@ -85,9 +85,7 @@ class UpstreamPool:
 
     async def stop(self) -> None:
         if self._checker is not None:
-            self._checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checker
+            await cancel_and_wait([self._checker])
         for upstream in self.upstreams:
             await upstream.events.stop()
         self.subscribers.close_all()
