@@ -2,14 +2,20 @@
 
 Requests are built from scratch: nothing of the broker's client (Origin,
 cookies, Authorization) ever reaches ComfyUI.
+
+The client speaks httpx's API over aiohttp's connection handling (`httpx-aiohttp`):
+measured here, a bare proxy forwards 5-7× as many requests per second with it as with
+httpx's default transport (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
+from httpx_aiohttp import AiohttpTransport
 
 from broker.comfy.errors import (
     PromptRejected,
@@ -18,6 +24,7 @@ from broker.comfy.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
+from broker.errors import BrokerError
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -25,14 +32,19 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 def create_http_client(
     *, connect_timeout: float, read_timeout: float, max_connections: int = 64
 ) -> httpx.AsyncClient:
-    """The process-wide client: keep-alive, bounded pool, explicit timeouts."""
+    """The process-wide client: keep-alive, bounded pool, explicit timeouts. Call it
+    within the event loop that will use it."""
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60)
+        # trust_env=False: never route requests carrying keys through an env proxy.
+        return aiohttp.ClientSession(connector=connector, trust_env=False)
+
     return httpx.AsyncClient(
+        transport=AiohttpTransport(client=session, trust_env=False),
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
         follow_redirects=False,
-        trust_env=False,  # never route requests carrying keys through an env proxy
+        trust_env=False,
     )
 
 
@@ -82,14 +94,27 @@ class ComfyClient:
         request = self._http.build_request(method, self.base_url + path, **kwargs)
         try:
             return await self._http.send(request, stream=stream)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise UpstreamUnreachable("ComfyUI is unreachable (no connection).") from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"ComfyUI did not answer {method} {path} in time.") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamConnectionLost(
-                f"The connection to ComfyUI failed ({type(exc).__name__})."
-            ) from exc
+        except (TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:
+            raise _upstream_error(exc, f"{method} {path}") from exc
+
+
+def _upstream_error(exc: Exception, what: str) -> BrokerError:
+    """What a failed request means for the prompt: no connection was made (surely not
+    delivered), no answer in time, or the connection broke (it may have been delivered).
+
+    httpx-aiohttp maps most aiohttp errors to httpx.ConnectTimeout, read timeouts and lost
+    connections included, so the aiohttp error it chains is read first.
+    """
+    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ else exc
+    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return UpstreamUnreachable("ComfyUI is unreachable (no connection).")
+    if isinstance(cause, TimeoutError | httpx.TimeoutException) and not isinstance(
+        cause, httpx.ConnectTimeout
+    ):
+        return UpstreamTimeout(f"ComfyUI did not answer {what} in time.")
+    if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+        return UpstreamUnreachable("ComfyUI is unreachable (no connection).")
+    return UpstreamConnectionLost(f"The connection to ComfyUI failed ({type(cause).__name__}).")
 
 
 def _expect_json_object(response: httpx.Response) -> dict[str, Any]:
