@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker import __version__
+from broker.admin.cache_invalidation import ForgetCachesOnAdminChanges
 from broker.admin.router import router as admin_router
 from broker.body_limit import BodyLimitMiddleware
 from broker.comfy.client import ComfyClient, create_http_client
@@ -59,14 +60,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
         admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
-        app.state.authenticator = Authenticator(sessionmaker, admin_token)
+        authenticator = app.state.authenticator = Authenticator(
+            sessionmaker, admin_token, cache_seconds=settings.AUTH_CACHE_SECONDS
+        )
         http = create_http_client(
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
         pool = _pool(http, sessionmaker, settings)
         app.state.proxy = ProxyContext(sessionmaker, custody, pool, _pricer(settings))
-        bus = _bus(settings, pool)
+        bus = _bus(settings, pool, authenticator)
+        app.state.forget_caches = _forget_caches(authenticator, bus)
         await pool.start()
         try:
             yield
@@ -83,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.custody = custody
     add_exception_handlers(app)
+    app.add_middleware(ForgetCachesOnAdminChanges)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
     app.add_middleware(CredentialsPrecheck, admin_token=admin_token)
@@ -98,14 +103,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _bus(settings: Settings, pool: UpstreamPool) -> EventBus | None:
-    """Share websocket events with the other broker processes, when Redis is configured."""
+def _bus(settings: Settings, pool: UpstreamPool, authenticator: Authenticator) -> EventBus | None:
+    """Share websocket events and cache changes with the other broker processes, when
+    Redis is configured."""
     if not settings.REDIS_URL:
         return None
-    bus = EventBus(settings.REDIS_URL.get_secret_value(), pool.subscribers.deliver_local)
+    bus = EventBus(
+        settings.REDIS_URL.get_secret_value(),
+        pool.subscribers.deliver_local,
+        on_caches_changed=authenticator.forget_all,
+    )
     pool.subscribers.publish = bus.publish
     bus.start()
     return bus
+
+
+def _forget_caches(authenticator: Authenticator, bus: EventBus | None) -> Callable[[], None]:
+    def forget() -> None:
+        authenticator.forget_all()
+        if bus is not None:
+            bus.announce_caches_changed()
+
+    return forget
 
 
 def _pricer(settings: Settings) -> Pricer:

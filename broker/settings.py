@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     MAX_ADMIN_BODY_BYTES: int = Field(default=64 * 1024, gt=0)
     MAX_UPLOAD_BYTES: int = Field(default=32 * 1024 * 1024, gt=0)
     OBJECT_INFO_TTL_SECONDS: float = Field(default=300.0, ge=0)
+    # How long a process trusts a token it has checked, before looking it up again (0: never).
+    # Admin API changes clear it at once (on every process, with Redis); POST /prompt
+    # checks the token in its admission statement whatever this is.
+    AUTH_CACHE_SECONDS: float = Field(default=2.0, ge=0, le=60)
     # Credits for API nodes without a usable price badge: {"ClassType": 10 or [5, 20]}.
     PRICE_TABLE: dict[str, float | tuple[float, float]] = Field(default_factory=dict)
     LOG_LEVEL: str = "INFO"

@@ -10,6 +10,7 @@ httpx's default transport (docs/benchmarks.md).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,7 @@ from broker.comfy.errors import (
 from broker.errors import BrokerError
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+LARGE_BODY_BYTES = 1024 * 1024
 
 
 def create_http_client(
@@ -64,7 +66,7 @@ class ComfyClient:
 
     async def submit_prompt(self, body: bytes) -> dict[str, Any]:
         """POST /prompt. Returns ComfyUI's 200 answer; raises PromptRejected on its 400."""
-        response = await self._send("POST", "/prompt", content=body, headers=JSON_HEADERS)
+        response = await self._send("POST", "/prompt", **_json_body(body))
         if response.status_code == 400:
             raise PromptRejected(_json_object(response, fallback_type="invalid_prompt"))
         return _expect_json_object(response)
@@ -77,7 +79,7 @@ class ComfyClient:
         return await self.post_raw(path, orjson.dumps(body))
 
     async def post_raw(self, path: str, body: bytes) -> httpx.Response:
-        return await self._send("POST", path, content=body, headers=JSON_HEADERS)
+        return await self._send("POST", path, **_json_body(body))
 
     async def upload(
         self, path: str, *, file: tuple[str, Any, str], fields: dict[str, str]
@@ -96,6 +98,21 @@ class ComfyClient:
             return await self._http.send(request, stream=stream)
         except (TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:
             raise _upstream_error(exc, f"{method} {path}") from exc
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    """Request arguments for a JSON body. Bodies past aiohttp's 1 MiB "large body" mark go
+    as a stream of chunks with their length, as aiohttp asks (it warns about raw bytes)."""
+    if len(body) <= LARGE_BODY_BYTES:
+        return {"content": body, "headers": JSON_HEADERS}
+    headers = {**JSON_HEADERS, "Content-Length": str(len(body))}
+    return {"content": _chunks(body), "headers": headers}
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(body)
+    for start in range(0, len(body), LARGE_BODY_BYTES):
+        yield bytes(view[start : start + LARGE_BODY_BYTES])
 
 
 def _upstream_error(exc: Exception, what: str) -> BrokerError:

@@ -30,9 +30,18 @@ RETRY_SECONDS = 1.0
 
 
 class EventBus:
-    def __init__(self, url: str, deliver: Callable[[Owner, Message], None]) -> None:
+    """Also carries "caches changed" notices: an admin change on one process makes every
+    process forget the tokens it had checked (`on_caches_changed`)."""
+
+    def __init__(
+        self,
+        url: str,
+        deliver: Callable[[Owner, Message], None],
+        on_caches_changed: Callable[[], None] = lambda: None,
+    ) -> None:
         self._redis: Redis = Redis.from_url(url)
         self._deliver = deliver
+        self._on_caches_changed = on_caches_changed
         self._origin = uuid.uuid4().hex
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue(OUTBOX_SIZE)
         self._tasks: list[asyncio.Task[None]] = []
@@ -55,6 +64,12 @@ class EventBus:
             "client_id": owner.client_id,
             **_encoded(message),
         }
+        self._queue(envelope)
+
+    def announce_caches_changed(self) -> None:
+        self._queue({"origin": self._origin, "caches_changed": True})
+
+    def _queue(self, envelope: dict[str, Any]) -> None:
         try:
             self._outbox.put_nowait(orjson.dumps(envelope))
         except asyncio.QueueFull:
@@ -87,6 +102,9 @@ class EventBus:
         try:
             envelope: dict[str, Any] = orjson.loads(data)
             if envelope["origin"] == self._origin:
+                return
+            if envelope.get("caches_changed"):
+                self._on_caches_changed()
                 return
             owner = Owner(uuid.UUID(envelope["user_id"]), envelope["client_id"])
             message = _decoded(envelope)

@@ -13,9 +13,10 @@ import binascii
 import hmac
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated
 
+from cachetools import TTLCache
 from fastapi import Depends, Request, WebSocket
 from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -31,6 +32,7 @@ from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
 
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+CACHE_SIZE = 100_000
 INVALID_TOKEN = "The token is invalid, expired or revoked."  # noqa: S105 (a message)
 
 # Only for the OpenAPI docs ("Authorize" button); parsing is done below.
@@ -54,14 +56,41 @@ class Caller:
         return self.kind is TokenKind.OPERATOR
 
 
+@dataclass(frozen=True)
+class _KnownToken:
+    caller: Caller
+    expires_at: datetime | None
+
+
 class Authenticator:
-    """Resolves raw tokens against `BROKER_ADMIN_TOKEN` and the tokens table."""
+    """Resolves raw tokens against `BROKER_ADMIN_TOKEN` and the tokens table.
+
+    Valid tokens (and service tokens' users by external id) are remembered for
+    `cache_seconds`, which takes a database transaction off nearly every request.
+    `forget_all()` is called on every admin API change (and, through Redis, on every
+    process). Failures are never remembered: each bad token costs a lookup, which the
+    failed-authentication throttle bounds.
+    """
 
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], admin_token: str | None
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        admin_token: str | None,
+        *,
+        cache_seconds: float = 0.0,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._admin_token_hash = hash_token(admin_token).encode() if admin_token else None
+        self._tokens: TTLCache[str, _KnownToken] | None = None
+        self._users: TTLCache[tuple[uuid.UUID, str], uuid.UUID] | None = None
+        if cache_seconds > 0:
+            self._tokens = TTLCache(CACHE_SIZE, cache_seconds)
+            self._users = TTLCache(CACHE_SIZE, cache_seconds)
+
+    def forget_all(self) -> None:
+        for cache in (self._tokens, self._users):
+            if cache is not None:
+                cache.clear()
 
     async def authenticate(self, raw: str) -> Caller:
         token_hash = hash_token(raw)
@@ -71,21 +100,36 @@ class Authenticator:
             return Caller(TokenKind.OPERATOR, None, None, None)
         if kind_of(raw) is None:
             raise Unauthorized(INVALID_TOKEN)
+        known = self._tokens.get(token_hash) if self._tokens is not None else None
+        if known is None or (known.expires_at is not None and known.expires_at <= utc_now()):
+            known = await self._look_up(token_hash)
+        return known.caller
+
+    async def _look_up(self, token_hash: str) -> _KnownToken:
         async with session_scope(self._sessionmaker) as session:
             token = await TokenRepository.from_session(session).get_by_hash(token_hash)
             if token is None or not _is_usable(token):
                 raise Unauthorized(INVALID_TOKEN)
             await _touch(session, token)
-            return Caller(token.kind, token.id, token.tenant_id, token.user_id)
+        caller = Caller(token.kind, token.id, token.tenant_id, token.user_id)
+        known = _KnownToken(caller, token.expires_at)
+        if self._tokens is not None:
+            self._tokens[token_hash] = known
+        return known
 
     async def user_id_for(self, tenant_id: uuid.UUID, external_id: str) -> uuid.UUID:
         """The id of a tenant's user by external id; another tenant's user is a 404."""
+        user_id = self._users.get((tenant_id, external_id)) if self._users is not None else None
+        if user_id is not None:
+            return user_id
         async with session_scope(self._sessionmaker) as session:
             user = await UserRepository.from_session(session).get_by_external_id(
                 tenant_id, external_id
             )
         if user is None:
             raise NotFound("User not found.")
+        if self._users is not None:
+            self._users[(tenant_id, external_id)] = user.id
         return user.id
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NoReturn
 
-from sqlalchemy import case, select, update
+from sqlalchemy import ColumnElement, case, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
-from broker.db.models import Tenant, User, UserQuota
-from broker.errors import TooManyRequests
+from broker.db.models import Tenant, Token, User, UserQuota
+from broker.errors import NotFound, TooManyRequests, Unauthorized
 from broker.ops import metrics
+from broker.tenants.auth import INVALID_TOKEN
 
 UNLIMITED = 2**31 - 1
 CONCURRENCY_RETRY_SECONDS = 5
@@ -38,19 +41,51 @@ class Limits:
 
 
 async def admit(
-    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, limits: Limits, now: datetime
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    token_id: uuid.UUID | None,
+    now: datetime,
 ) -> None:
-    """Count one more prompt for the user, or raise 429 (with Retry-After)."""
+    """Count one more prompt for the user, or raise 429 (with Retry-After).
+
+    One conditional UPDATE, which also reads the limits (the user's, else the tenant's)
+    and checks that the token is still valid: the authentication cache may be a few
+    seconds old, but a token revoked or expired since then gets no prompt through (401).
+    """
     minute = now.replace(second=0, microsecond=0)
-    await _ensure_row(session, user_id, minute)
-    per_minute = limits.per_minute or UNLIMITED
+    for _ in range(2):
+        if await _count_one_more(session, tenant_id, user_id, token_id, minute, now):
+            return
+        if not await _ensure_row(session, user_id, minute):
+            break
+    if token_id is not None and not await _token_valid(session, token_id, now):
+        raise Unauthorized(INVALID_TOKEN)
+    metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
+    await _refuse(session, tenant_id, user_id, now)
+
+
+async def _count_one_more(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    token_id: uuid.UUID | None,
+    minute: datetime,
+    now: datetime,
+) -> bool:
+    conditions = [
+        UserQuota.user_id == user_id,
+        (UserQuota.minute_start != minute)
+        | (UserQuota.minute_count < _limit(User.max_prompts_per_minute,
+                                           Tenant.max_prompts_per_minute, tenant_id, user_id)),
+        UserQuota.active_count
+        < _limit(User.max_active_prompts, Tenant.max_active_prompts, tenant_id, user_id),
+    ]  # fmt: skip
+    if token_id is not None:
+        conditions.append(_token_is_valid(token_id, now))
     result = await session.execute(
         update(UserQuota)
-        .where(
-            UserQuota.user_id == user_id,
-            (UserQuota.minute_start != minute) | (UserQuota.minute_count < per_minute),
-            UserQuota.active_count < (limits.active or UNLIMITED),
-        )
+        .where(*conditions)
         .values(
             minute_count=case(
                 (UserQuota.minute_start == minute, UserQuota.minute_count + 1), else_=1
@@ -60,10 +95,32 @@ async def admit(
         )
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
-        return
-    metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
-    await _refuse(session, user_id, limits, now)
+    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
+def _limit(
+    user_limit: InstrumentedAttribute[int | None],
+    tenant_limit: InstrumentedAttribute[int | None],
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+) -> ColumnElement[int]:
+    return func.coalesce(
+        select(user_limit).where(User.id == user_id).scalar_subquery(),
+        select(tenant_limit).where(Tenant.id == tenant_id).scalar_subquery(),
+        UNLIMITED,
+    )
+
+
+def _token_is_valid(token_id: uuid.UUID, now: datetime) -> ColumnElement[bool]:
+    return exists().where(
+        Token.id == token_id,
+        Token.revoked_at.is_(None),
+        Token.expires_at.is_(None) | (Token.expires_at > now),
+    )
+
+
+async def _token_valid(session: AsyncSession, token_id: uuid.UUID, now: datetime) -> bool:
+    return bool(await session.scalar(select(_token_is_valid(token_id, now))))
 
 
 async def release(session: AsyncSession, user_id: uuid.UUID) -> None:
@@ -76,17 +133,26 @@ async def release(session: AsyncSession, user_id: uuid.UUID) -> None:
     )
 
 
-async def _ensure_row(session: AsyncSession, user_id: uuid.UUID, minute: datetime) -> None:
+async def _ensure_row(session: AsyncSession, user_id: uuid.UUID, minute: datetime) -> bool:
+    """Create the user's counter row if it is missing; False if it was there."""
     if await session.get(UserQuota, user_id) is not None:
-        return
+        return False
     try:
         async with session.begin_nested():
             session.add(UserQuota(user_id=user_id, minute_start=minute))
     except IntegrityError:
         pass  # a concurrent request created it
+    return True
 
 
-async def _refuse(session: AsyncSession, user_id: uuid.UUID, limits: Limits, now: datetime) -> None:
+async def _refuse(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, now: datetime
+) -> NoReturn:
+    tenant = await session.get(Tenant, tenant_id)
+    user = await session.get(User, user_id)
+    if tenant is None or user is None:
+        raise NotFound("User not found.")
+    limits = Limits.of(tenant, user)
     quota = await session.scalar(
         select(UserQuota)
         .where(UserQuota.user_id == user_id)

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from broker.comfy.files import FileRef
 from broker.db.models import Prompt, PromptOutput, PromptStatus
 from broker.db.repository import Repository
+
+
+@dataclass(frozen=True)
+class SettledPrompt:
+    """A prompt's final state, as its settlement reads it."""
+
+    tenant_id: uuid.UUID
+    user_id: uuid.UUID
+    status: PromptStatus
+    started_at: datetime | None
+    error_type: str | None
+    reported_mc: int | None
+    cached_nodes: list[str]
+    cost_breakdown: list[dict[str, Any]]
+    reservations: list[dict[str, Any]]
+
+
+SETTLED_COLUMNS = tuple(getattr(Prompt, field.name) for field in dataclasses.fields(SettledPrompt))
 
 
 class PromptRepository(Repository):
@@ -33,6 +54,10 @@ class PromptRepository(Repository):
         await self.session.flush()
         return prompt
 
+    async def insert(self, **values: Any) -> None:
+        """A new record, as one INSERT (no ORM object: the prompt path reads it no more)."""
+        await self.session.execute(insert(Prompt).values(**values))
+
     async def get(self, prompt_id: uuid.UUID) -> Prompt | None:
         return await self.session.get(Prompt, prompt_id)
 
@@ -55,6 +80,22 @@ class PromptRepository(Repository):
             .values(**values)
         )
         return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+    async def settle(
+        self, prompt_id: uuid.UUID, *, allowed_from: frozenset[PromptStatus], **values: Any
+    ) -> SettledPrompt | None:
+        """`transition` to a final status, returning what settlement needs; None if the
+        prompt was not in one of `allowed_from` (settled already, or unknown)."""
+        row = (
+            await self.session.execute(
+                update(Prompt)
+                .where(Prompt.id == prompt_id, Prompt.status.in_(allowed_from))
+                .values(**values)
+                .returning(*SETTLED_COLUMNS)
+                .execution_options(synchronize_session=False)
+            )
+        ).first()
+        return None if row is None else SettledPrompt(*row)
 
     async def owned_among(
         self, user_id: uuid.UUID, prompt_ids: list[uuid.UUID]

@@ -17,12 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.comfy.files import output_files
 from broker.db.base import utc_now
-from broker.db.models import Prompt, PromptStatus, Tenant, User
-from broker.errors import BadRequest, NotFound
+from broker.db.models import Prompt, PromptStatus, Tenant
+from broker.errors import BadRequest
 from broker.ops import metrics
 from broker.usage import budgets, limits
 from broker.usage.pricing import MC_PER_CREDIT, Estimate
-from broker.usage.repository import PromptOutputRepository, PromptRepository
+from broker.usage.repository import PromptOutputRepository, PromptRepository, SettledPrompt
 
 MAX_ERROR_MESSAGE = 1000
 MAX_ERROR_TYPE = 64
@@ -43,33 +43,26 @@ class NewPrompt:
     estimate: Estimate
 
 
-async def admit_prompt(session: AsyncSession, new: NewPrompt) -> Prompt:
+async def admit_prompt(session: AsyncSession, new: NewPrompt) -> None:
     """Everything that decides whether a prompt may go, in the caller's transaction:
     the tenant's policy for unpriced nodes, rate limits, budget reservations, and the
     `pending` record. Any refusal rolls all of it back."""
-    tenant = await session.get(Tenant, new.tenant_id)
-    user = await session.get(User, new.user_id)
-    if tenant is None or user is None:
-        raise NotFound("User not found.")
     estimate = new.estimate
-    if estimate.unpriced and tenant.unpriced_policy == "refuse":
-        raise BadRequest(
-            "This prompt has API nodes without a known price, and your tenant refuses those.",
-            error_type="unpriced_nodes",
-        )
+    if estimate.unpriced:
+        await _check_unpriced_policy(session, new.tenant_id)
     now = utc_now()
-    await limits.admit(session, tenant.id, user.id, limits.Limits.of(tenant, user), now)
-    metrics.CREDITS_ESTIMATED.labels(str(tenant.id)).inc(estimate.max_mc / MC_PER_CREDIT)
+    await limits.admit(session, new.tenant_id, new.user_id, new.token_id, now)
+    metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id)).inc(estimate.max_mc / MC_PER_CREDIT)
     # A prompt with unpriced nodes may cost anything: it needs some room left.
     needs_room = bool(estimate.unpriced)
     reservations, over_soft = (
         await budgets.reserve(
-            session, tenant.id, user.id, estimate.max_mc, now, require_room=needs_room
+            session, new.tenant_id, new.user_id, estimate.max_mc, now, require_room=needs_room
         )
         if estimate.max_mc or needs_room
         else ([], False)
     )
-    prompt = Prompt(
+    await PromptRepository.from_session(session).insert(
         id=new.prompt_id,
         tenant_id=new.tenant_id,
         user_id=new.user_id,
@@ -88,8 +81,18 @@ async def admit_prompt(session: AsyncSession, new: NewPrompt) -> Prompt:
         reserved_mc=estimate.max_mc if reservations else 0,
         reservations=[reservation.as_dict() for reservation in reservations],
         over_soft_limit=over_soft,
+        created_at=now,
+        updated_at=now,
     )
-    return await PromptRepository.from_session(session).add(prompt)
+
+
+async def _check_unpriced_policy(session: AsyncSession, tenant_id: uuid.UUID) -> None:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is not None and tenant.unpriced_policy == "refuse":
+        raise BadRequest(
+            "This prompt has API nodes without a known price, and your tenant refuses those.",
+            error_type="unpriced_nodes",
+        )
 
 
 Settlement = Callable[[AsyncSession, uuid.UUID], Awaitable[None]]
@@ -151,7 +154,7 @@ async def _record_failed(
     replayable: bool,
 ) -> None:
     values: dict[str, Any] = {"idempotency_key": None} if not replayable else {}
-    settled = await PromptRepository.from_session(session).transition(
+    settled = await PromptRepository.from_session(session).settle(
         prompt_id,
         allowed_from=frozenset({PromptStatus.PENDING}),
         status=status,
@@ -162,8 +165,8 @@ async def _record_failed(
         updated_at=utc_now(),
         **values,
     )
-    if settled:
-        await _charge(session, prompt_id)
+    if settled is not None:
+        await _charge(session, prompt_id, settled)
 
 
 def storable(text: str | None, limit: int) -> str | None:
@@ -197,7 +200,7 @@ async def record_finished(
     """Settle a prompt that ran (once: a settled prompt is never changed again), and
     charge it."""
     now = utc_now()
-    settled = await PromptRepository.from_session(session).transition(
+    settled = await PromptRepository.from_session(session).settle(
         prompt_id,
         allowed_from=UNFINISHED,
         status=status,
@@ -206,9 +209,10 @@ async def record_finished(
         finished_at=now,
         updated_at=now,
     )
-    if settled:
-        await _charge(session, prompt_id)
-    return settled
+    if settled is None:
+        return False
+    await _charge(session, prompt_id, settled)
+    return True
 
 
 async def record_outputs(session: AsyncSession, prompt_id: uuid.UUID, outputs: Any) -> None:
@@ -233,7 +237,7 @@ async def record_lost(session: AsyncSession, prompt_id: uuid.UUID, status: Promp
     """ComfyUI has neither queued nor run it: never accepted (`pending`), or lost (a
     restart emptied its queue). Settled as an error, never replayed."""
     never_accepted = status is PromptStatus.PENDING
-    settled = await PromptRepository.from_session(session).transition(
+    settled = await PromptRepository.from_session(session).settle(
         prompt_id,
         allowed_from=frozenset({status}),
         status=PromptStatus.ERROR,
@@ -243,8 +247,8 @@ async def record_lost(session: AsyncSession, prompt_id: uuid.UUID, status: Promp
         finished_at=utc_now(),
         updated_at=utc_now(),
     )
-    if settled:
-        await _charge(session, prompt_id)
+    if settled is not None:
+        await _charge(session, prompt_id, settled)
 
 
 async def record_cached(session: AsyncSession, prompt_id: uuid.UUID, nodes: Any) -> None:
@@ -273,7 +277,7 @@ NOT_CHARGED_ERRORS = frozenset(
 )
 
 
-def actual_charge(prompt: Prompt) -> tuple[int, str]:
+def actual_charge(prompt: Prompt | SettledPrompt) -> tuple[int, str]:
     """What a finished prompt cost, and where that number comes from."""
     if prompt.reported_mc is not None:
         return prompt.reported_mc, "progress_text"
@@ -289,15 +293,13 @@ def actual_charge(prompt: Prompt) -> tuple[int, str]:
     return estimate, "estimate"
 
 
-async def _charge(session: AsyncSession, prompt_id: uuid.UUID) -> None:
+async def _charge(session: AsyncSession, prompt_id: uuid.UUID, prompt: SettledPrompt) -> None:
     """Settle the budgets and free the rate-limit slot of a prompt that just reached its
     final status. Called once per prompt: only the transition that succeeded calls it."""
-    repository = PromptRepository.from_session(session)
-    prompt = await repository.get_fresh(prompt_id)
-    if prompt is None:
-        return
     actual, source = actual_charge(prompt)
-    await repository.set_fields(prompt_id, actual_mc=actual, actual_source=source)
+    await PromptRepository.from_session(session).set_fields(
+        prompt_id, actual_mc=actual, actual_source=source
+    )
     tenant = str(prompt.tenant_id)
     metrics.PROMPTS.labels(tenant, prompt.status.value).inc()
     metrics.CREDITS_ACTUAL.labels(tenant).inc(actual / MC_PER_CREDIT)

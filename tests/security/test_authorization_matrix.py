@@ -12,24 +12,24 @@ callers prove each request would have worked (or failed for a reason past author
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.routing import WebSocketRoute
 
 from broker.audit.service import CLI_ACTOR
 from broker.db.base import utc_now
-from broker.db.models import PromptStatus, Token, TokenKind
+from broker.db.models import PromptStatus, TokenKind
 from broker.tenants import service as tenants_service
 from broker.tenants.tokens import generate_token
 from tests.fixtures.app import OPERATOR, AdminApi, Tenant, User, bearer, comfy_key
@@ -498,52 +498,49 @@ async def test_every_route_has_a_row(app: FastAPI) -> None:
 # ------------------------------------------------------------------------- the world
 
 
-async def issue_operator_token(db: async_sessionmaker[AsyncSession], name: str) -> tuple[str, str]:
+async def issue_operator_token(
+    db: async_sessionmaker[AsyncSession], name: str, expires_at: datetime | None = None
+) -> tuple[str, str]:
     async with db() as session:
-        created = await tenants_service.issue_operator_token(session, CLI_ACTOR, name, None)
+        created = await tenants_service.issue_operator_token(session, CLI_ACTOR, name, expires_at)
         await session.commit()
     return created.token, str(created.id)
-
-
-async def expire(db: async_sessionmaker[AsyncSession], token_id: str) -> None:
-    async with db() as session:
-        await session.execute(
-            update(Token)
-            .where(Token.id == uuid.UUID(token_id))
-            .values(expires_at=utc_now() - timedelta(seconds=1))
-        )
-        await session.commit()
 
 
 async def stale_tokens(
     client: httpx.AsyncClient, db: async_sessionmaker[AsyncSession], acme: Tenant, alice: User
 ) -> dict[tuple[Caller, Role], str]:
-    """A revoked and an expired token of each role, each used once while still valid (so a
-    cache of good tokens would have them) before it is revoked or expired."""
+    """A revoked and an expired token of each role, each used once while still valid (so
+    the authentication cache has them) before it is revoked or expires."""
 
-    async def issue(role: Role) -> tuple[str, str]:
+    async def issue(role: Role, expires_at: datetime | None = None) -> tuple[str, str]:
         if role is Role.OPERATOR:
-            return await issue_operator_token(db, fresh_name("operator"))
+            return await issue_operator_token(db, fresh_name("operator"), expires_at)
         url = f"/admin/tenants/{acme.id}/tokens"
         body: dict[str, str] = {"kind": "admin"}
         if role is Role.USER:
             url, body = f"/admin/tenants/{acme.id}/users/{alice.id}/tokens", {}
+        if expires_at is not None:
+            body["expires_at"] = expires_at.isoformat()
         response = await client.post(url, json=body, headers=OPERATOR)
         assert response.status_code == 201, response.text
         return response.json()["token"], response.json()["id"]
 
+    async def use(role: Role, token: str) -> None:
+        probe = "/prompt" if role is Role.USER else "/admin/tenants"
+        assert (await client.get(probe, headers=bearer(token))).status_code == 200
+
     stale: dict[tuple[Caller, Role], str] = {}
+    expires_at = utc_now() + timedelta(seconds=1.5)
     for role in Role:
-        for caller in (Caller.REVOKED, Caller.EXPIRED):
-            token, token_id = await issue(role)
-            probe = "/prompt" if role is Role.USER else "/admin/tenants"
-            assert (await client.get(probe, headers=bearer(token))).status_code == 200
-            if caller is Caller.REVOKED:
-                revoked = await client.delete(f"/admin/tokens/{token_id}", headers=OPERATOR)
-                assert revoked.status_code == 204
-            else:
-                await expire(db, token_id)
-            stale[caller, role] = token
+        token, token_id = await issue(role)
+        await use(role, token)
+        revoked = await client.delete(f"/admin/tokens/{token_id}", headers=OPERATOR)
+        assert revoked.status_code == 204
+        stale[Caller.REVOKED, role] = token
+        stale[Caller.EXPIRED, role], _ = await issue(role, expires_at)
+        await use(role, stale[Caller.EXPIRED, role])
+    await asyncio.sleep((expires_at - utc_now()).total_seconds() + 0.05)
     return stale
 
 

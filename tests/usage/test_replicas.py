@@ -142,23 +142,60 @@ async def test_budget_holds_across_two_broker_processes(
     assert counters == (126_600, 0)
 
 
-async def test_token_revocation_is_effective_on_both_at_once(replicas: list[str]) -> None:
+async def revoke_on_first_and_probe_second(
+    first: str, second: str
+) -> tuple[httpx.Response, httpx.Response, float]:
+    """Alice's token is used on the second process (which caches it), then revoked on the
+    first. Returns the second's answers to a prompt and to a read right after, and how
+    long its reads took to refuse the token."""
     async with (
-        httpx.AsyncClient(base_url=replicas[0]) as first,
-        httpx.AsyncClient(base_url=replicas[1]) as second,
+        httpx.AsyncClient(base_url=first) as one,
+        httpx.AsyncClient(base_url=second) as two,
     ):
-        admin = AdminApi(first)
+        admin = AdminApi(one)
         acme = await admin.tenant("acme")
         alice = await admin.user(acme, "alice", comfy_key())
-        tokens = await second.get(
+        tokens = await two.get(
             f"/admin/tenants/{acme.id}/tokens?user_id={alice.id}", headers=OPERATOR
         )
-        assert (await second.get("/usage", headers=alice.auth)).status_code == 200
-        revoked = await first.delete(
+        assert (await two.get("/usage", headers=alice.auth)).status_code == 200
+        revoked = await one.delete(
             f"/admin/tokens/{tokens.json()['items'][0]['id']}", headers=OPERATOR
         )
         assert revoked.status_code == 204
-        assert (await second.get("/usage", headers=alice.auth)).status_code == 401
+        started = asyncio.get_running_loop().time()
+        prompt = await two.post("/prompt", json={"prompt": docs_workflow()}, headers=alice.auth)
+        read = await two.get("/usage", headers=alice.auth)
+        while read.status_code == 200 and asyncio.get_running_loop().time() - started < 10:
+            await asyncio.sleep(0.05)
+            read = await two.get("/usage", headers=alice.auth)
+        return prompt, read, asyncio.get_running_loop().time() - started
+
+
+async def test_a_revoked_token_gets_no_prompt_through_on_any_process(
+    settings: Settings, fake_comfy: FakeComfyUI, db: async_sessionmaker[AsyncSession]
+) -> None:
+    """Without Redis, the other process refuses prompts at once (admission checks the
+    token in the database) and reads within BROKER_AUTH_CACHE_SECONDS."""
+    async with running_replicas(settings, BROKER_AUTH_CACHE_SECONDS="2") as (first, second):
+        prompt, read, seconds = await revoke_on_first_and_probe_second(first, second)
+    assert prompt.status_code == 401
+    assert not fake_comfy.prompts_received()
+    assert read.status_code == 401
+    assert seconds <= 2.5
+
+
+async def test_revocation_reaches_every_process_at_once_through_redis(
+    settings: Settings, fake_comfy: FakeComfyUI, db: async_sessionmaker[AsyncSession]
+) -> None:
+    """With Redis, an admin change clears the other processes' caches: with a 30 s cache,
+    the revoked token is refused within a fraction of a second."""
+    extra = {"BROKER_REDIS_URL": REDIS_URL, "BROKER_AUTH_CACHE_SECONDS": "30"}
+    async with running_replicas(settings, **extra) as (first, second):
+        await asyncio.sleep(0.3)  # both processes' subscriptions are live
+        prompt, read, seconds = await revoke_on_first_and_probe_second(first, second)
+    assert (prompt.status_code, read.status_code) == (401, 401)
+    assert seconds < 1.0
 
 
 async def test_events_reach_a_socket_on_another_process_through_redis(
