@@ -17,6 +17,7 @@ from broker.admin.router import router as admin_router
 from broker.body_limit import BodyLimitMiddleware
 from broker.comfy.client import ComfyClient, create_http_client
 from broker.comfy.object_info import ObjectInfoCache
+from broker.db.group_commit import GroupCommitter
 from broker.db.session import create_engine, create_sessionmaker
 from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
@@ -67,8 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
-        pool = _pool(http, sessionmaker, settings)
-        app.state.proxy = ProxyContext(sessionmaker, custody, pool, _pricer(settings))
+        committer = GroupCommitter(sessionmaker)
+        committer.start()
+        pool = _pool(http, sessionmaker, committer, settings)
+        app.state.proxy = ProxyContext(sessionmaker, committer, custody, pool, _pricer(settings))
         bus = _bus(settings, pool, authenticator)
         app.state.forget_caches = _forget_caches(authenticator, bus)
         await pool.start()
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if bus is not None:
                 await bus.stop()
             await pool.stop()
+            await committer.stop()
             await http.aclose()
             await engine.dispose()
 
@@ -138,7 +142,10 @@ def _pricer(settings: Settings) -> Pricer:
 
 
 def _pool(
-    http: httpx.AsyncClient, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+    http: httpx.AsyncClient,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    committer: GroupCommitter,
+    settings: Settings,
 ) -> UpstreamPool:
     subscribers = Subscribers()
     longest_forward = settings.UPSTREAM_CONNECT_TIMEOUT + settings.UPSTREAM_READ_TIMEOUT
@@ -152,8 +159,8 @@ def _pool(
         def on_queue_size(size: int) -> None:
             health.queue_remaining = size
 
-        events = EventHub(comfy, client_id, sessionmaker, subscribers, stale_after=stale_after,
-                          on_queue_size=on_queue_size)  # fmt: skip
+        events = EventHub(comfy, client_id, sessionmaker, committer, subscribers,
+                          stale_after=stale_after, on_queue_size=on_queue_size)  # fmt: skip
         cache = ObjectInfoCache(
             comfy, settings.OBJECT_INFO_TTL_SECONDS, hidden_prefix=USER_FOLDER_PREFIX
         )

@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect
 from broker.comfy.client import ComfyClient
 from broker.comfy.redaction import SENSITIVE_KEYS, redact
 from broker.db.base import utc_now
+from broker.db.group_commit import GroupCommitter
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BrokerError
@@ -60,6 +61,7 @@ class EventHub:
         comfy: ComfyClient,
         client_id: str,
         sessionmaker: async_sessionmaker[AsyncSession],
+        committer: GroupCommitter,
         subscribers: Subscribers,
         *,
         stale_after: timedelta,
@@ -68,6 +70,7 @@ class EventHub:
         self._comfy = comfy
         self._ws_url = comfy.websocket_url(client_id)
         self._sessionmaker = sessionmaker
+        self._committer = committer
         self._upstream = comfy.url
         self._stale_after = stale_after  # a pending record older than this has no forward left
         self._reconciling = asyncio.Lock()
@@ -142,7 +145,7 @@ class EventHub:
         self._subscribers.deliver(owner, frame)
         price = _reported_price(frame)
         if price is not None:
-            await self._write(prompt_id, usage_service.record_reported_price, *price)
+            self._write(prompt_id, usage_service.record_reported_price, *price)
 
     async def _on_event(self, kind: str, data: dict[str, Any], raw: str) -> None:
         if kind == "status":
@@ -153,7 +156,7 @@ class EventHub:
         if owner is None or prompt_id is None:
             return  # not a brokered prompt, or no prompt at all: nobody's business
         self._track_execution(kind, data, prompt_id)
-        await self._record(kind, data, prompt_id)
+        self._record(kind, data, prompt_id)
         self._subscribers.deliver(owner, _redacted(raw, kind, data))
 
     def _on_status(self, data: dict[str, Any]) -> None:
@@ -173,29 +176,26 @@ class EventHub:
         ):
             self._executing = None
 
-    async def _record(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
+    def _record(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
         if kind == "execution_start":
-            await self._write(prompt_id, usage_service.record_running)
+            self._write(prompt_id, usage_service.record_running)
         elif kind == "execution_cached":
-            await self._write(prompt_id, usage_service.record_cached, data.get("nodes"))
+            self._write(prompt_id, usage_service.record_cached, data.get("nodes"))
         elif kind == "executed":
-            await self._write(prompt_id, usage_service.record_outputs, data.get("output"))
+            self._write(prompt_id, usage_service.record_outputs, data.get("output"))
         elif kind in FINISHING_EVENTS:
-            await self._write(prompt_id, _record_finish, kind, data)
+            self._write(prompt_id, _record_finish, kind, data)
 
-    async def _write(
+    def _write(
         self, prompt_id: uuid.UUID, record: Callable[..., Awaitable[Any]], *args: Any
     ) -> None:
-        await _uninterrupted(self._write_now(prompt_id, record, *args))
+        """Queue the write with the prompt path's writes (group commit), in event order,
+        without waiting for it: what fails is logged, and reconciliation settles it."""
 
-    async def _write_now(
-        self, prompt_id: uuid.UUID, record: Callable[..., Awaitable[Any]], *args: Any
-    ) -> None:
-        try:
-            async with session_scope(self._sessionmaker) as session:
-                await record(session, prompt_id, *args)
-        except SQLAlchemyError as exc:  # reconciliation settles what could not be written
-            log.error("events.record_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
+        async def write(session: AsyncSession) -> None:
+            await record(session, prompt_id, *args)
+
+        self._committer.submit(write, name=f"events.{getattr(record, '__name__', 'record')}")
 
     async def _owner(self, prompt_id: uuid.UUID) -> Owner | None:
         owner = self._owners.get(prompt_id)

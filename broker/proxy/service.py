@@ -7,6 +7,7 @@ is forwarded, and no transaction is held open while ComfyUI answers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -24,8 +25,8 @@ from broker.comfy.errors import (
     UpstreamUnreachable,
 )
 from broker.comfy.redaction import scrub
+from broker.db.group_commit import GroupCommitter
 from broker.db.models import PromptStatus
-from broker.db.session import session_scope
 from broker.errors import BadRequest, BrokerError, Conflict, ServiceUnavailable, Unprocessable
 from broker.keys import service as keys_service
 from broker.keys.crypto import UnsealError
@@ -48,6 +49,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 @dataclass
 class ProxyContext:
     sessionmaker: async_sessionmaker[AsyncSession]
+    committer: GroupCommitter
     custody: KeyCustody
     pool: UpstreamPool
     pricer: Pricer
@@ -81,21 +83,22 @@ async def submit_prompt(
     estimate = context.pricer.estimate(
         body.fields["prompt"], await upstream.object_info.nodes(), key_nodes
     )
+    admission = Admission(
+        context.custody, acting, upstream, body, estimate, key_nodes, idempotency_key
+    )
     try:
-        async with session_scope(context.sessionmaker) as session:
-            replay = await _replay(session, acting, idempotency_key, body)
-            if replay is not None:
-                return replay
-            api_key = await _key_for(session, context.custody, acting, key_nodes, body)
-            prompt_id = await _choose_prompt_id(session, body)
-            new = _new_prompt(upstream, acting, body, prompt_id, estimate, idempotency_key)
-            await usage_service.admit_prompt(session, new)
+        # Isolated when the INSERT may conflict (a client-chosen id or Idempotency-Key).
+        isolated = idempotency_key is not None or body.proposed_prompt_id is not None
+        outcome = await context.committer.run(admission, isolated=isolated)
     except IntegrityError as exc:  # a concurrent twin won the unique constraint
         message = "A request with this Idempotency-Key is in progress."
         raise Conflict(message if idempotency_key else "This prompt already exists.") from exc
     except DBAPIError as exc:  # a deadlock, a lock timeout, a failover: nothing was kept
         log.warning("proxy.admission_failed error=%s", type(exc.orig).__name__)
         raise ServiceUnavailable("The database is busy; try again.", retry_after=1) from None
+    if isinstance(outcome, PromptAnswer):
+        return outcome
+    prompt_id, api_key = outcome
     upstream.events.remember(prompt_id, Owner(acting.user_id, body.client_id))
     forwarded = upstream_body(
         body, prompt_id=prompt_id, client_id=upstream.client_id, api_key=api_key
@@ -211,30 +214,47 @@ async def _choose_prompt_id(session: AsyncSession, body: PromptBody) -> uuid.UUI
     return proposed
 
 
-def _new_prompt(
-    upstream: Upstream,
-    acting: ActingUser,
-    body: PromptBody,
-    prompt_id: uuid.UUID,
-    estimate: Estimate,
-    idempotency_key: str | None,
-) -> NewPrompt:
-    return NewPrompt(
-        prompt_id=prompt_id,
-        tenant_id=acting.tenant_id,
-        user_id=acting.user_id,
-        token_id=acting.token_id,
-        upstream=upstream.url,
-        client_id=body.client_id,
-        api_nodes=sorted(
-            {node.class_type for node in estimate.nodes}
-            | {body.class_types[node_id] for node_id in estimate.unpriced}
-        ),
-        body_bytes=body.size,
-        idempotency_key=idempotency_key,
-        request_hash=body.digest,
-        estimate=estimate,
-    )
+@dataclass(frozen=True)
+class Admission:
+    """One unit of group-committed work: the first answer again for a retry, else the
+    prompt's id and key once its `pending` record is admitted. Refusals come before
+    any write (see broker/db/group_commit.py)."""
+
+    custody: KeyCustody
+    acting: ActingUser
+    upstream: Upstream
+    body: PromptBody
+    estimate: Estimate
+    key_nodes: list[str]
+    idempotency_key: str | None
+
+    async def __call__(self, session: AsyncSession) -> PromptAnswer | tuple[uuid.UUID, str | None]:
+        replay = await _replay(session, self.acting, self.idempotency_key, self.body)
+        if replay is not None:
+            return replay
+        api_key = await _key_for(session, self.custody, self.acting, self.key_nodes, self.body)
+        prompt_id = await _choose_prompt_id(session, self.body)
+        await usage_service.admit_prompt(session, self._new_prompt(prompt_id))
+        return prompt_id, api_key
+
+    def _new_prompt(self, prompt_id: uuid.UUID) -> NewPrompt:
+        estimate, body = self.estimate, self.body
+        return NewPrompt(
+            prompt_id=prompt_id,
+            tenant_id=self.acting.tenant_id,
+            user_id=self.acting.user_id,
+            token_id=self.acting.token_id,
+            upstream=self.upstream.url,
+            client_id=body.client_id,
+            api_nodes=sorted(
+                {node.class_type for node in estimate.nodes}
+                | {body.class_types[node_id] for node_id in estimate.unpriced}
+            ),
+            body_bytes=body.size,
+            idempotency_key=self.idempotency_key,
+            request_hash=body.digest,
+            estimate=estimate,
+        )
 
 
 async def _forward(
@@ -300,10 +320,13 @@ async def _settle(context: ProxyContext, prompt_id: uuid.UUID, record: Settlemen
     client (ComfyUI has the prompt); the record stays `pending` until the event hub's
     reconciliation settles it from ComfyUI."""
     try:
-        async with session_scope(context.sessionmaker) as session:
-            await record(session, prompt_id)
+        await context.committer.run(functools.partial(_record, record, prompt_id))
     except SQLAlchemyError as exc:
         log.error("proxy.settle_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
+
+
+async def _record(record: Settlement, prompt_id: uuid.UUID, session: AsyncSession) -> None:
+    await record(session, prompt_id)
 
 
 async def queue_info(context: ProxyContext) -> dict[str, Any]:

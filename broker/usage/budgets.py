@@ -74,15 +74,19 @@ async def reserve(
     now: datetime,
     *,
     require_room: bool = False,
+    applicable: list[Budget] | None = None,
 ) -> tuple[list[Reservation], bool]:
-    """Reserve `amount_mc` on each budget of the tenant and the user, or raise 402.
-    With `require_room`, a budget must also have some credits left beyond it.
+    """Reserve `amount_mc` on each budget of the tenant and the user (`applicable`, if
+    the caller has read them already), or raise 402. With `require_room`, a budget must
+    also have some credits left beyond it.
 
     Returns the reservations and whether a soft limit is now passed.
     """
     reservations: list[Reservation] = []
     over_soft = False
-    for budget in await _budgets(session, tenant_id, user_id):
+    if applicable is None:
+        applicable = await budgets_of(session, tenant_id, user_id)
+    for budget in applicable:
         if budget.period == "rolling":
             reservation, used = await _reserve_rolling(
                 session, budget, amount_mc, now, require_room=require_room
@@ -144,7 +148,7 @@ async def settle(
         )
     if reservations or actual_mc == 0:
         return
-    for budget in await _budgets(session, tenant_id, user_id):
+    for budget in await budgets_of(session, tenant_id, user_id):
         if budget.period == "rolling":
             await _lock(session, budget)
             await _add_to_day(session, budget.id, window_start("day", now), spent=actual_mc)
@@ -158,7 +162,9 @@ async def settle(
         )
 
 
-async def _budgets(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID) -> list[Budget]:
+async def budgets_of(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> list[Budget]:
     rows = await session.scalars(
         select(Budget).where(Budget.scope.in_(scopes(tenant_id, user_id))).order_by(Budget.scope)
     )

@@ -46,22 +46,31 @@ class NewPrompt:
 async def admit_prompt(session: AsyncSession, new: NewPrompt) -> None:
     """Everything that decides whether a prompt may go, in the caller's transaction:
     the tenant's policy for unpriced nodes, rate limits, budget reservations, and the
-    `pending` record. Any refusal rolls all of it back."""
+    `pending` record. Each refusal comes before any write, or undoes its writes (the
+    budgets' savepoint): group commit relies on it (broker/db/group_commit.py)."""
     estimate = new.estimate
     if estimate.unpriced:
         await _check_unpriced_policy(session, new.tenant_id)
     now = utc_now()
-    await limits.admit(session, new.tenant_id, new.user_id, new.token_id, now)
-    metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id)).inc(estimate.max_mc / MC_PER_CREDIT)
     # A prompt with unpriced nodes may cost anything: it needs some room left.
     needs_room = bool(estimate.unpriced)
-    reservations, over_soft = (
-        await budgets.reserve(
-            session, new.tenant_id, new.user_id, estimate.max_mc, now, require_room=needs_room
-        )
+    applicable = (
+        await budgets.budgets_of(session, new.tenant_id, new.user_id)
         if estimate.max_mc or needs_room
-        else ([], False)
+        else []
     )
+    reservations: list[budgets.Reservation] = []
+    over_soft = False
+    if not applicable:
+        await limits.admit(session, new.tenant_id, new.user_id, new.token_id, now)
+    else:  # a budget's refusal must give the rate-limit slot back
+        async with session.begin_nested():
+            await limits.admit(session, new.tenant_id, new.user_id, new.token_id, now)
+            reservations, over_soft = await budgets.reserve(
+                session, new.tenant_id, new.user_id, estimate.max_mc, now,
+                require_room=needs_room, applicable=applicable,
+            )  # fmt: skip
+    metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id)).inc(estimate.max_mc / MC_PER_CREDIT)
     await PromptRepository.from_session(session).insert(
         id=new.prompt_id,
         tenant_id=new.tenant_id,
