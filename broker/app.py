@@ -35,6 +35,7 @@ from broker.proxy.uploads import USER_FOLDER_PREFIX
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
+from broker.tenants.throttle import FailedAuthThrottle
 from broker.usage.pricing import Pricer, credits_to_mc
 
 DESCRIPTION = """
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.ADMIN_TOKEN:
         redact_literally(settings.ADMIN_TOKEN.get_secret_value())
     install_redaction()
+    throttle = FailedAuthThrottle(settings.AUTH_FAILURES_PER_MINUTE)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,7 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker
         admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
         authenticator = app.state.authenticator = Authenticator(
-            sessionmaker, admin_token, cache_seconds=settings.AUTH_CACHE_SECONDS
+            sessionmaker,
+            admin_token,
+            cache_seconds=settings.AUTH_CACHE_SECONDS,
+            throttle=throttle,
         )
         http = create_http_client(
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
@@ -94,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ForgetCachesOnAdminChanges)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
-    app.add_middleware(CredentialsPrecheck, admin_token=admin_token)
+    app.add_middleware(CredentialsPrecheck, admin_token=admin_token, throttle=throttle)
     app.add_middleware(ServerTimingMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(AccessMiddleware)

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # Admin API changes clear it at once (on every process, with Redis); POST /prompt
     # checks the token in its admission statement whatever this is.
     AUTH_CACHE_SECONDS: float = Field(default=2.0, ge=0, le=60)
+    # Failed authentications a client address may make per minute (per process) before
+    # its unknown tokens get 429 instead of a lookup (0: no throttling).
+    AUTH_FAILURES_PER_MINUTE: int = Field(default=30, ge=0)
     # Credits for API nodes without a usable price badge: {"ClassType": 10 or [5, 20]}.
     PRICE_TABLE: dict[str, float | tuple[float, float]] = Field(default_factory=dict)
     LOG_LEVEL: str = "INFO"

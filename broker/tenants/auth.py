@@ -29,6 +29,7 @@ from broker.db.models import Token, TokenKind
 from broker.db.session import session_scope
 from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized, render_error
 from broker.tenants.repository import TokenRepository, UserRepository
+from broker.tenants.throttle import FailedAuthThrottle
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
 
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -78,8 +79,10 @@ class Authenticator:
         admin_token: str | None,
         *,
         cache_seconds: float = 0.0,
+        throttle: FailedAuthThrottle | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._throttle = throttle or FailedAuthThrottle(0)
         self._admin_token_hash = hash_token(admin_token).encode() if admin_token else None
         self._tokens: TTLCache[str, _KnownToken] | None = None
         self._users: TTLCache[tuple[uuid.UUID, str], uuid.UUID] | None = None
@@ -92,18 +95,25 @@ class Authenticator:
             if cache is not None:
                 cache.clear()
 
-    async def authenticate(self, raw: str) -> Caller:
+    async def authenticate(self, raw: str, client: str | None = None) -> Caller:
+        """The caller `raw` identifies; `client` (its address) is throttled after repeated
+        failures (see broker/tenants/throttle.py)."""
         token_hash = hash_token(raw)
         if self._admin_token_hash is not None and hmac.compare_digest(
             token_hash.encode(), self._admin_token_hash
         ):
             return Caller(TokenKind.OPERATOR, None, None, None)
-        if kind_of(raw) is None:
-            raise Unauthorized(INVALID_TOKEN)
         known = self._tokens.get(token_hash) if self._tokens is not None else None
-        if known is None or (known.expires_at is not None and known.expires_at <= utc_now()):
-            known = await self._look_up(token_hash)
-        return known.caller
+        if known is not None and (known.expires_at is None or known.expires_at > utc_now()):
+            return known.caller
+        self._throttle.check(client)
+        try:
+            if kind_of(raw) is None:
+                raise Unauthorized(INVALID_TOKEN)
+            return (await self._look_up(token_hash)).caller
+        except Unauthorized:
+            self._throttle.failed(client)
+            raise
 
     async def _look_up(self, token_hash: str) -> _KnownToken:
         async with session_scope(self._sessionmaker) as session:
@@ -180,7 +190,7 @@ async def get_current_caller(
 ) -> Caller:
     authenticator: Authenticator = request.app.state.authenticator
     raw = token_from_header(request.headers.get("authorization"))
-    caller = await authenticator.authenticate(raw)
+    caller = await authenticator.authenticate(raw, request.client.host if request.client else None)
     request.state.caller = caller  # for the access log
     return caller
 
@@ -260,7 +270,8 @@ async def authenticate_websocket(websocket: WebSocket) -> ActingUser:
     header = websocket.headers.get("authorization")
     query_token = websocket.query_params.get("token")
     raw = _bounded(query_token) if query_token and not header else token_from_header(header)
-    caller = await authenticator.authenticate(raw)
+    client = websocket.client.host if websocket.client else None
+    caller = await authenticator.authenticate(raw, client)
     return await acting_user(authenticator, caller, websocket.headers.get(ACT_AS_HEADER))
 
 
@@ -279,17 +290,21 @@ class CredentialsPrecheck:
     The real check (the token's hash in the database) is still the route's dependency.
     """
 
-    def __init__(self, app: ASGIApp, admin_token: str | None) -> None:
+    def __init__(self, app: ASGIApp, admin_token: str | None, throttle: FailedAuthThrottle) -> None:
         self.app = app
         self._admin_token_hash = hash_token(admin_token) if admin_token else None
+        self._throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
+        authorization = Headers(scope=scope).get("authorization")
         try:
-            self._check(Headers(scope=scope).get("authorization"))
+            self._check(authorization)
         except Unauthorized as error:
+            if authorization:  # bad credentials count; none at all do not
+                self._throttle.failed(scope["client"][0] if scope.get("client") else None)
             request_id = scope.get("state", {}).get("request_id")
             await render_error(scope["path"], error, request_id)(scope, receive, send)
             return
