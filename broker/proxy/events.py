@@ -14,12 +14,13 @@ unfinished are settled from `/history`, so a lost socket loses no outcome.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -47,6 +48,7 @@ T = TypeVar("T")
 OWNER_CACHE_SIZE = 10_000
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONCILE_INTERVAL_SECONDS = 30.0
+RECONCILE_QUIET = timedelta(seconds=RECONCILE_INTERVAL_SECONDS)
 TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT
 FINISHING_EVENTS = {
     "execution_success": PromptStatus.SUCCESS,
@@ -109,7 +111,7 @@ class EventHub:
                     attempt = 0
                     self._executing = None  # whatever ran before may have ended unseen
                     self.connected.set()
-                    await self._reconcile()
+                    await self._reconcile(after_reconnect=True)
                     async for message in socket:
                         await self._on_message(message)
             except Exception as exc:  # noqa: BLE001  the hub must outlive any one failure
@@ -216,17 +218,23 @@ class EventHub:
     async def _reconcile_periodically(self) -> None:
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL_SECONDS)
-            await self._reconcile()
+            await self._reconcile(after_reconnect=False)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, *, after_reconnect: bool) -> None:
         """Settle unfinished prompts from ComfyUI's history and queue: outcomes the socket
-        missed, and `pending` records whose forward ended without an answer recorded."""
-        await _uninterrupted(self._reconcile_now())
+        missed, and `pending` records whose forward ended without an answer recorded.
 
-    async def _reconcile_now(self) -> None:
+        After a reconnect every unfinished prompt is looked at (events may have been
+        lost); the periodic pass skips prompts changed within its interval, which the
+        connected socket is reporting on: under load, most unfinished prompts are.
+        """
+        quiet_since = None if after_reconnect else utc_now() - RECONCILE_QUIET
+        await _uninterrupted(self._reconcile_now(quiet_since))
+
+    async def _reconcile_now(self, quiet_since: datetime | None) -> None:
         async with self._reconciling:
             try:
-                await self._reconcile_unfinished()
+                await self._reconcile_unfinished(quiet_since)
             except (BrokerError, SQLAlchemyError) as exc:
                 log.warning(
                     "events.reconcile_failed upstream=%s error=%s",
@@ -234,14 +242,18 @@ class EventHub:
                     type(exc).__name__,
                 )
 
-    async def _reconcile_unfinished(self) -> None:
+    async def _reconcile_unfinished(self, quiet_since: datetime | None) -> None:
         async with session_scope(self._sessionmaker) as session:
             unfinished = await PromptRepository.from_session(session).in_states(
                 self._upstream, list(usage_service.UNFINISHED)
             )
         stale_before = utc_now() - self._stale_after
-        candidates = [p for p in unfinished if p.status is not PromptStatus.PENDING
-                      or p.created_at < stale_before]  # fmt: skip
+        candidates = [
+            prompt
+            for prompt in unfinished
+            if (prompt.status is not PromptStatus.PENDING or prompt.created_at < stale_before)
+            and (quiet_since is None or prompt.updated_at < quiet_since)
+        ]
         if not candidates:
             return
         queued = await self._queued_ids()
@@ -255,21 +267,27 @@ class EventHub:
 
     async def _settle(self, prompt: Prompt, queued: set[str], *, stale: bool) -> None:
         entry = (await self._comfy.get_json(f"/history/{prompt.id}")).get(str(prompt.id))
-        async with session_scope(self._sessionmaker) as session:
-            if isinstance(entry, dict) and _is_finished(entry):
-                await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
-                messages = entry["status"].get("messages")
-                if _started(messages):  # it ran (and may have cost credits)
-                    await usage_service.record_running(session, prompt.id)
-                outcome, error = _outcome_from_messages(messages)
-                error_type = classify_execution_error(error) if error else None
-                await usage_service.record_finished(
-                    session, prompt.id, outcome, error_type=error_type, message=error
-                )
-            elif str(prompt.id) in queued or isinstance(entry, dict):
-                await usage_service.record_accepted(session, prompt.id)
-            elif stale:
-                await usage_service.record_lost(session, prompt.id, prompt.status)
+        await self._committer.run(functools.partial(_settle_from, prompt, entry, queued, stale))
+
+
+async def _settle_from(
+    prompt: Prompt, entry: Any, queued: set[str], stale: bool, session: AsyncSession
+) -> None:
+    """What ComfyUI's history entry (or its absence) says of an unfinished prompt."""
+    if isinstance(entry, dict) and _is_finished(entry):
+        await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
+        messages = entry["status"].get("messages")
+        if _started(messages):  # it ran (and may have cost credits)
+            await usage_service.record_running(session, prompt.id)
+        outcome, error = _outcome_from_messages(messages)
+        error_type = classify_execution_error(error) if error else None
+        await usage_service.record_finished(
+            session, prompt.id, outcome, error_type=error_type, message=error
+        )
+    elif str(prompt.id) in queued or isinstance(entry, dict):
+        await usage_service.record_accepted(session, prompt.id)
+    elif stale:
+        await usage_service.record_lost(session, prompt.id, prompt.status)
 
 
 async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
