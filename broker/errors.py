@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
@@ -141,6 +142,10 @@ class ServiceUnavailable(BrokerError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    error_type = "database_unavailable"
+
+
 class UpstreamTimeout(BrokerError):
     status_code = 504
     error_type = "upstream_timeout"
@@ -232,8 +237,30 @@ class UnhandledErrorMiddleware:
                 await response(scope, receive, send)
 
 
+async def handle_database_error(request: Request, exc: Exception) -> JSONBody:
+    """The database refused, dropped or timed out a connection (or a statement): a 503
+    the client may retry, never a 500. Only the exception's class is logged: a driver's
+    message may quote statement parameters."""
+    log.warning("request.database_unavailable path=%s error=%s", request.url.path,
+                type(exc).__name__)  # fmt: skip
+    error = DatabaseUnavailable("The database is unavailable; try again shortly.", retry_after=2)
+    return render_error(request.url.path, error, getattr(request.state, "request_id", None))
+
+
+# A driver may raise its connection failure as it is (asyncpg: ConnectionRefusedError)
+# rather than as one of SQLAlchemy's; upstream failures never get here as OSError (the
+# ComfyUI client names them).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.DBAPIError,
+    sqlalchemy.exc.TimeoutError,
+    ConnectionError,
+)
+
+
 def add_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BrokerError, handle_broker_error)
+    for database_error in DATABASE_ERRORS:
+        app.add_exception_handler(database_error, handle_database_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
 

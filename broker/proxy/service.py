@@ -27,7 +27,14 @@ from broker.comfy.errors import (
 from broker.comfy.redaction import scrub
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import PromptStatus
-from broker.errors import BadRequest, BrokerError, Conflict, ServiceUnavailable, Unprocessable
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    Conflict,
+    DatabaseUnavailable,
+    ServiceUnavailable,
+    Unprocessable,
+)
 from broker.keys import service as keys_service
 from broker.keys.crypto import UnsealError
 from broker.keys.service import KeyCustody
@@ -95,7 +102,7 @@ async def submit_prompt(
         raise Conflict(message if idempotency_key else "This prompt already exists.") from exc
     except DBAPIError as exc:  # a deadlock, a lock timeout, a failover: nothing was kept
         log.warning("proxy.admission_failed error=%s", type(exc.orig).__name__)
-        raise ServiceUnavailable("The database is busy; try again.", retry_after=1) from None
+        raise DatabaseUnavailable("The database is busy; try again.", retry_after=1) from None
     if isinstance(outcome, PromptAnswer):
         return outcome
     prompt_id, api_key = outcome
