@@ -12,7 +12,8 @@ Content-Length bodies) for httpx, aiohttp, wrk and the broker, and answers:
 - `GET /ws?clientId=…` → ComfyUI's event stream: a `status` message, then, for each prompt
   queued with that `client_id`, `execution_start` and `execution_success` right after the
   answer, as a ComfyUI with an infinitely fast GPU would; pings are answered;
-- `GET /history/{id}` → that prompt, finished (so a broker reconciling finds it done).
+- `GET /history/{id}` → that prompt, finished (so a broker reconciling finds it done);
+- `GET /view` → with `--view-bytes N`, an N-byte file (whatever the query), for `bench.view`.
 
 `--never-finish` keeps every prompt queued instead (no events, empty history): a broker then
 accumulates unfinished prompts, which shows what its reconciliation costs.
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import os
 import re
 import time
 import uuid
@@ -34,6 +36,8 @@ from urllib.parse import parse_qs
 import orjson
 
 MAX_HEAD_BYTES = 64 * 1024
+VIEW_FILE = {"filename": "bench-view.png", "subfolder": "", "type": "output"}
+VIEW_OUTPUTS = {"9": {"images": [VIEW_FILE]}}  # every prompt "made" the /view file
 COMFYUI_VERSION = "0.3.75"  # recent enough for the broker (older ones leak keys in /queue)
 PROMPT_ID = re.compile(rb'"prompt_id"\s*:\s*"([0-9a-fA-F-]{1,64})"')
 CLIENT_ID = re.compile(rb'"client_id"\s*:\s*"([^"\\]{1,200})"')
@@ -99,6 +103,7 @@ class Request:
 @dataclass
 class ServerState:
     finish: bool = True
+    view_payload: bytes = b""  # what GET /view serves (`--view-bytes`), for bench.view
     number: int = 0
     object_info: bytes = field(default_factory=lambda: orjson.dumps(OBJECT_INFO))
     sockets: dict[str, ComfyProtocol] = field(default_factory=dict)  # clientId → event stream
@@ -129,7 +134,8 @@ def history(state: ServerState, path: str) -> bytes:
     if not state.finish or not prompt_id:
         return response("200 OK", b"{}")
     status = {"status_str": "success", "completed": True, "messages": []}
-    return response("200 OK", orjson.dumps({prompt_id: {"status": status, "outputs": {}}}))
+    outputs = VIEW_OUTPUTS if state.view_payload else {}
+    return response("200 OK", orjson.dumps({prompt_id: {"status": status, "outputs": outputs}}))
 
 
 def route(state: ServerState, request: Request) -> bytes:
@@ -225,6 +231,12 @@ class ComfyProtocol(asyncio.Protocol):
             return
         if request.method == "POST" and request.route == "/prompt":
             self._queue(request.body)
+        elif request.route == "/view" and self.state.view_payload:
+            head = response("200 OK", b"", "image/png").replace(
+                b"Content-Length: 0", f"Content-Length: {len(self.state.view_payload)}".encode()
+            )
+            self.transport.write(head)
+            self.transport.write(self.state.view_payload)
         else:
             self.transport.write(route(self.state, request))
         if request.headers.get("connection", "").lower() == "close":
@@ -309,8 +321,9 @@ def text_frame(payload: bytes) -> bytes:
     return bytes([0x81, 126]) + length.to_bytes(2, "big") + payload
 
 
-async def serve(host: str, port: int, finish: bool) -> None:
-    state = ServerState(finish=finish)
+async def serve(host: str, port: int, finish: bool, view_bytes: int = 0) -> None:
+    # Random bytes: nothing on the way can compress them.
+    state = ServerState(finish=finish, view_payload=os.urandom(view_bytes))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: ComfyProtocol(state), host, port, backlog=1024)
     async with server:
@@ -322,8 +335,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--never-finish", action="store_true", help="keep prompts queued")
+    parser.add_argument("--view-bytes", type=int, default=0, help="size of the GET /view file")
     args = parser.parse_args()
-    server = serve(args.host, args.port, finish=not args.never_finish)
+    server = serve(args.host, args.port, finish=not args.never_finish, view_bytes=args.view_bytes)
     try:
         import uvloop
     except ImportError:
