@@ -10,9 +10,12 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from bench.processes import PYTHON, Server, free_port, start_server
 
 POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
 BENCH_COMFY_KEY = "comfyui-bench-" + "0" * 40  # never leaves this machine: the fake ignores it
@@ -95,3 +98,40 @@ def postgres_database(label: str) -> Iterator[str]:
         yield f"{POSTGRES_SERVER}/{name}"
     finally:
         asyncio.run(_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@dataclass
+class Stage:
+    """A fake ComfyUI and a broker in front of it, with a seeded user's token."""
+
+    fake: Server
+    broker: Server
+    token: str
+
+
+@contextmanager
+def staged(
+    work_dir: Path,
+    database_url: str,
+    fake_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[Stage]:
+    """Start the fast fake ComfyUI (with `fake_args`) and `comfy-broker serve` (1 worker) on
+    `database_url`, seeded; both are stopped on exit. For the scripts beside `bench.cli`."""
+    port = free_port()
+    command = [PYTHON, "-m", "bench.fake_comfy", "--port", str(port), *fake_args]
+    fake = start_server("fake-comfyui", command, port=port, cpus=None, log_dir=work_dir)
+    try:
+        env = {**broker_env(database_url, fake.url), **(extra_env or {})}
+        token = seed(env, work_dir)
+        port = free_port()
+        served = start_server(
+            "broker", [str(cli_path()), "serve", "--port", str(port)],
+            port=port, cpus=None, log_dir=work_dir, env=env, cwd=work_dir,
+        )  # fmt: skip
+        try:
+            yield Stage(fake, served, token)
+        finally:
+            served.stop()
+    finally:
+        fake.stop()

@@ -13,7 +13,9 @@ Content-Length bodies) for httpx, aiohttp, wrk and the broker, and answers:
   queued with that `client_id`, `execution_start` and `execution_success` right after the
   answer, as a ComfyUI with an infinitely fast GPU would; pings are answered;
 - `GET /history/{id}` → that prompt, finished (so a broker reconciling finds it done);
-- `GET /view` → with `--view-bytes N`, an N-byte file (whatever the query), for `bench.view`.
+- `GET /view` → with `--view-bytes N`, an N-byte file (whatever the query), for `bench.view`;
+- `GET /bench/emit?rate=R&seconds=S` → with `--never-finish`, `progress` events for the queued
+  prompts at R a second (for `bench.fanout`).
 
 `--never-finish` keeps every prompt queued instead (no events, empty history): a broker then
 accumulates unfinished prompts, which shows what its reconciliation costs.
@@ -104,6 +106,7 @@ class Request:
 class ServerState:
     finish: bool = True
     view_payload: bytes = b""  # what GET /view serves (`--view-bytes`), for bench.view
+    queued: list[tuple[str, str]] = field(default_factory=list)  # unfinished (prompt, client)
     number: int = 0
     object_info: bytes = field(default_factory=lambda: orjson.dumps(OBJECT_INFO))
     sockets: dict[str, ComfyProtocol] = field(default_factory=dict)  # clientId → event stream
@@ -152,7 +155,35 @@ def route(state: ServerState, request: Request) -> bytes:
         return response("200 OK", SYSTEM_STATS)
     if path.startswith("/history"):
         return history(state, path)
+    if path == "/bench/emit":
+        return start_emitting(state, parse_qs(request.path.partition("?")[2]))
     return response("404 Not Found", b"{}")
+
+
+def start_emitting(state: ServerState, query: dict[str, list[str]]) -> bytes:
+    """`GET /bench/emit?rate=R&seconds=S` (for bench.fanout): for S seconds, R `progress`
+    events a second, round robin over the unfinished prompts, each to the socket of the
+    client that queued it, stamped with the time it was sent (`bench_sent_ns`)."""
+    rate, seconds = float(query["rate"][0]), float(query["seconds"][0])
+    total = int(rate * seconds)
+    asyncio.get_running_loop().create_task(emit(state, rate, total))
+    return response("200 OK", orjson.dumps({"events": total}))
+
+
+async def emit(state: ServerState, rate: float, total: int) -> None:
+    started = time.perf_counter()
+    for sent in range(total):
+        # Keep to the schedule (in bursts of what is due), not to a sleep per event.
+        due = started + sent / rate
+        if due > time.perf_counter():
+            await asyncio.sleep(due - time.perf_counter())
+        prompt_id, client_id = state.queued[sent % len(state.queued)]
+        listener = state.sockets.get(client_id)
+        if listener is None or listener.transport is None:
+            continue
+        data = {"value": sent, "max": total, "prompt_id": prompt_id, "node": "9",
+                "bench_sent_ns": time.time_ns()}  # fmt: skip
+        listener.transport.write(text_frame(orjson.dumps({"type": "progress", "data": data})))
 
 
 def event(kind: str, prompt_id: str) -> bytes:
@@ -248,6 +279,8 @@ class ComfyProtocol(asyncio.Protocol):
         answer, prompt_id, client_id = queue_prompt(self.state, body)
         self.transport.write(answer)
         listener = self.state.sockets.get(client_id or "")
+        if not self.state.finish and client_id:
+            self.state.queued.append((prompt_id, client_id))
         if self.state.finish and listener is not None and listener.transport is not None:
             listener.transport.write(event("execution_start", prompt_id))
             listener.transport.write(event("execution_success", prompt_id))

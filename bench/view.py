@@ -22,7 +22,7 @@ import httpx
 
 from bench import broker
 from bench.cli import say
-from bench.processes import PYTHON, Server, free_port, start_server
+from bench.processes import Server
 from bench.workloads import docs_body
 
 MIB = 1024 * 1024
@@ -69,25 +69,9 @@ def main() -> None:
     args = parser.parse_args()
     size = args.megabytes * MIB
     with tempfile.TemporaryDirectory(prefix="comfy-broker-bench-view-") as tmp:
-        work_dir = Path(tmp)
-        port = free_port()
-        fake = start_server(
-            "fake-comfyui",
-            [PYTHON, "-m", "bench.fake_comfy", "--port", str(port), "--view-bytes", str(size)],
-            port=port, cpus=None, log_dir=work_dir,
-        )  # fmt: skip
-        env = broker.broker_env(broker.sqlite_url(work_dir, "view"), fake.url)
-        token = broker.seed(env, work_dir)
-        port = free_port()
-        served = start_server(
-            "broker", [str(broker.cli_path()), "serve", "--port", str(port)],
-            port=port, cpus=None, log_dir=work_dir, env=env, cwd=work_dir,
-        )  # fmt: skip
-        try:
-            report(fake, served, token, size, args.repeats)
-        finally:
-            served.stop()
-            fake.stop()
+        database_url = broker.sqlite_url(Path(tmp), "view")
+        with broker.staged(Path(tmp), database_url, ["--view-bytes", str(size)]) as stage:
+            report(stage.fake, stage.broker, stage.token, size, args.repeats)
 
 
 def report(fake: Server, served: Server, token: str, size: int, repeats: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,7 +38,12 @@ from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
 from broker.tenants.throttle import FailedAuthThrottle
+from broker.usage import service as usage_service
 from broker.usage.pricing import Pricer, credits_to_mc
+
+log = logging.getLogger("broker.app")
+# Unfinished prompts on a server no longer configured are settled as lost past this age.
+ORPHAN_AGE = timedelta(hours=1)
 
 DESCRIPTION = """
 Put in front of ComfyUI so that many users run workflows with **their own**
@@ -80,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bus = _bus(settings, pool, authenticator)
         app.state.forget_caches = _forget_caches(authenticator, bus)
         await pool.start()
+        await _settle_prompts_of_removed_servers(committer, pool)
         try:
             yield
         finally:
@@ -125,6 +133,16 @@ def _bus(settings: Settings, pool: UpstreamPool, authenticator: Authenticator) -
     pool.subscribers.publish = bus.publish
     bus.start()
     return bus
+
+
+async def _settle_prompts_of_removed_servers(committer: GroupCommitter, pool: UpstreamPool) -> None:
+    urls = [upstream.url for upstream in pool.upstreams]
+    settle = functools.partial(
+        usage_service.settle_prompts_of_removed_servers, upstreams=urls, older_than=ORPHAN_AGE
+    )
+    settled = await committer.run(settle)
+    if settled:
+        log.warning("prompts.settled_lost count=%d reason=server_removed", settled)
 
 
 def _forget_caches(authenticator: Authenticator, bus: EventBus | None) -> Callable[[], None]:

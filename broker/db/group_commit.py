@@ -75,6 +75,8 @@ class GroupCommitter:
     ) -> T:
         """Run `work` in the next shared transaction; return its result once committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        # Its caller may be gone by the time it fails: the error is then not theirs to log.
+        future.add_done_callback(_retrieve)
         self._queue.put_nowait(_Unit(work, isolated, future))
         # Shielded: a caller that goes away does not take the unit out of its batch.
         return await asyncio.shield(future)
@@ -136,6 +138,11 @@ async def _attempt(session: AsyncSession, unit: _Unit) -> _Outcome:
         return _Outcome(result=await unit.work(session))
     except BrokerError as exc:  # a refusal, raised before the unit wrote anything
         return _Outcome(error=exc)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _resolve(unit: _Unit, outcome: _Outcome) -> None:

@@ -328,7 +328,7 @@ async def _settle(context: ProxyContext, prompt_id: uuid.UUID, record: Settlemen
     reconciliation settles it from ComfyUI."""
     try:
         await context.committer.run(functools.partial(_record, record, prompt_id))
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, ConnectionError) as exc:  # ConnectionError: asyncpg, unwrapped
         log.error("proxy.settle_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
 
 

@@ -33,13 +33,22 @@ async def usage_report(
     in_range = _in_range(tenant_id, start, end, user_id)
     if group_by == "node":
         rows = await _by_node(session, in_range)
-    else:
+        totals = await _grouped(session, in_range, None)
+        total = totals[0] if totals else _row("total", 0, 0, 0)
+    else:  # every prompt is in exactly one row: the total is their sum (no second scan)
         key = Prompt.user_id if group_by == "user" else _day(session)
         rows = await _grouped(session, in_range, key)
-    total = await _grouped(session, in_range, None)
-    empty = _row("total", 0, 0, 0)
-    return UsageReport(group_by=group_by, start=start, end=end, rows=rows,
-                       total=total[0] if total else empty)  # fmt: skip
+        total = _sum(rows)
+    return UsageReport(group_by=group_by, start=start, end=end, rows=rows, total=total)
+
+
+def _sum(rows: list[UsageRow]) -> UsageRow:
+    return UsageRow(
+        key="total",
+        prompts=sum(row.prompts for row in rows),
+        estimated_credits=sum((row.estimated_credits for row in rows), mc_to_credits(0)),
+        actual_credits=sum((row.actual_credits for row in rows), mc_to_credits(0)),
+    )
 
 
 def _in_range(

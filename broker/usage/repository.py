@@ -139,6 +139,20 @@ class PromptRepository(Repository):
         )
         return list(rows)
 
+    async def unfinished_on_other_servers(
+        self, upstreams: list[str], created_before: datetime
+    ) -> list[tuple[uuid.UUID, PromptStatus]]:
+        rows = await self.session.execute(
+            select(Prompt.id, Prompt.status).where(
+                Prompt.status.in_(
+                    [PromptStatus.PENDING, PromptStatus.QUEUED, PromptStatus.RUNNING]
+                ),
+                Prompt.upstream.not_in(upstreams),
+                Prompt.created_at < created_before,
+            )
+        )
+        return [(row[0], row[1]) for row in rows.all()]
+
 
 class PromptOutputRepository(Repository):
     async def add_missing(self, prompt: Prompt, files: list[FileRef]) -> None:

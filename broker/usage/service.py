@@ -10,6 +10,7 @@ import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import case
@@ -258,6 +259,20 @@ async def record_lost(session: AsyncSession, prompt_id: uuid.UUID, status: Promp
     )
     if settled is not None:
         await _charge(session, prompt_id, settled)
+
+
+async def settle_prompts_of_removed_servers(
+    session: AsyncSession, upstreams: list[str], older_than: timedelta
+) -> int:
+    """Unfinished prompts on ComfyUI servers no longer configured: nobody will hear of them
+    again, so they are settled as lost (their reservations and rate-limit slots freed).
+    Only those older than `older_than`, so that a rolling change of the server list does
+    not settle what another broker process still follows."""
+    repository = PromptRepository.from_session(session)
+    orphans = await repository.unfinished_on_other_servers(upstreams, utc_now() - older_than)
+    for prompt_id, status in orphans:
+        await record_lost(session, prompt_id, status)
+    return len(orphans)
 
 
 async def record_cached(session: AsyncSession, prompt_id: uuid.UUID, nodes: Any) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.db.base import utc_now
 from broker.db.models import Budget, Prompt, PromptStatus
 from broker.settings import Settings
 from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User, comfy_key
@@ -125,6 +127,40 @@ class TestSettlement:
         assert row.finished_at is not None
         async with db() as session:
             assert len((await session.scalars(select(Prompt))).all()) == 1
+
+    async def test_prompts_on_a_removed_server_are_settled_as_lost_at_start(
+        self,
+        app_factory: AppFactory,
+        settings: Settings,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        """A prompt queued on a server the operator then took out of the configuration
+        would hold its reservation and rate-limit slot for ever: a broker started without
+        that server settles it as lost (only past an hour, see broker/app.py)."""
+        await set_budget(client, alice, {"period": "month", "limit_credits": "100"})
+        fake_comfy.auto_execute = False
+        old, recent = await submit(client, alice), await submit(client, alice)
+        async with db() as session:
+            for prompt_id, age in ((old, timedelta(hours=2)), (recent, timedelta(minutes=5))):
+                await session.execute(
+                    update(Prompt)
+                    .where(Prompt.id == uuid.UUID(prompt_id))
+                    .values(upstream="http://removed.internal:8188", created_at=utc_now() - age)
+                )
+            await session.commit()
+        await app_factory(settings)  # its only server is fake_comfy
+        lost = await wait_for_status(db, old, PromptStatus.ERROR)
+        assert (lost.error_type, lost.actual_mc) == ("lost_by_upstream", 0)
+        assert (await wait_for_status(db, recent, PromptStatus.QUEUED)).error_type is None
+        async with db() as session:
+            budget = await session.scalar(
+                select(Budget).where(Budget.user_id == uuid.UUID(alice.id))
+            )
+        assert budget is not None
+        assert budget.reserved_mc == 12_660  # only the recent prompt still holds credits
 
 
 class TestBudgets:
