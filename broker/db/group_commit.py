@@ -12,8 +12,9 @@ durable before its prompt is forwarded.
 Units must only do database work, and fail in one of two ways:
 - raise a `BrokerError` (a refusal) before writing anything, or be `isolated` (run in a
   SAVEPOINT, so that whatever they raise undoes only their own writes);
-- anything else (a database error, a bug) rolls back the whole batch, which is then run
-  again one unit per transaction, so one bad unit costs the others nothing.
+- anything else rolls back the whole batch. If the database itself failed, every unit gets
+  that error; otherwise (a constraint, a bug) the batch is run again one unit per
+  transaction, so one bad unit costs the others nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.errors import BrokerError
@@ -105,12 +108,13 @@ class GroupCommitter:
     async def _commit(self, batch: list[_Unit]) -> None:
         try:
             outcomes = await self._in_one_transaction(batch)
-        except Exception as exc:  # noqa: BLE001  the batch is retried unit by unit
-            if len(batch) == 1:
-                _resolve(batch[0], _Outcome(error=exc))
-                return
+        except Exception as exc:  # noqa: BLE001  each unit gets an answer
             log.warning("db.batch_failed units=%d error=%s", len(batch), type(exc).__name__)
-            for unit in batch:
+            if len(batch) == 1 or _database_down(exc):
+                for unit in batch:
+                    _resolve(unit, _Outcome(error=exc))
+                return
+            for unit in batch:  # one unit's bad data: the others go again without it
                 await self._commit([unit])
             return
         self.batches += 1
@@ -138,6 +142,17 @@ async def _attempt(session: AsyncSession, unit: _Unit) -> _Outcome:
         return _Outcome(result=await unit.work(session))
     except BrokerError as exc:  # a refusal, raised before the unit wrote anything
         return _Outcome(error=exc)
+
+
+def _database_down(exc: Exception) -> bool:
+    """The database itself failed (unreachable, connection lost, SQLite locked past its busy
+    timeout): running each unit again alone would only repeat the wait, once per unit.
+    A deadlock or a constraint is not that: the units are worth running again alone."""
+    if isinstance(exc, ConnectionError | TimeoutError | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or "database is locked" in str(exc.orig)
+    return False
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

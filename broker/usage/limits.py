@@ -54,11 +54,13 @@ async def admit(
     seconds old, but a token revoked or expired since then gets no prompt through (401).
     """
     minute = now.replace(second=0, microsecond=0)
-    for _ in range(2):
-        if await _count_one_more(session, tenant_id, user_id, token_id, minute, now):
-            return
-        if not await _ensure_row(session, user_id, minute):
-            break
+    if await _count_one_more(session, tenant_id, user_id, token_id, minute, now):
+        return
+    # No counter row yet, or a refusal. Another process may have created the row since
+    # this UPDATE's snapshot: with the row ensured, a second UPDATE decides.
+    await _ensure_row(session, user_id, minute)
+    if await _count_one_more(session, tenant_id, user_id, token_id, minute, now):
+        return
     if token_id is not None and not await _token_valid(session, token_id, now):
         raise Unauthorized(INVALID_TOKEN)
     metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
@@ -133,16 +135,15 @@ async def release(session: AsyncSession, user_id: uuid.UUID) -> None:
     )
 
 
-async def _ensure_row(session: AsyncSession, user_id: uuid.UUID, minute: datetime) -> bool:
-    """Create the user's counter row if it is missing; False if it was there."""
+async def _ensure_row(session: AsyncSession, user_id: uuid.UUID, minute: datetime) -> None:
+    """Create the user's counter row if it is missing."""
     if await session.get(UserQuota, user_id) is not None:
-        return False
+        return
     try:
         async with session.begin_nested():
             session.add(UserQuota(user_id=user_id, minute_start=minute))
     except IntegrityError:
         pass  # a concurrent request created it
-    return True
 
 
 async def _refuse(
