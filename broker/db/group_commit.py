@@ -59,7 +59,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # for tests and the benchmark's report
+        self.batches = 0  # committed batches and units, for tests
         self.units = 0
 
     def start(self) -> None:
