@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.base import utc_now
 from broker.db.models import Budget, Prompt, PromptStatus
+from broker.proxy import service as proxy_service
 from broker.settings import Settings
 from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import PAYMENT_REQUIRED, FakeComfyUI
@@ -127,6 +128,50 @@ class TestSettlement:
         assert row.finished_at is not None
         async with db() as session:
             assert len((await session.scalars(select(Prompt))).all()) == 1
+
+    async def test_a_broker_dying_between_commit_and_forward_loses_nothing(
+        self,
+        app_factory: AppFactory,
+        settings: Settings,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The `pending` record is committed, then the process dies before forwarding (its
+        task cancelled there). The next broker finds the record unknown to ComfyUI and,
+        once no forward can still be under way, settles it: not charged, credits freed."""
+        await set_budget(client, alice, {"period": "month", "limit_credits": "100"})
+        limits = await client.patch(
+            f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/limits",
+            json={"max_active_prompts": 1},
+            headers=alice.tenant.admin,
+        )
+        assert limits.status_code == 200
+
+        async def die(*_: object) -> None:
+            raise asyncio.CancelledError
+
+        monkeypatch.setattr(proxy_service, "_forward", die)
+        with pytest.raises(asyncio.CancelledError):
+            await client.post("/prompt", json={"prompt": docs_workflow()}, headers=alice.auth)
+        monkeypatch.undo()
+        async with db() as session:
+            [pending] = (await session.scalars(select(Prompt))).all()
+            assert (pending.status, pending.reserved_mc) == (PromptStatus.PENDING, 12_660)
+            # The restart comes later than the longest forward could have taken.
+            pending.created_at = pending.updated_at = utc_now() - timedelta(minutes=5)
+            await session.commit()
+        assert fake_comfy.prompts_received() == []
+        await app_factory(settings)  # reconciles on connect
+        settled = await wait_for_status(db, str(pending.id), PromptStatus.ERROR)
+        assert (settled.error_type, settled.actual_mc) == ("not_accepted", 0)
+        async with db() as session:
+            budget = await session.scalar(select(Budget))
+        assert budget is not None
+        assert (budget.reserved_mc, budget.spent_mc) == (0, 0)
+        assert await submit(client, alice)  # its one active-prompt slot was given back too
 
     async def test_prompts_on_a_removed_server_are_settled_as_lost_at_start(
         self,
