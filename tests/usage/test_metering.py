@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -128,6 +129,35 @@ class TestSettlement:
         assert row.finished_at is not None
         async with db() as session:
             assert len((await session.scalars(select(Prompt))).all()) == 1
+
+    async def test_periodic_reconciliation_leaves_prompts_the_socket_just_reported_on(
+        self,
+        app: FastAPI,
+        client: httpx.AsyncClient,
+        alice: User,
+        fake_comfy: FakeComfyUI,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        """Its history lookups are for prompts the socket has been quiet about for a whole
+        interval: under load most unfinished prompts are live, and skipping them keeps each
+        pass from costing one lookup per queued prompt."""
+        fake_comfy.auto_execute = False
+        prompt_id = await submit(client, alice)
+        hub = app.state.proxy.pool.upstreams[0].events
+        await hub.stop()  # the outcome will be missed by the socket
+        fake_comfy.auto_execute = True
+        await fake_comfy.await_idle()
+        await hub._reconcile(after_reconnect=False)
+        assert (await wait_for_status(db, prompt_id, PromptStatus.QUEUED)).finished_at is None
+        async with db() as session:
+            await session.execute(
+                update(Prompt)
+                .where(Prompt.id == uuid.UUID(prompt_id))
+                .values(updated_at=utc_now() - timedelta(minutes=1))
+            )
+            await session.commit()
+        await hub._reconcile(after_reconnect=False)
+        await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
 
     async def test_a_broker_dying_between_commit_and_forward_loses_nothing(
         self,
