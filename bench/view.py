@@ -5,8 +5,8 @@ Starts the fast fake ComfyUI serving an N MB file (random bytes) at `/view`, and
 file as its output, so the broker lets that user (only) read it. Then, alternating, the file
 is downloaded straight from the fake and through the broker, streamed in 1 MiB reads and
 thrown away. Reported: MB/s for each (median of the repetitions), their ratio, and how
-much the broker's resident memory grew while serving (its peak, sampled every 5 ms, over
-its RSS before the first download). Goals (issue #7): ≥ 80 % of direct, ≤ 32 MB growth.
+much the broker's resident memory grew while serving (its peak over all downloads, sampled
+every 5 ms, over its RSS before the first one). Goals (issue #7): ≥ 80 % of direct, ≤ 32 MB growth.
 """
 
 from __future__ import annotations
@@ -81,9 +81,11 @@ def report(fake: Server, served: Server, token: str, size: int, repeats: int) ->
     )
     submitted.raise_for_status()
     time.sleep(0.5)  # its lifecycle is recorded
-    download(f"{served.url}/view", auth)  # warm: the broker learns the output from history
     baseline = rss_bytes(served)
-    direct_rates, broker_rates, peaks = [], [], []
+    # The first download is not timed (the broker learns the output from ComfyUI's history
+    # then), but its memory counts like the others'.
+    first = threading.Thread(target=download, args=(f"{served.url}/view", auth))
+    direct_rates, broker_rates, peaks = [], [], [peak_rss_during(served, first)]
     for _ in range(repeats):
         received, seconds = download(f"{fake.url}/view", {})
         assert received == size, received
@@ -107,8 +109,8 @@ def report(fake: Server, served: Server, token: str, size: int, repeats: int) ->
         f"{baseline / MIB:.0f} MiB | {growth:+.1f} MiB |"
     )
     verdict = "PASS" if through / direct >= 0.8 else "FAIL"
-    say(f"goal ≥ 0.80× direct: {verdict}; goal growth ≤ 32 MiB: "
-          f"{'PASS' if growth <= 32 else 'FAIL'}")  # fmt: skip
+    memory = "PASS" if growth <= 32 else "FAIL"
+    say(f"goal ≥ 0.80× direct: {verdict}; goal growth ≤ 32 MiB: {memory}")
 
 
 if __name__ == "__main__":
