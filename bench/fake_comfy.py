@@ -113,8 +113,13 @@ class ServerState:
 
 
 def response(status: str, body: bytes, content_type: str = "application/json") -> bytes:
-    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-    return head.encode() + b"\r\n" + body
+    return response_head(status, len(body), content_type) + body
+
+
+def response_head(status: str, length: int, content_type: str) -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def queue_prompt(state: ServerState, body: bytes) -> tuple[bytes, str, str | None]:
@@ -263,11 +268,9 @@ class ComfyProtocol(asyncio.Protocol):
         if request.method == "POST" and request.route == "/prompt":
             self._queue(request.body)
         elif request.route == "/view" and self.state.view_payload:
-            head = response("200 OK", b"", "image/png").replace(
-                b"Content-Length: 0", f"Content-Length: {len(self.state.view_payload)}".encode()
-            )
-            self.transport.write(head)
-            self.transport.write(self.state.view_payload)
+            payload = self.state.view_payload
+            self.transport.write(response_head("200 OK", len(payload), "image/png"))
+            self.transport.write(payload)
         else:
             self.transport.write(route(self.state, request))
         if request.headers.get("connection", "").lower() == "close":

@@ -49,11 +49,6 @@ class PromptRepository(Repository):
             select(Prompt).where(Prompt.id == prompt_id, Prompt.user_id == user_id)
         )
 
-    async def add(self, prompt: Prompt) -> Prompt:
-        self.session.add(prompt)
-        await self.session.flush()
-        return prompt
-
     async def insert(self, **values: Any) -> None:
         """A new record, as one INSERT (no ORM object: the prompt path reads it no more)."""
         await self.session.execute(insert(Prompt).values(**values))
