@@ -20,6 +20,7 @@ from broker.body_limit import BodyLimitMiddleware
 from broker.comfy.client import ComfyClient, create_http_client
 from broker.comfy.object_info import ObjectInfoCache
 from broker.db.group_commit import GroupCommitter
+from broker.db.raw import RawConnections
 from broker.db.session import create_engine, create_sessionmaker
 from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
@@ -80,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
-        committer = GroupCommitter(sessionmaker)
+        raw = RawConnections(engine)
+        committer = GroupCommitter(sessionmaker, raw=raw)
         committer.start()
         pool = _pool(http, sessionmaker, committer, settings)
         app.state.proxy = ProxyContext(sessionmaker, committer, custody, pool, _pricer(settings))
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await bus.stop()
             await pool.stop()
             await committer.stop()
+            await raw.close()
             await http.aclose()
             await engine.dispose()
 

@@ -9,6 +9,15 @@ runs each unit in turn in one session, commits once, and only then resolves each
 caller's future: every caller still waits for its own commit, so a `pending` record is
 durable before its prompt is forwarded.
 
+A unit may also be *bulk* work of a known kind (`BulkKind`: a prompt's admission, its
+answer, its start and end): the ledger (`broker/usage/ledger.py`) runs all the units of a
+kind in a batch together, as a few statements on the driver's connection
+(`broker/db/raw.py`), which costs a fraction of the session's per-statement overhead.
+Consecutive bulk units share one such transaction; the batch's order between bulk and
+session units is kept. A bulk kind handles only the common case: for any other it
+answers `FALLBACK`, and the unit's session work runs instead, right after (as it does
+for all of them if the bulk transaction fails, or without raw connections).
+
 Units must only do database work, and fail in one of two ways:
 - raise a `BrokerError` (a refusal) before writing anything, or be `isolated` (run in a
   SAVEPOINT, so that whatever they raise undoes only their own writes);
@@ -20,29 +29,45 @@ Units must only do database work, and fail in one of two ways:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.db.raw import RawConnections, RawTransaction
 from broker.errors import BrokerError
 
 log = logging.getLogger("broker.db")
 T = TypeVar("T")
 Work = Callable[[AsyncSession], Awaitable[Any]]
 MAX_BATCH = 64
+FALLBACK: Final = object()  # a bulk kind's answer for a unit it leaves to its session work
+
+
+@dataclass(frozen=True, eq=False)
+class BulkKind:
+    """Work the ledger runs for many units at once: `run` takes their items and answers,
+    for each, its result or FALLBACK. It raises only when the database fails (its
+    transaction is then rolled back, and every unit runs through a session instead)."""
+
+    name: str
+    rank: int  # order of the kinds within a transaction (a prompt's: admitted, answered, …)
+    run: Callable[[RawTransaction, list[Any]], Awaitable[list[Any]]]
 
 
 @dataclass
 class _Unit:
-    work: Work
+    work: Work  # for a bulk unit: the same work through a session, for when bulk cannot
     isolated: bool
     future: asyncio.Future[Any] | None  # None: nobody waits (errors are logged)
     name: str = field(default="")
+    bulk: BulkKind | None = None
+    item: Any = None
 
 
 @dataclass
@@ -53,14 +78,21 @@ class _Outcome:
 
 class GroupCommitter:
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], *, max_batch: int = MAX_BATCH
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        raw: RawConnections | None = None,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._raw = raw
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # committed batches and units, for tests
         self.units = 0
+        self.bulk_units = 0  # of which written in bulk; and bulk units that fell back
+        self.fallbacks = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
@@ -77,16 +109,34 @@ class GroupCommitter:
         self, work: Callable[[AsyncSession], Awaitable[T]], *, isolated: bool = False
     ) -> T:
         """Run `work` in the next shared transaction; return its result once committed."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        # Its caller may be gone by the time it fails: the error is then not theirs to log.
-        future.add_done_callback(_retrieve)
-        self._queue.put_nowait(_Unit(work, isolated, future))
-        # Shielded: a caller that goes away does not take the unit out of its batch.
-        return await asyncio.shield(future)
+        return await self._wait_for(_Unit(work, isolated, self._future()))  # type: ignore[no-any-return]
+
+    async def run_bulk(self, kind: BulkKind, item: Any, *, slow: Work) -> Any:
+        """Run `item` with the others of its kind (or `slow`, where bulk cannot); return its
+        result once committed."""
+        return await self._wait_for(_Unit(slow, False, self._future(), bulk=kind, item=item))
 
     def submit(self, work: Work, *, name: str) -> None:
         """Queue `work` without waiting for it (units run in the order they are queued)."""
         self._queue.put_nowait(_Unit(work, isolated=False, future=None, name=name))
+
+    def submit_bulk(self, kind: BulkKind, item: Any, *, slow: Work) -> None:
+        """`submit`, for an item of a bulk kind."""
+        unit = _Unit(slow, isolated=False, future=None, name=kind.name, bulk=kind, item=item)
+        self._queue.put_nowait(unit)
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Its caller may be gone by the time it fails: the error is then not theirs to log.
+        future.add_done_callback(_retrieve)
+        return future
+
+    async def _wait_for(self, unit: _Unit) -> Any:
+        assert unit.future is not None
+        self._queue.put_nowait(unit)
+        # Shielded: a caller that goes away does not take the unit out of its batch.
+        return await asyncio.shield(unit.future)
 
     async def _run(self) -> None:
         while True:
@@ -106,6 +156,47 @@ class GroupCommitter:
                 return
 
     async def _commit(self, batch: list[_Unit]) -> None:
+        """The batch in order: each run of bulk units in one raw transaction, each run of
+        session units (and the bulk units that fell back) in a session's."""
+        for in_bulk, run in itertools.groupby(batch, key=self._in_bulk):
+            units = list(run)
+            if in_bulk:
+                units = await self._commit_bulk(units)
+            if units:
+                await self._commit_in_session(units)
+
+    def _in_bulk(self, unit: _Unit) -> bool:
+        return unit.bulk is not None and self._raw is not None
+
+    async def _commit_bulk(self, units: list[_Unit]) -> list[_Unit]:
+        """Run bulk units kind by kind in one transaction; return those that fell back."""
+        assert self._raw is not None
+        by_kind: dict[BulkKind, list[_Unit]] = {}
+        for unit in units:
+            assert unit.bulk is not None
+            by_kind.setdefault(unit.bulk, []).append(unit)
+        answered: list[tuple[_Unit, Any]] = []
+        try:
+            async with self._raw.transaction() as transaction:
+                for kind in sorted(by_kind, key=lambda kind: kind.rank):
+                    group = by_kind[kind]
+                    results = await kind.run(transaction, [unit.item for unit in group])
+                    answered.extend(zip(group, results, strict=True))
+        except Exception as exc:  # noqa: BLE001  the session path settles what it means
+            log.warning("db.bulk_failed units=%d error=%s", len(units), type(exc).__name__)
+            self.fallbacks += len(units)
+            return units
+        fallbacks = [unit for unit, result in answered if result is FALLBACK]
+        self.batches += 1
+        self.units += len(units) - len(fallbacks)
+        self.bulk_units += len(units) - len(fallbacks)
+        self.fallbacks += len(fallbacks)
+        for unit, result in answered:
+            if result is not FALLBACK:
+                _resolve(unit, _Outcome(result=result))
+        return fallbacks
+
+    async def _commit_in_session(self, batch: list[_Unit]) -> None:
         try:
             outcomes = await self._in_one_transaction(batch)
         except Exception as exc:  # noqa: BLE001  each unit gets an answer
@@ -115,7 +206,7 @@ class GroupCommitter:
                     _resolve(unit, _Outcome(error=exc))
                 return
             for unit in batch:  # one unit's bad data: the others go again without it
-                await self._commit([unit])
+                await self._commit_in_session([unit])
             return
         self.batches += 1
         self.units += len(batch)

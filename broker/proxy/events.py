@@ -31,12 +31,13 @@ from websockets.asyncio.client import connect
 from broker.comfy.client import ComfyClient
 from broker.comfy.redaction import SENSITIVE_KEYS, redact
 from broker.db.base import utc_now
-from broker.db.group_commit import GroupCommitter
+from broker.db.group_commit import BulkKind, GroupCommitter
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BrokerError
 from broker.proxy.fanout import Message, Owner, Subscribers
 from broker.proxy.tasks import cancel_and_wait
+from broker.usage import ledger
 from broker.usage import service as usage_service
 from broker.usage.classify import classify_execution_error, price_in_progress_text
 from broker.usage.pricing import credits_to_mc, usd_to_mc
@@ -180,16 +181,21 @@ class EventHub:
 
     def _record(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
         if kind == "execution_start":
-            self._write(prompt_id, usage_service.record_running)
+            self._write(prompt_id, usage_service.record_running, bulk=(ledger.RUNNING, prompt_id))
         elif kind == "execution_cached":
             self._write(prompt_id, usage_service.record_cached, data.get("nodes"))
         elif kind == "executed":
             self._write(prompt_id, usage_service.record_outputs, data.get("output"))
         elif kind in FINISHING_EVENTS:
-            self._write(prompt_id, _record_finish, kind, data)
+            finish = _finish(prompt_id, kind, data)
+            self._write(prompt_id, _record_finish, finish, bulk=(ledger.FINISHED, finish))
 
     def _write(
-        self, prompt_id: uuid.UUID, record: Callable[..., Awaitable[Any]], *args: Any
+        self,
+        prompt_id: uuid.UUID,
+        record: Callable[..., Awaitable[Any]],
+        *args: Any,
+        bulk: tuple[BulkKind, Any] | None = None,
     ) -> None:
         """Queue the write with the prompt path's writes (group commit), in event order,
         without waiting for it: what fails is logged, and reconciliation settles it."""
@@ -197,7 +203,10 @@ class EventHub:
         async def write(session: AsyncSession) -> None:
             await record(session, prompt_id, *args)
 
-        self._committer.submit(write, name=f"events.{getattr(record, '__name__', 'record')}")
+        if bulk is not None:
+            self._committer.submit_bulk(*bulk, slow=write)
+        else:
+            self._committer.submit(write, name=f"events.{getattr(record, '__name__', 'record')}")
 
     async def _owner(self, prompt_id: uuid.UUID) -> Owner | None:
         owner = self._owners.get(prompt_id)
@@ -308,17 +317,22 @@ def _is_finished(entry: dict[str, Any]) -> bool:
     )
 
 
-async def _record_finish(
-    session: AsyncSession, prompt_id: uuid.UUID, kind: str, data: dict[str, Any]
-) -> None:
+def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> ledger.Finish:
     message = data.get("exception_message") if kind == "execution_error" else None
     text = str(message).strip() if message else None
-    await usage_service.record_finished(
-        session,
+    return ledger.Finish(
         prompt_id,
         FINISHING_EVENTS[kind],
         error_type=classify_execution_error(text) if kind == "execution_error" else None,
         message=text,
+    )
+
+
+async def _record_finish(
+    session: AsyncSession, prompt_id: uuid.UUID, finish: ledger.Finish
+) -> None:
+    await usage_service.record_finished(
+        session, prompt_id, finish.status, error_type=finish.error_type, message=finish.message
     )
 
 

@@ -44,6 +44,7 @@ from broker.proxy.pool import Upstream, UpstreamPool
 from broker.proxy.prompt_body import PromptBody, parse_prompt_body, upstream_body
 from broker.proxy.uploads import foreign_file_inputs
 from broker.tenants.auth import ActingUser
+from broker.usage import ledger
 from broker.usage import service as usage_service
 from broker.usage.pricing import Estimate, Pricer
 from broker.usage.repository import PromptRepository
@@ -91,12 +92,17 @@ async def submit_prompt(
         body.fields["prompt"], await upstream.object_info.nodes(), key_nodes
     )
     admission = Admission(
-        context.custody, acting, upstream, body, estimate, key_nodes, idempotency_key
+        context.custody,
+        acting,
+        upstream,
+        body,
+        estimate,
+        key_nodes,
+        idempotency_key,
+        prompt_id=body.proposed_prompt_id or uuid.uuid4(),
     )
     try:
-        # Isolated when the INSERT may conflict (a client-chosen id or Idempotency-Key).
-        isolated = idempotency_key is not None or body.proposed_prompt_id is not None
-        outcome = await context.committer.run(admission, isolated=isolated)
+        outcome = await _admit(context, admission)
     except IntegrityError as exc:  # a concurrent twin won the unique constraint
         message = "A request with this Idempotency-Key is in progress."
         raise Conflict(message if idempotency_key else "This prompt already exists.") from exc
@@ -112,6 +118,24 @@ async def submit_prompt(
     )
     with context.pool.forwarding(upstream):
         return await _forward(context, upstream, prompt_id, forwarded, api_key, timing)
+
+
+async def _admit(
+    context: ProxyContext, admission: Admission
+) -> PromptAnswer | tuple[uuid.UUID, str | None]:
+    new = admission.new_prompt()
+    if ledger.BulkAdmission.possible(
+        new, proposed_id=admission.body.proposed_prompt_id is not None
+    ):
+        item = ledger.BulkAdmission(new, admission.custody, needs_key=bool(admission.key_nodes))
+        return await context.committer.run_bulk(  # type: ignore[no-any-return]
+            ledger.ADMIT, item, slow=admission
+        )
+    # Isolated when the INSERT may conflict (a client-chosen id or Idempotency-Key).
+    isolated = (
+        admission.idempotency_key is not None or admission.body.proposed_prompt_id is not None
+    )
+    return await context.committer.run(admission, isolated=isolated)
 
 
 async def _choose_upstream(context: ProxyContext, body: PromptBody) -> tuple[Upstream, list[str]]:
@@ -212,13 +236,9 @@ def _no_key_error(key_nodes: list[str], body: PromptBody) -> PromptError:
     )
 
 
-async def _choose_prompt_id(session: AsyncSession, body: PromptBody) -> uuid.UUID:
-    proposed = body.proposed_prompt_id
-    if proposed is None:
-        return uuid.uuid4()
+async def _refuse_taken_id(session: AsyncSession, proposed: uuid.UUID) -> None:
     if await PromptRepository.from_session(session).exists(proposed):
         raise Conflict("This prompt_id is already in use.", error_type="prompt_id_in_use")
-    return proposed
 
 
 @dataclass(frozen=True)
@@ -234,20 +254,23 @@ class Admission:
     estimate: Estimate
     key_nodes: list[str]
     idempotency_key: str | None
+    prompt_id: uuid.UUID  # the client's, or a new one
 
     async def __call__(self, session: AsyncSession) -> PromptAnswer | tuple[uuid.UUID, str | None]:
         replay = await _replay(session, self.acting, self.idempotency_key, self.body)
         if replay is not None:
             return replay
         api_key = await _key_for(session, self.custody, self.acting, self.key_nodes, self.body)
-        prompt_id = await _choose_prompt_id(session, self.body)
-        await usage_service.admit_prompt(session, self._new_prompt(prompt_id))
-        return prompt_id, api_key
+        new = self.new_prompt()
+        if self.body.proposed_prompt_id is not None:
+            await _refuse_taken_id(session, self.body.proposed_prompt_id)
+        await usage_service.admit_prompt(session, new)
+        return new.prompt_id, api_key
 
-    def _new_prompt(self, prompt_id: uuid.UUID) -> NewPrompt:
+    def new_prompt(self) -> NewPrompt:
         estimate, body = self.estimate, self.body
         return NewPrompt(
-            prompt_id=prompt_id,
+            prompt_id=self.prompt_id,
             tenant_id=self.acting.tenant_id,
             user_id=self.acting.user_id,
             token_id=self.acting.token_id,
@@ -283,7 +306,8 @@ async def _forward(
         raise await _failed_forward(context, prompt_id, exc, hidden) from None
     timing.upstream_seconds = time.perf_counter() - started
     answer = {**scrub(answer, api_key, upstream.client_id), "prompt_id": str(prompt_id)}
-    await _settle(context, prompt_id, usage_service.record_queued(answer))
+    bulk = ledger.Answer(prompt_id, answer)
+    await _settle(context, prompt_id, usage_service.record_queued(answer), bulk=bulk)
     return PromptAnswer(200, answer)
 
 
@@ -322,12 +346,22 @@ async def _failed_forward(
     return error
 
 
-async def _settle(context: ProxyContext, prompt_id: uuid.UUID, record: Settlement) -> None:
+async def _settle(
+    context: ProxyContext,
+    prompt_id: uuid.UUID,
+    record: Settlement,
+    *,
+    bulk: ledger.Answer | None = None,
+) -> None:
     """Record ComfyUI's answer. If the database fails now, the answer still goes to the
     client (ComfyUI has the prompt); the record stays `pending` until the event hub's
     reconciliation settles it from ComfyUI."""
+    work = functools.partial(_record, record, prompt_id)
     try:
-        await context.committer.run(functools.partial(_record, record, prompt_id))
+        if bulk is None:
+            await context.committer.run(work)
+        else:
+            await context.committer.run_bulk(ledger.ANSWERED, bulk, slow=work)
     except (SQLAlchemyError, ConnectionError) as exc:  # ConnectionError: asyncpg, unwrapped
         log.error("proxy.settle_failed prompt_id=%s error=%s", prompt_id, type(exc).__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from sqlalchemy import ColumnElement, case, exists, func, select, update
+from sqlalchemy import BindParameter, ColumnElement, case, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
@@ -78,13 +78,13 @@ async def _count_one_more(
     conditions = [
         UserQuota.user_id == user_id,
         (UserQuota.minute_start != minute)
-        | (UserQuota.minute_count < _limit(User.max_prompts_per_minute,
+        | (UserQuota.minute_count < limit_of(User.max_prompts_per_minute,
                                            Tenant.max_prompts_per_minute, tenant_id, user_id)),
         UserQuota.active_count
-        < _limit(User.max_active_prompts, Tenant.max_active_prompts, tenant_id, user_id),
+        < limit_of(User.max_active_prompts, Tenant.max_active_prompts, tenant_id, user_id),
     ]  # fmt: skip
     if token_id is not None:
-        conditions.append(_token_is_valid(token_id, now))
+        conditions.append(token_is_valid(token_id, now))
     result = await session.execute(
         update(UserQuota)
         .where(*conditions)
@@ -100,12 +100,13 @@ async def _count_one_more(
     return int(result.rowcount) == 1  # type: ignore[attr-defined]
 
 
-def _limit(
+def limit_of(
     user_limit: InstrumentedAttribute[int | None],
     tenant_limit: InstrumentedAttribute[int | None],
-    tenant_id: uuid.UUID,
-    user_id: uuid.UUID,
+    tenant_id: uuid.UUID | BindParameter[Any],
+    user_id: uuid.UUID | BindParameter[Any],
 ) -> ColumnElement[int]:
+    """The user's own limit, else the tenant's, else none (as a number)."""
     return func.coalesce(
         select(user_limit).where(User.id == user_id).scalar_subquery(),
         select(tenant_limit).where(Tenant.id == tenant_id).scalar_subquery(),
@@ -113,7 +114,9 @@ def _limit(
     )
 
 
-def _token_is_valid(token_id: uuid.UUID, now: datetime) -> ColumnElement[bool]:
+def token_is_valid(
+    token_id: uuid.UUID | BindParameter[Any], now: datetime | BindParameter[Any]
+) -> ColumnElement[bool]:
     return exists().where(
         Token.id == token_id,
         Token.revoked_at.is_(None),
@@ -122,7 +125,7 @@ def _token_is_valid(token_id: uuid.UUID, now: datetime) -> ColumnElement[bool]:
 
 
 async def _token_valid(session: AsyncSession, token_id: uuid.UUID, now: datetime) -> bool:
-    return bool(await session.scalar(select(_token_is_valid(token_id, now))))
+    return bool(await session.scalar(select(token_is_valid(token_id, now))))
 
 
 async def release(session: AsyncSession, user_id: uuid.UUID) -> None:
