@@ -71,8 +71,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
         admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
+        raw = RawConnections(engine)
+        committer = GroupCommitter(sessionmaker, raw=raw)
+        committer.start()
         authenticator = app.state.authenticator = Authenticator(
             sessionmaker,
+            committer,
             admin_token,
             cache_seconds=settings.AUTH_CACHE_SECONDS,
             throttle=throttle,
@@ -81,9 +85,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
-        raw = RawConnections(engine)
-        committer = GroupCommitter(sessionmaker, raw=raw)
-        committer.start()
         pool = _pool(http, sessionmaker, committer, settings)
         app.state.proxy = ProxyContext(sessionmaker, committer, custody, pool, _pricer(settings))
         bus = _bus(settings, pool, authenticator)

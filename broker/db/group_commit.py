@@ -125,6 +125,11 @@ class GroupCommitter:
         unit = _Unit(slow, isolated=False, future=None, name=kind.name, bulk=kind, item=item)
         self._queue.put_nowait(unit)
 
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed (units are taken
+        in order)."""
+        await self.run(_nothing)
+
     @staticmethod
     def _future() -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -244,6 +249,10 @@ def _database_down(exc: Exception) -> bool:
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or "database is locked" in str(exc.orig)
     return False
+
+
+async def _nothing(_session: AsyncSession) -> None:
+    return None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -8,7 +8,9 @@ SQLite runs in WAL mode with a busy timeout, and every transaction starts with
 `BEGIN IMMEDIATE`: a deferred transaction that reads and then writes fails at
 once with "database is locked" when another connection wrote in between, which
 the busy timeout cannot cure. Taking the write lock up front makes writers
-queue instead. Keep transactions short.
+queue instead. Keep transactions short. The exception is `read_scope()`, for reads on
+the request path (token lookups): it never writes, so it starts a deferred transaction
+and does not queue behind the writers (WAL readers see the last commit, unblocked).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+READ_ONLY = "broker_read_only"  # an execution option: see read_scope()
 
 
 def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
@@ -58,7 +61,8 @@ def _create_sqlite_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -75,6 +79,16 @@ async def session_scope(
     async with sessionmaker() as session:
         yield session
         await session.commit()
+
+
+@asynccontextmanager
+async def read_scope(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """A unit that only reads (it is rolled back): on SQLite it takes no write lock."""
+    async with sessionmaker() as session:
+        await session.connection(execution_options={READ_ONLY: True})
+        yield session
 
 
 async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:

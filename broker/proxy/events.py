@@ -33,7 +33,7 @@ from broker.comfy.redaction import SENSITIVE_KEYS, redact
 from broker.db.base import utc_now
 from broker.db.group_commit import BulkKind, GroupCommitter
 from broker.db.models import Prompt, PromptStatus
-from broker.db.session import session_scope
+from broker.db.session import read_scope, session_scope
 from broker.errors import BrokerError
 from broker.proxy.fanout import Message, Owner, Subscribers
 from broker.proxy.tasks import cancel_and_wait
@@ -220,7 +220,7 @@ class EventHub:
         return owner
 
     async def _load_prompt(self, prompt_id: uuid.UUID) -> Prompt | None:
-        async with session_scope(self._sessionmaker) as session:
+        async with read_scope(self._sessionmaker) as session:
             return await PromptRepository.from_session(session).get(prompt_id)
 
     # settling what the socket missed ---------------------------------------

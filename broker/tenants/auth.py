@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import uuid
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.audit.service import Actor
 from broker.db.base import utc_now
+from broker.db.group_commit import GroupCommitter
 from broker.db.models import Token, TokenKind
-from broker.db.session import session_scope
+from broker.db.session import read_scope
 from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized, render_error
 from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.throttle import FailedAuthThrottle
@@ -76,12 +78,14 @@ class Authenticator:
     def __init__(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
+        committer: GroupCommitter,
         admin_token: str | None,
         *,
         cache_seconds: float = 0.0,
         throttle: FailedAuthThrottle | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._committer = committer
         self._throttle = throttle or FailedAuthThrottle(0)
         self._admin_token_hash = hash_token(admin_token).encode() if admin_token else None
         self._tokens: TTLCache[str, _KnownToken] | None = None
@@ -89,6 +93,14 @@ class Authenticator:
         if cache_seconds > 0:
             self._tokens = TTLCache(CACHE_SIZE, cache_seconds)
             self._users = TTLCache(CACHE_SIZE, cache_seconds)
+
+    def _touch(self, token: Token) -> None:
+        """Record use, at most once a minute per token, queued with the prompt path's
+        writes (group commit): the request does not wait for the write lock."""
+        now = utc_now()
+        if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+            record = functools.partial(_record_use, token.id, now)
+            self._committer.submit(record, name="auth.touch")
 
     def forget_all(self) -> None:
         for cache in (self._tokens, self._users):
@@ -116,11 +128,11 @@ class Authenticator:
             raise
 
     async def _look_up(self, token_hash: str) -> _KnownToken:
-        async with session_scope(self._sessionmaker) as session:
+        async with read_scope(self._sessionmaker) as session:
             token = await TokenRepository.from_session(session).get_by_hash(token_hash)
-            if token is None or not _is_usable(token):
-                raise Unauthorized(INVALID_TOKEN)
-            await _touch(session, token)
+        if token is None or not _is_usable(token):
+            raise Unauthorized(INVALID_TOKEN)
+        self._touch(token)
         caller = Caller(token.kind, token.id, token.tenant_id, token.user_id)
         known = _KnownToken(caller, token.expires_at)
         if self._tokens is not None:
@@ -132,7 +144,7 @@ class Authenticator:
         user_id = self._users.get((tenant_id, external_id)) if self._users is not None else None
         if user_id is not None:
             return user_id
-        async with session_scope(self._sessionmaker) as session:
+        async with read_scope(self._sessionmaker) as session:
             user = await UserRepository.from_session(session).get_by_external_id(
                 tenant_id, external_id
             )
@@ -149,11 +161,8 @@ def _is_usable(token: Token) -> bool:
     return token.expires_at is None or token.expires_at > utc_now()
 
 
-async def _touch(session: AsyncSession, token: Token) -> None:
-    """Record use, at most once a minute per token, to keep writes off the hot path."""
-    now = utc_now()
-    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
-        await TokenRepository.from_session(session).touch(token.id, now)
+async def _record_use(token_id: uuid.UUID, when: datetime, session: AsyncSession) -> None:
+    await TokenRepository.from_session(session).touch(token_id, when)
 
 
 def token_from_header(authorization: str | None) -> str:
