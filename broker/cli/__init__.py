@@ -30,7 +30,7 @@ def serve(
     """Serve the broker's HTTP API."""
     current = settings()
     uvicorn.run(
-        "broker.app:create_app",
+        "broker.app:create_served_app",
         factory=True,
         host=host or current.HOST,
         port=port or current.PORT,

@@ -166,7 +166,12 @@ class RawConnections:
 
     async def _connect(self) -> AsyncConnection:
         if self._connection is None:
-            self._connection = await self._engine.connect()
+            connection = await self._engine.connect()
+            if self.dialect.name == "sqlite":  # its checkpoints run elsewhere (db/wal.py)
+                raw = await connection.get_raw_connection()
+                driver: Any = raw.driver_connection
+                await driver.execute_fetchall("PRAGMA wal_autocheckpoint=0")
+            self._connection = connection
         return self._connection
 
     async def _discard(self) -> None:

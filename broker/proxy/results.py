@@ -30,8 +30,10 @@ from broker.usage.repository import PromptOutputRepository, PromptRepository
 
 PROMPT_NOT_FOUND = "Prompt not found."
 FILE_NOT_FOUND = "File not found."
+# Every prompt that may have reached ComfyUI (whose history has the last word): `pending`
+# too, as ComfyUI's answer is recorded just after the client has it.
 HISTORY_STATUSES = [
-    PromptStatus.QUEUED, PromptStatus.RUNNING, PromptStatus.SUCCESS,
+    PromptStatus.PENDING, PromptStatus.QUEUED, PromptStatus.RUNNING, PromptStatus.SUCCESS,
     PromptStatus.ERROR, PromptStatus.INTERRUPTED,
 ]  # fmt: skip
 DEFAULT_HISTORY_ITEMS = 100

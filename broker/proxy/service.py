@@ -117,7 +117,9 @@ async def submit_prompt(
         body, prompt_id=prompt_id, client_id=upstream.client_id, api_key=api_key
     )
     with context.pool.forwarding(upstream):
-        return await _forward(context, upstream, prompt_id, forwarded, api_key, timing)
+        answer = await _forward(context, upstream, prompt_id, forwarded, api_key, timing)
+    await _record_answer(context, prompt_id, answer.body, replayable=idempotency_key is not None)
+    return answer
 
 
 async def _admit(
@@ -306,9 +308,24 @@ async def _forward(
         raise await _failed_forward(context, prompt_id, exc, hidden) from None
     timing.upstream_seconds = time.perf_counter() - started
     answer = {**scrub(answer, api_key, upstream.client_id), "prompt_id": str(prompt_id)}
-    bulk = ledger.Answer(prompt_id, answer)
-    await _settle(context, prompt_id, usage_service.record_queued(answer), bulk=bulk)
     return PromptAnswer(200, answer)
+
+
+async def _record_answer(
+    context: ProxyContext, prompt_id: uuid.UUID, answer: dict[str, Any], *, replayable: bool
+) -> None:
+    """Record ComfyUI's answer (the prompt is `queued`). A retry with the same
+    Idempotency-Key is answered from this record, so then the client waits for it.
+    Otherwise it goes with the next batch of writes and the client does not wait: the
+    record stays `pending` until it lands, and if the broker stops first,
+    reconciliation settles it from ComfyUI."""
+    record = usage_service.record_queued(answer)
+    item = ledger.Answer(prompt_id, answer)
+    if replayable:
+        await _settle(context, prompt_id, record, bulk=item)
+    else:
+        work = functools.partial(_record, record, prompt_id)
+        context.committer.submit_bulk(ledger.ANSWERED, item, slow=work)
 
 
 async def _failed_forward(

@@ -16,6 +16,7 @@ from broker.db.models import Prompt, PromptStatus
 from broker.settings import Settings
 from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User, comfy_key, error_of
 from tests.fixtures.comfy import FakeComfyUI
+from tests.proxy.helpers import wait_for_status
 from tests.proxy.workflows import LOCAL_WORKFLOW, docs_workflow
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -71,6 +72,7 @@ class TestInjection:
         [request] = [r for r in fake_comfy.received if r.path == "/prompt" and r.method == "POST"]
         assert not {"origin", "cookie", "authorization"} & set(request.headers)
         assert key not in response.text
+        await wait_for_status(db, answer["prompt_id"], PromptStatus.QUEUED)  # recorded after
         [record] = await prompts_in_db(db)
         assert (str(record.id), record.status, record.number) == (
             answer["prompt_id"],

@@ -40,9 +40,9 @@ def committer_of(app: FastAPI) -> GroupCommitter:
 
 
 async def settled(db: async_sessionmaker[AsyncSession], prompt_id: str) -> Prompt:
-    for _ in range(250):  # the charge lands with the final status; wait for both
+    for _ in range(250):  # the charge and ComfyUI's answer may land after the status
         row = await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
-        if row.actual_mc is not None:
+        if row.actual_mc is not None and row.response_status is not None:
             return row
         await asyncio.sleep(0.02)
     raise AssertionError(f"prompt {prompt_id} was never charged")
