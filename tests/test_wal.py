@@ -4,21 +4,27 @@ On its own SQLite database whatever the suite runs on: the behaviour is SQLite's
 
 from __future__ import annotations
 
+import functools
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 
 from broker.cli.db import alembic_config
 from broker.db.base import utc_now
-from broker.db.raw import RawConnections
+from broker.db.raw import RawConnections, RawTransaction
 from broker.db.session import create_engine
 from broker.db.wal import WalCheckpointer
 from tests.test_group_commit import INSERT_TENANT
 
 PAGE = 4096
 SQLITE_CHECKPOINT_PAGES = 1000  # SQLite's default wal_autocheckpoint
+
+
+async def insert_tenants(transaction: RawTransaction, *, rows: list[dict[str, Any]]) -> None:
+    await transaction.execute_many(INSERT_TENANT, rows)
 
 
 def size(path: Path) -> int:
@@ -47,8 +53,7 @@ async def test_the_ledger_leaves_checkpoints_to_the_checkpointer(sqlite_path: Pa
                 {"id": uuid.uuid4(), "name": f"{batch}-{i}-" + "x" * 150, "now": utc_now()}
                 for i in range(2000)
             ]
-            async with raw.transaction() as transaction:
-                await transaction.execute_many(INSERT_TENANT, rows)
+            await raw.run(functools.partial(insert_tenants, rows=rows))
         log = Path(f"{path}-wal")
         assert size(log) > SQLITE_CHECKPOINT_PAGES * PAGE  # past SQLite's threshold
         assert size(path) == size_before  # and yet no commit copied it back

@@ -53,7 +53,9 @@ FALLBACK: Final = object()  # a bulk kind's answer for a unit it leaves to its s
 class BulkKind:
     """Work the ledger runs for many units at once: `run` takes their items and answers,
     for each, its result or FALLBACK. It raises only when the database fails (its
-    transaction is then rolled back, and every unit runs through a session instead)."""
+    transaction is then rolled back, and every unit runs through a session instead). It
+    awaits nothing but the transaction's statements: on SQLite it runs on the database's
+    thread (broker/db/raw.py)."""
 
     name: str
     rank: int  # order of the kinds within a transaction (a prompt's: admitted, answered, …)
@@ -180,13 +182,17 @@ class GroupCommitter:
         for unit in units:
             assert unit.bulk is not None
             by_kind.setdefault(unit.bulk, []).append(unit)
-        answered: list[tuple[_Unit, Any]] = []
+
+        async def in_rank_order(transaction: RawTransaction) -> list[tuple[_Unit, Any]]:
+            answered: list[tuple[_Unit, Any]] = []
+            for kind in sorted(by_kind, key=lambda kind: kind.rank):
+                group = by_kind[kind]
+                results = await kind.run(transaction, [unit.item for unit in group])
+                answered.extend(zip(group, results, strict=True))
+            return answered
+
         try:
-            async with self._raw.transaction() as transaction:
-                for kind in sorted(by_kind, key=lambda kind: kind.rank):
-                    group = by_kind[kind]
-                    results = await kind.run(transaction, [unit.item for unit in group])
-                    answered.extend(zip(group, results, strict=True))
+            answered = await self._raw.run(in_rank_order)
         except Exception as exc:  # noqa: BLE001  the session path settles what it means
             log.warning("db.bulk_failed units=%d error=%s", len(units), type(exc).__name__)
             self.fallbacks += len(units)

@@ -12,17 +12,22 @@ the ORM would write. Connections come from the engine's pool, and so keep its se
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any, Protocol
+import sqlite3
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.selectable import Select
 
+from broker.db.session import SQLITE_BUSY_TIMEOUT_SECONDS, configure_sqlite
+
 log = logging.getLogger("broker.db")
+T = TypeVar("T")
 Processor = Callable[[Any], Any] | None
 Statement = UpdateBase | Select[*tuple[Any, ...]]
 
@@ -95,19 +100,19 @@ class _Driver(Protocol):
 
 
 class _SQLiteDriver:
-    """aiosqlite: each call is one hop to the connection's thread."""
+    """The stdlib `sqlite3`, called directly (see `RawConnections._run_on_sqlite`)."""
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
 
     async def fetch(self, sql: str, parameters: tuple[Any, ...]) -> list[Sequence[Any]]:
-        return list(await self._connection.execute_fetchall(sql, parameters))
+        return self._connection.execute(sql, parameters).fetchall()
 
     async def execute(self, sql: str, parameters: tuple[Any, ...]) -> None:
-        await self._connection.execute_fetchall(sql, parameters)
+        self._connection.execute(sql, parameters)
 
     async def execute_many(self, sql: str, parameters: list[tuple[Any, ...]]) -> None:
-        await self._connection.executemany(sql, parameters)
+        self._connection.executemany(sql, parameters)
 
 
 class _PostgresDriver:
@@ -127,32 +132,60 @@ class _PostgresDriver:
 
 
 class RawConnections:
-    """One pooled connection kept for the ledger's transactions (one at a time: the group
-    committer is their only user), given back and replaced after any error."""
+    """The ledger's connection, used by one transaction at a time (the group committer is
+    its only user).
+
+    PostgreSQL: a connection from the engine's pool, kept, and replaced after an error.
+    SQLite: a `sqlite3` connection of its own, with a thread of its own for what may wait:
+    through aiosqlite each statement was a round trip between threads, and those hops
+    cost more than the statements.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self.dialect = engine.dialect
-        self._connection: AsyncConnection | None = None
         self._statements: dict[int, tuple[Statement, RawStatement]] = {}
+        self._connection: AsyncConnection | None = None  # PostgreSQL
+        self._sqlite: sqlite3.Connection | None = None  # SQLite, used on its thread only
+        self._sqlite_thread: ThreadPoolExecutor | None = None
+        if self.dialect.name == "sqlite":
+            self._sqlite_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-sqlite")
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[RawTransaction]:
+    async def run(self, body: Callable[[RawTransaction], Coroutine[Any, Any, T]]) -> T:
+        """`body` in one transaction, committed; rolled back if it raises. `body` may await
+        only the transaction's methods."""
+        if self._sqlite_thread is not None:
+            return await self._run_on_sqlite(body)
         connection = await self._connect()
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
         try:
-            if self.dialect.name == "sqlite":
-                # Taken up front, as every transaction of the broker's (db/session.py).
-                await driver.execute("BEGIN IMMEDIATE")
-                yield RawTransaction(_SQLiteDriver(driver), self._compile)
-                await driver.execute("COMMIT")
-            else:
-                async with driver.transaction():
-                    yield RawTransaction(_PostgresDriver(driver), self._compile)
+            async with driver.transaction():
+                return await body(RawTransaction(_PostgresDriver(driver), self._compile))
         except BaseException:
             await self._discard()
             raise
+
+    async def _run_on_sqlite(self, body: Callable[[RawTransaction], Coroutine[Any, Any, T]]) -> T:
+        """What may wait (the write lock, the commit's fsync) runs on the connection's
+        thread; the statements in between, which hold the write lock and so never wait
+        for another connection, run here: a few µs each, and no thread switch."""
+        loop = asyncio.get_running_loop()
+        connection = await loop.run_in_executor(self._sqlite_thread, self._begin_immediately)
+        try:
+            result = await body(RawTransaction(_SQLiteDriver(connection), self._compile))
+            await loop.run_in_executor(self._sqlite_thread, connection.execute, "COMMIT")
+        except BaseException:
+            await asyncio.shield(loop.run_in_executor(self._sqlite_thread, _roll_back, connection))
+            raise
+        return result
+
+    def _begin_immediately(self) -> sqlite3.Connection:
+        if self._sqlite is None:
+            self._sqlite = _open_sqlite(self._engine.url.database or "")
+        # Taken up front, as every transaction of the broker's (db/session.py).
+        self._sqlite.execute("BEGIN IMMEDIATE")
+        return self._sqlite
 
     def _compile(self, statement: Statement) -> RawStatement:
         # Keyed by identity, the statement kept alongside so that the id stays its own.
@@ -166,16 +199,11 @@ class RawConnections:
 
     async def _connect(self) -> AsyncConnection:
         if self._connection is None:
-            connection = await self._engine.connect()
-            if self.dialect.name == "sqlite":  # its checkpoints run elsewhere (db/wal.py)
-                raw = await connection.get_raw_connection()
-                driver: Any = raw.driver_connection
-                await driver.execute_fetchall("PRAGMA wal_autocheckpoint=0")
-            self._connection = connection
+            self._connection = await self._engine.connect()
         return self._connection
 
     async def _discard(self) -> None:
-        """Roll back and give the connection up: the next transaction takes a fresh one."""
+        """Give the connection up (rolled back): the next transaction takes a fresh one."""
         connection, self._connection = self._connection, None
         if connection is None:
             return
@@ -188,3 +216,31 @@ class RawConnections:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
+        if self._sqlite_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._sqlite_thread, self._close_sqlite
+            )
+            self._sqlite_thread.shutdown()
+
+    def _close_sqlite(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
+
+
+def _open_sqlite(path: str) -> sqlite3.Connection:
+    # Used from the event loop's thread too, never at the same time (see _run_on_sqlite).
+    connection = sqlite3.connect(
+        path,
+        timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    configure_sqlite(connection)
+    connection.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run elsewhere (db/wal.py)
+    return connection
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")
