@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
@@ -33,7 +34,14 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30
 READ_ONLY = "broker_read_only"  # an execution option: see read_scope()
 
 
+def json_text(value: Any) -> str:
+    """JSON columns as written: orjson (several times faster than `json` on the prompt
+    path's records), compact."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    kwargs.setdefault("json_serializer", json_text)
     if database_url.startswith("sqlite"):
         return _create_sqlite_engine(database_url, **kwargs)
     # A pool as large as the concurrency a worker serves: connections beyond it would be
