@@ -20,7 +20,7 @@ from broker.admin.router import router as admin_router
 from broker.body_limit import BodyLimitMiddleware
 from broker.comfy.client import ComfyClient, create_http_client
 from broker.comfy.object_info import ObjectInfoCache
-from broker.db.group_commit import GroupCommitter
+from broker.db.group_commit import SQLITE_LINGER_SECONDS, GroupCommitter
 from broker.db.raw import RawConnections
 from broker.db.session import create_engine, create_sessionmaker
 from broker.db.wal import WalCheckpointer
@@ -84,9 +84,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
         app.state.sessionmaker = sessionmaker
         admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
         raw = RawConnections(engine)
-        committer = GroupCommitter(sessionmaker, raw=raw)
+        sqlite = engine.dialect.name == "sqlite"
+        linger = SQLITE_LINGER_SECONDS if sqlite else 0.0
+        committer = GroupCommitter(sessionmaker, raw=raw, linger=linger)
         committer.start()
-        checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
+        checkpointer = WalCheckpointer(engine) if sqlite else None
         if checkpointer is not None:
             checkpointer.start()
         authenticator = app.state.authenticator = Authenticator(

@@ -4,6 +4,7 @@ own commit, and a failing unit costs the others nothing."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -218,3 +219,36 @@ async def test_a_failed_bulk_transaction_leaves_nothing_and_runs_the_session_wor
     kind.fail = False  # and the raw connection, replaced, works again
     assert await add_in_bulk(bulk_committer, kind, "after") == "after"
     assert bulk_committer.bulk_units == 1
+
+
+# lingering ---------------------------------------------------------------------
+
+
+async def test_writes_nobody_waits_for_linger_to_share_a_transaction(
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    committer = GroupCommitter(db, linger=0.2)
+    committer.start()
+    try:
+        for i in range(3):  # a prompt's answer, start and end, a few ms apart
+            committer.submit(add_tenant(f"late{i}"), name="test")
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.4)
+        assert (committer.batches, committer.units) == (1, 3)
+    finally:
+        await committer.stop()
+    assert await tenant_names(db) == {"late0", "late1", "late2"}
+
+
+async def test_a_caller_never_waits_for_the_linger(db: async_sessionmaker[AsyncSession]) -> None:
+    committer = GroupCommitter(db, linger=5.0)
+    committer.start()
+    try:
+        committer.submit(add_tenant("background"), name="test")
+        await asyncio.sleep(0.01)  # the writer is lingering now
+        started = time.monotonic()
+        assert await committer.run(add_tenant("caller")) == "caller"
+        assert time.monotonic() - started < 1.0
+        assert committer.batches == 1  # and the background write went with it
+    finally:
+        await committer.stop()
