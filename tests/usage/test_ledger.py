@@ -15,8 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.base import utc_now
-from broker.db.group_commit import GroupCommitter
+from broker.db.group_commit import FALLBACK, GroupCommitter
 from broker.db.models import Prompt, PromptStatus, Token, UserQuota
+from broker.db.raw import RawConnections, RawTransaction
+from broker.usage import ledger
 from tests.fixtures.app import AdminApi, User, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
 from tests.proxy.helpers import submit, wait_for_status
@@ -141,3 +143,44 @@ async def test_a_revoked_token_gets_no_prompt_through_in_bulk(
         await session.commit()
     response = await client.post("/prompt", json={"prompt": docs_workflow()}, headers=alice.auth)
     assert response.status_code == 401
+
+
+async def test_a_prompt_that_ends_twice_in_one_batch_is_settled_once(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    alice: User,
+    fake_comfy: FakeComfyUI,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    """The first end wins; the second is left to the session path (which finds the prompt
+    settled); the slot is freed once."""
+    await settled(db, await submit(client, alice))
+    fake_comfy.auto_execute = False
+    first, second = [await submit(client, alice) for _ in range(2)]
+    await app.state.proxy.committer.flush()
+    assert (await quota(db, alice)).active_count == 2
+    one, other = uuid.UUID(first), uuid.UUID(second)
+    items = [
+        ledger.Finish(one, PromptStatus.SUCCESS),
+        ledger.Finish(other, PromptStatus.SUCCESS),
+        ledger.Finish(one, PromptStatus.ERROR, error_type="execution_error", message="late"),
+    ]
+
+    async def finish_all(transaction: RawTransaction) -> list[Any]:
+        return await ledger.FINISHED.run(transaction, items)
+
+    raw = RawConnections(app.state.engine)
+    try:
+        results = await raw.run(finish_all)
+    finally:
+        await raw.close()
+    assert results == [True, True, FALLBACK]
+    async with db() as session:
+        rows = {
+            p.id: p
+            for p in await session.scalars(select(Prompt).where(Prompt.id.in_([one, other])))
+        }
+    assert rows[one].status is PromptStatus.SUCCESS
+    assert rows[one].error_type is None
+    assert rows[other].status is PromptStatus.SUCCESS
+    assert (await quota(db, alice)).active_count == 0
