@@ -82,16 +82,22 @@ def _load_object(raw: bytes) -> dict[str, Any]:
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
-    """Iterative, so a hostile body cannot exhaust the interpreter's stack."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        current, depth = stack.pop()
+    """Whether anything sits deeper than `limit` (the body itself is at depth 1). Level by
+    level, and only containers are followed: iterative, so a hostile body cannot exhaust
+    the interpreter's stack, and quick on the hundreds of nodes of a real workflow."""
+    level: list[Any] = [value]
+    depth = 1
+    while level:
         if depth > limit:
             return True
-        if isinstance(current, dict):
-            stack.extend((item, depth + 1) for item in current.values())
-        elif isinstance(current, list):
-            stack.extend((item, depth + 1) for item in current)
+        below: list[Any] = []
+        for container in level:
+            children = container.values() if isinstance(container, dict) else container
+            if children and depth == limit:
+                return True
+            below.extend([child for child in children if isinstance(child, dict | list)])
+        level = below
+        depth += 1
     return False
 
 
