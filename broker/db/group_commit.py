@@ -62,8 +62,8 @@ class BulkKind:
     """Work the ledger runs for many units at once: `run` takes their items and answers,
     for each, its result or FALLBACK. It raises only when the database fails (its
     transaction is then rolled back, and every unit runs through a session instead). It
-    awaits nothing but the transaction's statements: on SQLite it runs on the database's
-    thread (broker/db/raw.py)."""
+    awaits nothing but the transaction's statements: on SQLite the transaction holds the
+    write lock meanwhile (broker/db/raw.py)."""
 
     name: str
     rank: int  # order of the kinds within a transaction (a prompt's: admitted, answered, …)
