@@ -94,13 +94,12 @@ class Authenticator:
             self._tokens = TTLCache(CACHE_SIZE, cache_seconds)
             self._users = TTLCache(CACHE_SIZE, cache_seconds)
 
-    def _touch(self, token: Token) -> None:
-        """Record use, at most once a minute per token, queued with the prompt path's
-        writes (group commit): the request does not wait for the write lock."""
+    async def _touch(self, token: Token) -> None:
+        """Record use, at most once a minute per token, with the prompt path's writes (group
+        commit): no transaction of its own, so no wait for SQLite's write lock."""
         now = utc_now()
         if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
-            record = functools.partial(_record_use, token.id, now)
-            self._committer.submit(record, name="auth.touch")
+            await self._committer.run(functools.partial(_record_use, token.id, now))
 
     def forget_all(self) -> None:
         for cache in (self._tokens, self._users):
@@ -132,7 +131,7 @@ class Authenticator:
             token = await TokenRepository.from_session(session).get_by_hash(token_hash)
         if token is None or not _is_usable(token):
             raise Unauthorized(INVALID_TOKEN)
-        self._touch(token)
+        await self._touch(token)
         caller = Caller(token.kind, token.id, token.tenant_id, token.user_id)
         known = _KnownToken(caller, token.expires_at)
         if self._tokens is not None:

@@ -546,7 +546,6 @@ async def stale_tokens(
 
 @pytest.fixture
 async def world(
-    app: FastAPI,
     client: httpx.AsyncClient,
     admin_api: AdminApi,
     fake_comfy: FakeComfyUI,
@@ -588,7 +587,6 @@ async def world(
         ("/prompt", {**globex.service, ACT_AS: carol.external_id}),
     ):
         assert (await client.get(probe, headers=headers)).status_code == 200
-    await app.state.proxy.committer.flush()
     await fake_comfy.await_idle()
     return w
 

@@ -42,16 +42,12 @@ class Scene:
 
 @pytest.fixture
 async def scene(
-    app: FastAPI,
-    admin_api: AdminApi,
-    fake_comfy: FakeComfyUI,
-    db: async_sessionmaker[AsyncSession],
+    admin_api: AdminApi, fake_comfy: FakeComfyUI, db: async_sessionmaker[AsyncSession]
 ) -> Scene:
     acme = await admin_api.tenant("acme")
     alice = await admin_api.user(acme, "alice", comfy_key())
     # Use alice's token once, so that its last_used_at does not move during the tests.
     assert (await admin_api.client.get("/prompt", headers=alice.auth)).status_code == 200
-    await app.state.proxy.committer.flush()
     return Scene(admin_api.client, fake_comfy, db, acme, alice)
 
 
