@@ -5,9 +5,10 @@ the broker is benchmarked on (building the expression, its cache key, the ORM's
 execution context, the greenlet and driver adaptation), against tens of µs on the driver
 itself; on the prompt path that was most of the broker's time (docs/benchmarks.md).
 So the ledger (`broker/usage/ledger.py`) writes its statements with SQLAlchemy Core, has
-them compiled once for the engine's dialect, and runs the SQL on the driver connection
-(aiosqlite or asyncpg) with SQLAlchemy's own type conversions: the rows are the same as
-the ORM would write. Connections come from the engine's pool, and so keep its settings.
+them compiled once for the engine's dialect, and runs the SQL on a driver connection
+(asyncpg from the engine's pool; for SQLite, a `sqlite3` connection of its own, set up as
+the engine's are) with SQLAlchemy's own type conversions: the rows are the same as the ORM
+would write.
 """
 
 from __future__ import annotations
