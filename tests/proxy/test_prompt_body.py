@@ -1,13 +1,16 @@
-"""The prompt body's depth limit, at its boundary (the JSON bombs are in
-tests/security/test_bad_input.py)."""
+"""The prompt body's limits: depth at its boundary, and the memory a JSON bomb may take
+(the end-to-end bombs are in tests/security/test_bad_input.py)."""
 
 from __future__ import annotations
+
+import tracemalloc
 
 import orjson
 import pytest
 
 from broker.proxy.errors import PromptError
 from broker.proxy.prompt_body import MAX_DEPTH, parse_prompt_body
+from broker.settings import Settings
 
 
 def body_of_depth(depth: int, *, leaf: object) -> bytes:
@@ -29,3 +32,58 @@ def test_one_level_more_is_refused(leaf: object) -> None:
     deeper = body_of_depth(MAX_DEPTH + 1, leaf=leaf)
     with pytest.raises(PromptError, match="nested deeper"):
         parse_prompt_body(deeper)
+
+
+# memory under JSON bombs ------------------------------------------------------
+
+MIB = 1 << 20
+BODY_LIMIT = Settings.model_fields["MAX_PROMPT_BYTES"].default
+
+
+def just_under_the_body_limit(item: bytes) -> bytes:
+    """A prompt whose one input is an array of `item`, as many as the body limit allows."""
+    head, tail = b'{"prompt": {"1": {"class_type": "A", "inputs": {"a": [', b"]}}}}"
+    count = (BODY_LIMIT - len(head) - len(tail)) // (len(item) + 1)
+    return head + b",".join([item] * count) + tail
+
+
+def peak_while_parsing(raw: bytes) -> tuple[str, float]:
+    tracemalloc.start()
+    try:
+        parse_prompt_body(raw)
+        outcome = "accepted"
+    except PromptError as error:
+        outcome = error.type
+    finally:
+        peak = tracemalloc.get_traced_memory()[1] / MIB
+        tracemalloc.stop()
+    return outcome, peak
+
+
+@pytest.mark.parametrize(
+    ("label", "raw"),
+    [
+        ("empty objects", just_under_the_body_limit(b"{}")),  # ~2.8 million if parsed
+        ("small integers", just_under_the_body_limit(b"1")),
+        ("empty arrays", just_under_the_body_limit(b"[]")),
+        (
+            "100k nodes",
+            orjson.dumps(
+                {"prompt": {str(i): {"class_type": "A", "inputs": {}} for i in range(100_000)}}
+            ),
+        ),
+    ],
+)
+def test_bodies_of_too_many_values_are_refused_before_parsing(label: str, raw: bytes) -> None:
+    assert len(raw) <= BODY_LIMIT, label
+    outcome, peak = peak_while_parsing(raw)
+    assert outcome == "too_many_values", label
+    assert peak < 1, f"{label}: {peak:.1f} MiB"  # nothing was built from the body
+
+
+def test_a_large_real_workflow_is_well_under_the_value_limit() -> None:
+    graph = {str(i): {"class_type": "KSampler", "inputs": {"seed": i, "steps": 20, "cfg": 7.0,
+             "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0]}} for i in range(2_000)}  # fmt: skip
+    outcome, peak = peak_while_parsing(orjson.dumps({"prompt": graph}))
+    assert outcome == "accepted"
+    assert peak < 32
