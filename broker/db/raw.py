@@ -41,22 +41,22 @@ class RawStatement:
         compiled = statement.compile(dialect=dialect)
         self.sql = compiled.string
         names = compiled.positiontup or []
-        self._binds: list[tuple[str, Any, Processor]] = []
+        self._binds: list[tuple[str, bool, Any, Processor]] = []
         for name in names:
             bind = compiled.binds[name]
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            self._binds.append((bind.key, bind.effective_value, processor))
+            self._binds.append((bind.key, bind.required, bind.effective_value, processor))
         self._results: list[Processor] = [
             column.type.dialect_impl(dialect).result_processor(dialect, None)
             for column in statement.exported_columns  # a SELECT's columns, or RETURNING's
         ]
 
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
-        """The driver's positional parameters; a name missing from `values` takes the value
-        the statement was built with (a literal in the expression)."""
+        """The driver's positional parameters: each `bindparam()` from `values` (KeyError if
+        missing), each literal of the expression as it was built."""
         out: list[Any] = []
-        for key, default, processor in self._binds:
-            value = values.get(key, default)
+        for key, required, literal, processor in self._binds:
+            value = values[key] if required else literal
             out.append(value if processor is None else processor(value))
         return tuple(out)
 

@@ -9,8 +9,9 @@ which holds the whole of the rules. What bulk writes is row for row what those w
 
 - Admission: prompts without a client-chosen id, Idempotency-Key or unpriced node. Per
   (user, token) in the batch, one conditional UPDATE counts them all against the rate
-  limits and checks the token, as `limits.admit` does for one; a prompt with a price
-  also requires that no budget applies (budgets are reserved by the session path).
+  limits and checks the token (`limits.count_more`, the statement `limits.admit` runs for
+  one); a prompt with a price also requires that no budget applies (budgets are reserved
+  by the session path).
   Then one INSERT for all. A missing counter row, a refusal, a missing key: fall back.
 - Answer and start: one UPDATE for all.
 - End: per prompt, the settling UPDATE … RETURNING, only for a prompt without budget
@@ -41,7 +42,7 @@ from sqlalchemy import (
 
 from broker.db.base import UTCDateTime, utc_now
 from broker.db.group_commit import FALLBACK, BulkKind
-from broker.db.models import Budget, ComfyKey, Prompt, PromptStatus, Tenant, User, UserQuota
+from broker.db.models import Budget, ComfyKey, Prompt, PromptStatus, UserQuota
 from broker.db.raw import RawTransaction
 from broker.keys.crypto import KeyContext, SealedKey, UnsealError
 from broker.keys.service import KeyCustody
@@ -75,47 +76,18 @@ class BulkAdmission:
 
 _TENANT = bindparam("tenant_id", type_=Uuid())
 _USER = bindparam("user_id", type_=Uuid())
-_TOKEN = bindparam("token_id", type_=Uuid())
-_COUNT, _NOW = bindparam("count", type_=Integer), bindparam("now", type_=UTCDateTime())
-_MINUTE = bindparam("minute", type_=UTCDateTime())
+_COUNT = bindparam("count", type_=Integer)
+_NOW = bindparam("now", type_=UTCDateTime())
 
 KEY_OF_USER = select(
     ComfyKey.id, ComfyKey.kek_id, ComfyKey.wrapped_data_key, ComfyKey.ciphertext
 ).where(ComfyKey.tenant_id == _TENANT, ComfyKey.user_id == _USER)
-
-
-def _count_more(*, token: bool, budgeted: bool) -> Any:
-    """`count` more prompts for the user, if the limits allow all of them (see limits.py)."""
-    this_minute = case((UserQuota.minute_start == _MINUTE, UserQuota.minute_count), else_=0)
-    conditions = [
-        UserQuota.user_id == _USER,
-        this_minute + _COUNT
-        <= limits.limit_of(User.max_prompts_per_minute, Tenant.max_prompts_per_minute,
-                           _TENANT, _USER),
-        UserQuota.active_count + _COUNT
-        <= limits.limit_of(User.max_active_prompts, Tenant.max_active_prompts, _TENANT, _USER),
-    ]  # fmt: skip
-    if token:
-        conditions.append(limits.token_is_valid(_TOKEN, _NOW))
-    if budgeted:  # any budget of the tenant or the user: the session path reserves on it
-        scopes = or_(
-            Budget.scope == bindparam("tenant_scope"), Budget.scope == bindparam("user_scope")
-        )
-        conditions.append(~exists().where(scopes))
-    return (
-        update(UserQuota)
-        .where(*conditions)
-        .values(
-            minute_count=this_minute + _COUNT,
-            minute_start=_MINUTE,
-            active_count=UserQuota.active_count + _COUNT,
-        )
-        .returning(UserQuota.user_id)
-    )
-
-
+# A priced prompt also needs no budget to apply: budgets are reserved by the session path.
+_NO_BUDGET = ~exists().where(
+    or_(Budget.scope == bindparam("tenant_scope"), Budget.scope == bindparam("user_scope"))
+)
 COUNT_MORE = {
-    (token, budgeted): _count_more(token=token, budgeted=budgeted)
+    (token, budgeted): limits.count_more(token=token, also=_NO_BUDGET if budgeted else None)
     for token in (False, True)
     for budgeted in (False, True)
 }
@@ -145,9 +117,9 @@ async def _admit(transaction: RawTransaction, items: list[BulkAdmission]) -> lis
         counted = await transaction.fetch(
             COUNT_MORE[token_id is not None, budgeted],
             {
-                "tenant_id": tenant_id,
-                "user_id": user_id,
-                "token_id": token_id,
+                "for_tenant": tenant_id,
+                "for_user": user_id,
+                "for_token": token_id,
                 "count": len(indexes),
                 "now": now,
                 "minute": now.replace(second=0, microsecond=0),

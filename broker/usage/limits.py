@@ -12,11 +12,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
-from sqlalchemy import BindParameter, ColumnElement, case, exists, func, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Integer,
+    Uuid,
+    bindparam,
+    case,
+    exists,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql.dml import ReturningUpdate
 
+from broker.db.base import UTCDateTime
 from broker.db.models import Tenant, Token, User, UserQuota
 from broker.errors import NotFound, TooManyRequests, Unauthorized
 from broker.ops import metrics
@@ -67,6 +80,46 @@ async def admit(
     await _refuse(session, tenant_id, user_id, now)
 
 
+_TENANT = bindparam("for_tenant", type_=Uuid())
+_USER = bindparam("for_user", type_=Uuid())
+_TOKEN = bindparam("for_token", type_=Uuid())
+_COUNT = bindparam("count", type_=Integer)
+_NOW = bindparam("now", type_=UTCDateTime())
+_MINUTE = bindparam("minute", type_=UTCDateTime())
+
+
+def count_more(*, token: bool, also: ColumnElement[bool] | None = None) -> ReturningUpdate[Any]:
+    """The admission statement: `count` more prompts for the user if its limits (its own,
+    else its tenant's) allow all of them, the token (with `token`) is still valid, and
+    `also` holds. Parameters: for_tenant, for_user, for_token, count, minute, now (not
+    named after columns: SQLAlchemy reserves those for SET values). Returns
+    the counter row it changed, or none. Shared by `admit` (one prompt) and the ledger
+    (a batch's prompts of one user and token: broker/usage/ledger.py)."""
+    this_minute = case((UserQuota.minute_start == _MINUTE, UserQuota.minute_count), else_=0)
+    conditions = [
+        UserQuota.user_id == _USER,
+        this_minute + _COUNT
+        <= limit_of(User.max_prompts_per_minute, Tenant.max_prompts_per_minute, _TENANT, _USER),
+        UserQuota.active_count + _COUNT
+        <= limit_of(User.max_active_prompts, Tenant.max_active_prompts, _TENANT, _USER),
+    ]
+    if token:
+        conditions.append(token_is_valid(_TOKEN, _NOW))
+    if also is not None:
+        conditions.append(also)
+    return (
+        update(UserQuota)
+        .where(*conditions)
+        .values(
+            minute_count=this_minute + _COUNT,
+            minute_start=_MINUTE,
+            active_count=UserQuota.active_count + _COUNT,
+        )
+        .returning(UserQuota.user_id)
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def _count_one_more(
     session: AsyncSession,
     tenant_id: uuid.UUID,
@@ -75,29 +128,16 @@ async def _count_one_more(
     minute: datetime,
     now: datetime,
 ) -> bool:
-    conditions = [
-        UserQuota.user_id == user_id,
-        (UserQuota.minute_start != minute)
-        | (UserQuota.minute_count < limit_of(User.max_prompts_per_minute,
-                                           Tenant.max_prompts_per_minute, tenant_id, user_id)),
-        UserQuota.active_count
-        < limit_of(User.max_active_prompts, Tenant.max_active_prompts, tenant_id, user_id),
-    ]  # fmt: skip
-    if token_id is not None:
-        conditions.append(token_is_valid(token_id, now))
-    result = await session.execute(
-        update(UserQuota)
-        .where(*conditions)
-        .values(
-            minute_count=case(
-                (UserQuota.minute_start == minute, UserQuota.minute_count + 1), else_=1
-            ),
-            minute_start=minute,
-            active_count=UserQuota.active_count + 1,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+    values = {
+        "for_tenant": tenant_id,
+        "for_user": user_id,
+        "for_token": token_id,
+        "count": 1,
+        "minute": minute,
+        "now": now,
+    }
+    result = await session.execute(COUNT_ONE_MORE[token_id is not None], values)
+    return result.first() is not None
 
 
 def limit_of(
@@ -170,3 +210,6 @@ async def _refuse(
     raise TooManyRequests(
         f"More than {limits.per_minute} prompts in a minute.", retry_after=60 - now.second
     )
+
+
+COUNT_ONE_MORE = {token: count_more(token=token) for token in (False, True)}
