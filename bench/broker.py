@@ -72,7 +72,7 @@ def sqlite_url(directory: Path, name: str) -> str:
 
 
 async def _postgres(statement: str) -> None:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     connection = await asyncpg.connect(f"{POSTGRES_SERVER}/postgres", timeout=3)
     try:

@@ -49,7 +49,7 @@ BATCH = 100_000
 
 
 async def generate(database_url: str, tenant_id: str, count: int) -> None:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import uuid
@@ -29,6 +28,7 @@ from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
 from broker.ops.health import router as health_router
+from broker.prompts import lifecycle
 from broker.proxy.bus import EventBus
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
@@ -41,7 +41,6 @@ from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
 from broker.tenants.throttle import FailedAuthThrottle
-from broker.usage import service as usage_service
 from broker.usage.pricing import Pricer, credits_to_mc
 
 log = logging.getLogger("broker.app")
@@ -107,7 +106,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
         bus = _bus(settings, pool, authenticator)
         app.state.forget_caches = _forget_caches(authenticator, bus)
         await pool.start()
-        await _settle_prompts_of_removed_servers(committer, pool)
+        await _settle_prompts_of_removed_servers(committer, sessionmaker, pool)
         if freeze_gc_at_start:
             gc.collect()
             gc.freeze()
@@ -161,12 +160,13 @@ def _bus(settings: Settings, pool: UpstreamPool, authenticator: Authenticator) -
     return bus
 
 
-async def _settle_prompts_of_removed_servers(committer: GroupCommitter, pool: UpstreamPool) -> None:
+async def _settle_prompts_of_removed_servers(
+    committer: GroupCommitter, sessionmaker: async_sessionmaker[AsyncSession], pool: UpstreamPool
+) -> None:
     urls = [upstream.url for upstream in pool.upstreams]
-    settle = functools.partial(
-        usage_service.settle_prompts_of_removed_servers, upstreams=urls, older_than=ORPHAN_AGE
+    settled = await lifecycle.settle_prompts_of_removed_servers(
+        committer, sessionmaker, urls, ORPHAN_AGE
     )
-    settled = await committer.run(settle)
     if settled:
         log.warning("prompts.settled_lost count=%d reason=server_removed", settled)
 

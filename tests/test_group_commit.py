@@ -7,7 +7,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, func, insert, select
@@ -15,10 +14,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.base import utc_now
-from broker.db.group_commit import FALLBACK, BulkKind, GroupCommitter
+from broker.db.group_commit import GroupCommitter, Kind
 from broker.db.models import Tenant
-from broker.db.raw import RawConnections, RawTransaction
-from broker.errors import BadRequest
+from broker.db.raw import RawConnections
+from broker.db.tx import Tx
+from broker.errors import BadRequest, BrokerError
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ async def test_stop_finishes_what_was_queued(db: async_sessionmaker[AsyncSession
         assert await session.scalar(select(func.count()).select_from(Tenant)) == 10
 
 
-# bulk units ------------------------------------------------------------------
+# kinds: a step written once for a batch ---------------------------------------
 
 INSERT_TENANT = insert(Tenant).values(
     id=bindparam("id"),
@@ -129,96 +129,117 @@ INSERT_TENANT = insert(Tenant).values(
 
 
 class AddTenants:
-    """A bulk kind for the tests: one INSERT for all the names, on the raw connection."""
+    """A kind for the tests: one INSERT for all the names; names starting with "no" are
+    refused (a BrokerError for that item alone)."""
 
-    def __init__(self, *, fail: bool = False, leave: str = "slow") -> None:
+    def __init__(self, *, fail: bool = False) -> None:
         self.calls: list[list[str]] = []
         self.fail = fail
-        self.leave = leave  # names starting with this are left to their session work
-        self.kind = BulkKind("test.add_tenants", rank=0, run=self.run)
+        self.kind: Kind[str, str] = Kind("test.add_tenants", rank=0, run=self.run)
 
-    async def run(self, transaction: RawTransaction, names: list[str]) -> list[Any]:
+    async def run(self, transaction: Tx, names: list[str]) -> list[str | BrokerError]:
         self.calls.append(names)
-        mine = [name for name in names if not name.startswith(self.leave)]
         now = utc_now()
-        rows = [{"id": uuid.uuid4(), "name": name, "now": now} for name in mine]
+        rows = [
+            {"id": uuid.uuid4(), "name": name, "now": now}
+            for name in names
+            if not name.startswith("no")
+        ]
         await transaction.execute_many(INSERT_TENANT, rows)
         if self.fail:
-            raise RuntimeError("the database went away mid-batch")
-        return [FALLBACK if name.startswith(self.leave) else name for name in names]
+            raise RuntimeError("a bug mid-batch")
+        return [BadRequest("refused") if name.startswith("no") else name for name in names]
 
 
-@pytest.fixture
-async def bulk_committer(db: async_sessionmaker[AsyncSession]) -> AsyncIterator[GroupCommitter]:
-    engine = db.kw["bind"]
-    raw = RawConnections(engine)
+@pytest.fixture(params=["raw", "session"])
+async def kind_committer(
+    request: pytest.FixtureRequest, db: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[GroupCommitter]:
+    """Kinds run on the driver's connection, or (without one) through a session: the
+    same code either way."""
+    raw = RawConnections(db.kw["bind"]) if request.param == "raw" else None
     committer = GroupCommitter(db, raw=raw)
     committer.start()
     yield committer
     await committer.stop()
-    await raw.close()
+    if raw is not None:
+        await raw.close()
 
 
-def add_in_bulk(committer: GroupCommitter, kind: AddTenants, name: str) -> Awaitable[Any]:
-    return committer.run_bulk(kind.kind, name, slow=add_tenant(name))
-
-
-async def test_bulk_units_are_written_together_on_the_raw_connection(
-    bulk_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
+async def test_a_kinds_items_are_written_together(
+    kind_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
 ) -> None:
     kind = AddTenants()
     names = [f"bulk{i}" for i in range(20)]
-    assert await asyncio.gather(*(add_in_bulk(bulk_committer, kind, n) for n in names)) == names
+    done = await asyncio.gather(*(kind_committer.run_kind(kind.kind, n) for n in names))
+    assert done == names
     assert await tenant_names(db) == set(names)  # committed before each caller heard back
-    assert bulk_committer.bulk_units == 20
     assert len(kind.calls) < 20  # several names per call: that is the point
     assert sorted(name for call in kind.calls for name in call) == sorted(names)
 
 
-async def test_bulk_and_session_units_keep_their_order(
-    bulk_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
+async def test_a_refused_item_is_its_callers_alone(
+    kind_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
 ) -> None:
-    """A session unit sees what the bulk units queued before it wrote, and not those
-    queued after it."""
+    kind = AddTenants()
+    outcomes = await asyncio.gather(
+        *(kind_committer.run_kind(kind.kind, n) for n in ["yes1", "no", "yes2"]),
+        return_exceptions=True,
+    )
+    assert (outcomes[0], outcomes[2]) == ("yes1", "yes2")
+    assert isinstance(outcomes[1], BadRequest)
+    assert await tenant_names(db) == {"yes1", "yes2"}
+
+
+async def test_kinds_and_session_work_keep_their_order(
+    kind_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
+) -> None:
+    """Session work sees what the items queued before it wrote, and not those after it."""
     kind = AddTenants()
 
     async def count(session: AsyncSession) -> int:
         return int(await session.scalar(select(func.count()).select_from(Tenant)) or 0)
 
     outcomes = await asyncio.gather(
-        add_in_bulk(bulk_committer, kind, "one"),
-        add_in_bulk(bulk_committer, kind, "two"),
-        bulk_committer.run(count),
-        add_in_bulk(bulk_committer, kind, "three"),
-        bulk_committer.run(count),
+        kind_committer.run_kind(kind.kind, "one"),
+        kind_committer.run_kind(kind.kind, "two"),
+        kind_committer.run(count),
+        kind_committer.run_kind(kind.kind, "three"),
+        kind_committer.run(count),
     )
     assert (outcomes[2], outcomes[4]) == (2, 3)
     assert kind.calls == [["one", "two"], ["three"]]
 
 
-async def test_units_bulk_leaves_run_their_session_work(
-    bulk_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
-) -> None:
-    kind = AddTenants()
-    names = ["fast1", "slow1", "fast2", "slow2"]
-    assert await asyncio.gather(*(add_in_bulk(bulk_committer, kind, n) for n in names)) == names
-    assert await tenant_names(db) == set(names)
-    assert (bulk_committer.bulk_units, bulk_committer.fallbacks) == (2, 2)
-
-
-async def test_a_failed_bulk_transaction_leaves_nothing_and_runs_the_session_work(
-    bulk_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
+async def test_a_failed_batch_leaves_nothing_and_each_item_goes_again_alone(
+    kind_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
 ) -> None:
     kind = AddTenants(fail=True)
     names = [f"t{i}" for i in range(5)]
-    assert await asyncio.gather(*(add_in_bulk(bulk_committer, kind, n) for n in names)) == names
-    # The bulk INSERT was rolled back (else the session's INSERTs would break on the
-    # unique names); each unit was then written through a session.
-    assert await tenant_names(db) == set(names)
-    assert (bulk_committer.bulk_units, bulk_committer.fallbacks) == (0, 5)
-    kind.fail = False  # and the raw connection, replaced, works again
-    assert await add_in_bulk(bulk_committer, kind, "after") == "after"
-    assert bulk_committer.bulk_units == 1
+    outcomes = await asyncio.gather(
+        *(kind_committer.run_kind(kind.kind, n) for n in names), return_exceptions=True
+    )
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+    assert await tenant_names(db) == set()  # every transaction was rolled back
+    assert len(kind.calls) > 1
+    assert all(len(call) == 1 for call in kind.calls[1:])
+    kind.fail = False  # and the connection, replaced if need be, works again
+    assert await kind_committer.run_kind(kind.kind, "after") == "after"
+    assert await tenant_names(db) == {"after"}
+
+
+async def test_a_constraint_in_one_item_costs_the_others_nothing(
+    kind_committer: GroupCommitter, db: async_sessionmaker[AsyncSession]
+) -> None:
+    kind = AddTenants()
+    await kind_committer.run_kind(kind.kind, "taken")
+    outcomes = await asyncio.gather(
+        *(kind_committer.run_kind(kind.kind, n) for n in ["a", "taken", "b"]),
+        return_exceptions=True,
+    )
+    assert (outcomes[0], outcomes[2]) == ("a", "b")
+    assert isinstance(outcomes[1], IntegrityError)  # the driver's, as SQLAlchemy's
+    assert await tenant_names(db) == {"taken", "a", "b"}
 
 
 # lingering ---------------------------------------------------------------------

@@ -5,25 +5,24 @@ COMMIT and its disk flush, a pool checkout; each a hop through the async driver)
 on SQLite concurrent writers otherwise queue on the write lock with back-off sleeps.
 So the prompt path hands its writes (admission, ComfyUI's answer, lifecycle events) to
 one writer task per process. The writer takes whatever is queued (up to `max_batch`),
-runs each unit in turn in one session, commits once, and only then resolves each
-caller's future: every caller still waits for its own commit, so a `pending` record is
-durable before its prompt is forwarded.
+runs it in one transaction, commits once, and only then resolves each caller's future:
+every caller still waits for its own commit, so a `pending` record is durable before
+its prompt is forwarded.
 
-A unit may also be *bulk* work of a known kind (`BulkKind`: a prompt's admission, its
-answer, its start and end): the ledger (`broker/usage/ledger.py`) runs all the units of a
-kind in a batch together, as a few statements on the driver's connection
-(`broker/db/raw.py`), which costs a fraction of the session's per-statement overhead.
-Consecutive bulk units share one such transaction; the batch's order between bulk and
-session units is kept. A bulk kind handles only the common case: for any other it
-answers `FALLBACK`, and the unit's session work runs instead, right after (as it does
-for all of them if the bulk transaction fails, or without raw connections).
+Most units are items of a `Kind` (the prompt lifecycle's steps, `broker/prompts/`): all
+the items of a kind in a batch are handed to the kind at once, which writes them with a
+few statements on the driver's connection (`broker/db/raw.py`), or through a session's
+when the committer has no raw connections: the same code either way (`broker/db/tx.py`).
+Other units are plain session work (`run`). The batch's order between the two is kept;
+within a run of kind items, kinds go by rank (a prompt's: admitted, answered, started,
+finished), each kind's items in the order they came.
 
-Units must only do database work, and fail in one of two ways:
-- raise a `BrokerError` (a refusal) before writing anything, or be `isolated` (run in a
-  SAVEPOINT, so that whatever they raise undoes only their own writes);
-- anything else rolls back the whole batch. If the database itself failed, every unit gets
-  that error; otherwise (a constraint, a bug) the batch is run again one unit per
-  transaction, so one bad unit costs the others nothing.
+A kind answers, for each item, its result or a `BrokerError` (a refusal, decided before
+that item wrote anything). Anything it raises rolls back the whole batch: if the
+database itself failed, every unit gets that error; otherwise (a constraint, a bug) the
+batch is run again one unit per transaction, so one bad unit costs the others nothing.
+Session work fails the same ways: a `BrokerError` raised before writing, or `isolated`
+work (run in a SAVEPOINT), is the caller's alone.
 """
 
 from __future__ import annotations
@@ -32,19 +31,22 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.db.raw import RawConnections, RawTransaction
+from broker.db.raw import RawConnections
+from broker.db.tx import SessionTx, Tx
 from broker.errors import BrokerError
 
 log = logging.getLogger("broker.db")
 T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 Work = Callable[[AsyncSession], Awaitable[Any]]
 MAX_BATCH = 64
 # How long a batch of writes nobody waits for (lifecycle events, ComfyUI's answer) may
@@ -54,30 +56,28 @@ MAX_BATCH = 64
 # c=1 went from 378 to 467 req/s; on PostgreSQL, where the writer waits on round trips,
 # an idle writer cost throughput (c=16: 645 to 538 req/s), so there it is 0.
 SQLITE_LINGER_SECONDS = 0.002
-FALLBACK: Final = object()  # a bulk kind's answer for a unit it leaves to its session work
 
 
 @dataclass(frozen=True, eq=False)
-class BulkKind:
-    """Work the ledger runs for many units at once: `run` takes their items and answers,
-    for each, its result or FALLBACK. It raises only when the database fails (its
-    transaction is then rolled back, and every unit runs through a session instead). It
-    awaits nothing but the transaction's statements: on SQLite the transaction holds the
-    write lock meanwhile (broker/db/raw.py)."""
+class Kind(Generic[ItemT, ResultT]):
+    """A step written once for a batch: `run` takes the batch's items of this kind and
+    answers, for each in order, its result or the `BrokerError` refusing it. It awaits
+    nothing but the transaction's statements: on SQLite the transaction holds the write
+    lock meanwhile (broker/db/raw.py)."""
 
     name: str
     rank: int  # order of the kinds within a transaction (a prompt's: admitted, answered, …)
-    run: Callable[[RawTransaction, list[Any]], Awaitable[list[Any]]]
+    run: Callable[[Tx, list[ItemT]], Awaitable[Sequence[ResultT | BrokerError]]]
 
 
 @dataclass
 class _Unit:
-    work: Work  # for a bulk unit: the same work through a session, for when bulk cannot
-    isolated: bool
     future: asyncio.Future[Any] | None  # None: nobody waits (errors are logged)
-    name: str = field(default="")
-    bulk: BulkKind | None = None
+    work: Work | None = None  # session work; or:
+    kind: Kind[Any, Any] | None = None
     item: Any = None
+    isolated: bool = False
+    name: str = field(default="")
 
 
 @dataclass
@@ -102,10 +102,8 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # committed batches and units, for tests
+        self.batches = 0  # committed transactions and units, for tests
         self.units = 0
-        self.bulk_units = 0  # of which written in bulk; and bulk units that fell back
-        self.fallbacks = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
@@ -121,22 +119,24 @@ class GroupCommitter:
     async def run(
         self, work: Callable[[AsyncSession], Awaitable[T]], *, isolated: bool = False
     ) -> T:
-        """Run `work` in the next shared transaction; return its result once committed."""
-        return await self._wait_for(_Unit(work, isolated, self._future()))  # type: ignore[no-any-return]
+        """Run session `work` in the next shared transaction; return its result once
+        committed."""
+        result: T = await self._wait_for(_Unit(self._future(), work=work, isolated=isolated))
+        return result
 
-    async def run_bulk(self, kind: BulkKind, item: Any, *, slow: Work) -> Any:
-        """Run `item` with the others of its kind (or `slow`, where bulk cannot); return its
-        result once committed."""
-        return await self._wait_for(_Unit(slow, False, self._future(), bulk=kind, item=item))
+    async def run_kind(self, kind: Kind[ItemT, ResultT], item: ItemT) -> ResultT:
+        """Run `item` with the others of its kind; its result once committed (or raise
+        its refusal)."""
+        result: ResultT = await self._wait_for(_Unit(self._future(), kind=kind, item=item))
+        return result
 
     def submit(self, work: Work, *, name: str) -> None:
-        """Queue `work` without waiting for it (units run in the order they are queued)."""
-        self._queue.put_nowait(_Unit(work, isolated=False, future=None, name=name))
+        """Queue session `work` without waiting for it (units run in the order queued)."""
+        self._queue.put_nowait(_Unit(None, work=work, name=name))
 
-    def submit_bulk(self, kind: BulkKind, item: Any, *, slow: Work) -> None:
-        """`submit`, for an item of a bulk kind."""
-        unit = _Unit(slow, isolated=False, future=None, name=kind.name, bulk=kind, item=item)
-        self._queue.put_nowait(unit)
+    def submit_kind(self, kind: Kind[ItemT, Any], item: ItemT) -> None:
+        """Queue `item` of `kind` without waiting for it."""
+        self._queue.put_nowait(_Unit(None, kind=kind, item=item, name=kind.name))
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed (units are taken
@@ -185,77 +185,65 @@ class GroupCommitter:
             await asyncio.wait_for(self._someone_waits.wait(), self._linger)
 
     async def _commit(self, batch: list[_Unit]) -> None:
-        """The batch in order: each run of bulk units in one raw transaction, each run of
-        session units (and the bulk units that fell back) in a session's."""
-        for in_bulk, run in itertools.groupby(batch, key=self._in_bulk):
-            units = list(run)
-            if in_bulk:
-                units = await self._commit_bulk(units)
-            if units:
-                await self._commit_in_session(units)
+        """The batch in order: each run of kind items in one transaction on the driver's
+        connection (or a session's), each run of session work in a session's."""
+        in_raw = self._raw is not None
+        for raw, run in itertools.groupby(batch, key=lambda unit: in_raw and unit.kind is not None):
+            await self._commit_units(list(run), raw=raw)
 
-    def _in_bulk(self, unit: _Unit) -> bool:
-        return unit.bulk is not None and self._raw is not None
-
-    async def _commit_bulk(self, units: list[_Unit]) -> list[_Unit]:
-        """Run bulk units kind by kind in one transaction; return those that fell back."""
-        assert self._raw is not None
-        by_kind: dict[BulkKind, list[_Unit]] = {}
-        for unit in units:
-            assert unit.bulk is not None
-            by_kind.setdefault(unit.bulk, []).append(unit)
-
-        async def in_rank_order(transaction: RawTransaction) -> list[tuple[_Unit, Any]]:
-            answered: list[tuple[_Unit, Any]] = []
-            for kind in sorted(by_kind, key=lambda kind: kind.rank):
-                group = by_kind[kind]
-                results = await kind.run(transaction, [unit.item for unit in group])
-                answered.extend(zip(group, results, strict=True))
-            return answered
-
+    async def _commit_units(self, units: list[_Unit], *, raw: bool) -> None:
         try:
-            answered = await self._raw.run(in_rank_order)
-        except Exception as exc:  # noqa: BLE001  the session path settles what it means
-            log.warning("db.bulk_failed units=%d error=%s", len(units), type(exc).__name__)
-            self.fallbacks += len(units)
-            return units
-        fallbacks = [unit for unit, result in answered if result is FALLBACK]
-        self.batches += 1
-        self.units += len(units) - len(fallbacks)
-        self.bulk_units += len(units) - len(fallbacks)
-        self.fallbacks += len(fallbacks)
-        for unit, result in answered:
-            if result is not FALLBACK:
-                _resolve(unit, _Outcome(result=result))
-        return fallbacks
-
-    async def _commit_in_session(self, batch: list[_Unit]) -> None:
-        try:
-            outcomes = await self._in_one_transaction(batch)
+            outcomes = await (self._in_raw(units) if raw else self._in_session(units))
         except Exception as exc:  # noqa: BLE001  each unit gets an answer
-            log.warning("db.batch_failed units=%d error=%s", len(batch), type(exc).__name__)
-            if len(batch) == 1 or _database_down(exc):
-                for unit in batch:
+            log.warning("db.batch_failed units=%d error=%s", len(units), type(exc).__name__)
+            if len(units) == 1 or _database_down(exc):
+                for unit in units:
                     _resolve(unit, _Outcome(error=exc))
                 return
-            for unit in batch:  # one unit's bad data: the others go again without it
-                await self._commit_in_session([unit])
+            for unit in units:  # one unit's bad data: the others go again without it
+                await self._commit_units([unit], raw=raw)
             return
         self.batches += 1
-        self.units += len(batch)
-        for unit, outcome in zip(batch, outcomes, strict=True):
+        self.units += len(units)
+        for unit, outcome in zip(units, outcomes, strict=True):
             _resolve(unit, outcome)
 
-    async def _in_one_transaction(self, batch: list[_Unit]) -> list[_Outcome]:
+    async def _in_raw(self, units: list[_Unit]) -> list[_Outcome]:
+        assert self._raw is not None
+        return await self._raw.run(lambda transaction: _run_kinds(transaction, units))
+
+    async def _in_session(self, units: list[_Unit]) -> list[_Outcome]:
+        """Session work in order; a run of kind items (no raw connections) by rank."""
         outcomes: list[_Outcome] = []
         async with self._sessionmaker() as session:
-            for unit in batch:
-                outcomes.append(await _attempt(session, unit))
+            for is_kind, run in itertools.groupby(units, key=lambda unit: unit.kind is not None):
+                group = list(run)
+                if is_kind:
+                    outcomes += await _run_kinds(SessionTx(session), group)
+                else:
+                    outcomes += [await _attempt(session, unit) for unit in group]
             await session.commit()
         return outcomes
 
 
+async def _run_kinds(transaction: Tx, units: list[_Unit]) -> list[_Outcome]:
+    """Each kind's items at once, kinds by rank; outcomes in the units' order."""
+    by_kind: dict[Kind[Any, Any], list[int]] = {}
+    for index, unit in enumerate(units):
+        assert unit.kind is not None
+        by_kind.setdefault(unit.kind, []).append(index)
+    outcomes: list[_Outcome] = [_Outcome()] * len(units)
+    for kind in sorted(by_kind, key=lambda kind: kind.rank):
+        indexes = by_kind[kind]
+        results = await kind.run(transaction, [units[index].item for index in indexes])
+        for index, result in zip(indexes, results, strict=True):
+            refused = isinstance(result, BrokerError)
+            outcomes[index] = _Outcome(error=result) if refused else _Outcome(result=result)
+    return outcomes
+
+
 async def _attempt(session: AsyncSession, unit: _Unit) -> _Outcome:
+    assert unit.work is not None
     if unit.isolated:
         try:
             async with session.begin_nested():
@@ -276,7 +264,7 @@ def _database_down(exc: Exception) -> bool:
         return True
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or "database is locked" in str(exc.orig)
-    return False
+    return "database is locked" in str(exc)  # sqlite3's own, on the raw connection
 
 
 async def _nothing(_session: AsyncSession) -> None:

@@ -4,7 +4,7 @@ Through SQLAlchemy's AsyncSession a statement costs about 1 ms of CPU on the har
 the broker is benchmarked on (building the expression, its cache key, the ORM's
 execution context, the greenlet and driver adaptation), against tens of µs on the driver
 itself; on the prompt path that was most of the broker's time (docs/benchmarks.md).
-So the ledger (`broker/usage/ledger.py`) writes its statements with SQLAlchemy Core, has
+So the prompt lifecycle (`broker/prompts/`) writes its statements with SQLAlchemy Core, has
 them compiled once for the engine's dialect, and runs the SQL on a driver connection
 (asyncpg from the engine's pool; for SQLite, a `sqlite3` connection of its own, set up as
 the engine's are) with SQLAlchemy's own type conversions: the rows are the same as the ORM
@@ -20,17 +20,17 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+import asyncpg
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.dml import UpdateBase
-from sqlalchemy.sql.selectable import Select
 
 from broker.db.session import SQLITE_BUSY_TIMEOUT_SECONDS, configure_sqlite
+from broker.db.tx import Row, Statement
 
 log = logging.getLogger("broker.db")
 T = TypeVar("T")
 Processor = Callable[[Any], Any] | None
-Statement = UpdateBase | Select[*tuple[Any, ...]]
 
 
 class RawStatement:
@@ -39,6 +39,10 @@ class RawStatement:
 
     def __init__(self, statement: Statement, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
+        prefetched = [*compiled.insert_prefetch, *compiled.update_prefetch]
+        if prefetched:  # defaults SQLAlchemy computes in Python: nothing here would
+            missing = ", ".join(column.name for column in prefetched)
+            raise ValueError(f"Set {missing} explicitly in statements run on the driver.")
         self.sql = compiled.string
         names = compiled.positiontup or []
         self._binds: list[tuple[str, bool, Any, Processor]] = []
@@ -60,7 +64,7 @@ class RawStatement:
             out.append(value if processor is None else processor(value))
         return tuple(out)
 
-    def rows(self, raw_rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    def rows(self, raw_rows: Sequence[Sequence[Any]]) -> list[Row]:
         return [
             tuple(
                 value if processor is None else processor(value)
@@ -71,20 +75,24 @@ class RawStatement:
 
 
 class RawTransaction:
-    """Core statements (built once, at import) run in one transaction on the driver."""
+    """Core statements (built once, at import) run in one transaction on the driver: a
+    `broker.db.tx.Tx`."""
 
-    def __init__(self, driver: _Driver, compiled: Callable[[Statement], RawStatement]) -> None:
+    def __init__(
+        self, driver: _Driver, compiled: Callable[[Statement], RawStatement], dialect_name: str
+    ) -> None:
         self._driver = driver
         self._compiled = compiled
+        self.dialect_name = dialect_name
 
-    async def fetch(self, statement: Statement, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    async def fetch(self, statement: Statement, values: Mapping[str, Any]) -> list[Row]:
         """The rows the statement returns (a SELECT, or an UPDATE … RETURNING)."""
         raw = self._compiled(statement)
         return raw.rows(await self._driver.fetch(raw.sql, raw.parameters(values)))
 
-    async def execute(self, statement: Statement, values: Mapping[str, Any]) -> None:
+    async def execute(self, statement: Statement, values: Mapping[str, Any]) -> int:
         raw = self._compiled(statement)
-        await self._driver.execute(raw.sql, raw.parameters(values))
+        return await self._driver.execute(raw.sql, raw.parameters(values))
 
     async def execute_many(self, statement: Statement, values: Sequence[Mapping[str, Any]]) -> None:
         if values:
@@ -95,7 +103,7 @@ class RawTransaction:
 class _Driver(Protocol):
     async def fetch(self, sql: str, parameters: tuple[Any, ...]) -> list[Sequence[Any]]: ...
 
-    async def execute(self, sql: str, parameters: tuple[Any, ...]) -> None: ...
+    async def execute(self, sql: str, parameters: tuple[Any, ...]) -> int: ...
 
     async def execute_many(self, sql: str, parameters: list[tuple[Any, ...]]) -> None: ...
 
@@ -109,8 +117,8 @@ class _SQLiteDriver:
     async def fetch(self, sql: str, parameters: tuple[Any, ...]) -> list[Sequence[Any]]:
         return self._connection.execute(sql, parameters).fetchall()
 
-    async def execute(self, sql: str, parameters: tuple[Any, ...]) -> None:
-        self._connection.execute(sql, parameters)
+    async def execute(self, sql: str, parameters: tuple[Any, ...]) -> int:
+        return self._connection.execute(sql, parameters).rowcount
 
     async def execute_many(self, sql: str, parameters: list[tuple[Any, ...]]) -> None:
         self._connection.executemany(sql, parameters)
@@ -125,16 +133,18 @@ class _PostgresDriver:
     async def fetch(self, sql: str, parameters: tuple[Any, ...]) -> list[Sequence[Any]]:
         return [tuple(record) for record in await self._connection.fetch(sql, *parameters)]
 
-    async def execute(self, sql: str, parameters: tuple[Any, ...]) -> None:
-        await self._connection.execute(sql, *parameters)
+    async def execute(self, sql: str, parameters: tuple[Any, ...]) -> int:
+        status: str = await self._connection.execute(sql, *parameters)  # e.g. "UPDATE 3"
+        count = status.rsplit(" ", 1)[-1]
+        return int(count) if count.isdigit() else 0
 
     async def execute_many(self, sql: str, parameters: list[tuple[Any, ...]]) -> None:
         await self._connection.executemany(sql, parameters)
 
 
 class RawConnections:
-    """The ledger's connection, used by one transaction at a time (the group committer is
-    its only user).
+    """The prompt lifecycle's connection, used by one transaction at a time (the group
+    committer is its only user).
 
     PostgreSQL: a connection from the engine's pool, kept, and replaced after an error.
     SQLite: a `sqlite3` connection of its own, with a thread of its own for what may wait:
@@ -150,19 +160,28 @@ class RawConnections:
         self._sqlite: sqlite3.Connection | None = None  # SQLite, used on its thread only
         self._sqlite_thread: ThreadPoolExecutor | None = None
         if self.dialect.name == "sqlite":
-            self._sqlite_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-sqlite")
+            self._sqlite_thread = ThreadPoolExecutor(1, thread_name_prefix="lifecycle-sqlite")
 
     async def run(self, body: Callable[[RawTransaction], Coroutine[Any, Any, T]]) -> T:
         """`body` in one transaction, committed; rolled back if it raises. `body` may await
-        only the transaction's methods."""
-        if self._sqlite_thread is not None:
-            return await self._run_on_sqlite(body)
+        only the transaction's methods. The driver's errors are raised as SQLAlchemy's
+        (`IntegrityError`, `OperationalError`, …), as the rest of the broker expects."""
+        try:
+            if self._sqlite_thread is not None:
+                return await self._run_on_sqlite(body)
+            return await self._run_on_postgres(body)
+        except (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _as_sqlalchemy_error(exc) from exc
+
+    async def _run_on_postgres(self, body: Callable[[RawTransaction], Coroutine[Any, Any, T]]) -> T:
         connection = await self._connect()
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
         try:
             async with driver.transaction():
-                return await body(RawTransaction(_PostgresDriver(driver), self._compile))
+                return await body(
+                    RawTransaction(_PostgresDriver(driver), self._compile, self.dialect.name)
+                )
         except BaseException:
             await self._discard()
             raise
@@ -174,7 +193,8 @@ class RawConnections:
         loop = asyncio.get_running_loop()
         connection = await loop.run_in_executor(self._sqlite_thread, self._begin_immediately)
         try:
-            result = await body(RawTransaction(_SQLiteDriver(connection), self._compile))
+            transaction = RawTransaction(_SQLiteDriver(connection), self._compile, "sqlite")
+            result = await body(transaction)
             await loop.run_in_executor(self._sqlite_thread, connection.execute, "COMMIT")
         except BaseException:
             await asyncio.shield(loop.run_in_executor(self._sqlite_thread, _roll_back, connection))
@@ -240,6 +260,16 @@ def _open_sqlite(path: str) -> sqlite3.Connection:
     configure_sqlite(connection)
     connection.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run elsewhere (db/wal.py)
     return connection
+
+
+def _as_sqlalchemy_error(exc: Exception) -> Exception:
+    if isinstance(exc, sqlite3.Error):
+        return DBAPIError.instance(None, None, exc, sqlite3.Error)
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return IntegrityError(None, None, exc)
+    if isinstance(exc, asyncpg.PostgresError):  # a deadlock, a serialization failure, …
+        return OperationalError(None, None, exc)
+    return DBAPIError(None, None, exc, connection_invalidated=True)  # the connection is gone
 
 
 def _roll_back(connection: sqlite3.Connection) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
+from sqlalchemy import Uuid, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -15,6 +17,7 @@ from broker.audit.service import Actor
 from broker.db.base import utc_now
 from broker.db.models import ComfyKey
 from broker.db.session import session_scope
+from broker.db.tx import SessionTx, Tx
 from broker.errors import Conflict, NotFound
 from broker.keys.crypto import (
     KeyContext,
@@ -30,6 +33,7 @@ from broker.settings import Settings
 from broker.tenants import service as tenants_service
 from broker.tenants.schemas import ComfyKeyInfo
 
+log = logging.getLogger("broker.keys")
 REWRAP_BATCH_SIZE = 200
 
 
@@ -139,17 +143,57 @@ async def delete_key(
     )
 
 
+@dataclass(frozen=True)
+class KeyUnreadable:
+    """A stored key that cannot be opened: its KEK is not in the keyring (rotated out
+    without the restart the runbook asks for), or the row was moved."""
+
+    kek_id: str
+
+
+UnsealedKey = str | KeyUnreadable | None  # None: no key is stored
+_KEY_OF_USER = select(
+    ComfyKey.id, ComfyKey.kek_id, ComfyKey.wrapped_data_key, ComfyKey.ciphertext
+).where(
+    ComfyKey.tenant_id == bindparam("for_tenant", type_=Uuid()),
+    ComfyKey.user_id == bindparam("for_user", type_=Uuid()),
+)
+
+
+async def unseal_for_prompts(
+    tx: Tx, custody: KeyCustody, owners: Iterable[tuple[uuid.UUID, uuid.UUID]]
+) -> dict[uuid.UUID, UnsealedKey]:
+    """Each user's plaintext key (by user id), for the prompts being admitted: only to be
+    put into what goes to ComfyUI or the Comfy API. The one place that unseals a key."""
+    keys: dict[uuid.UUID, UnsealedKey] = {}
+    for tenant_id, user_id in owners:
+        if user_id in keys:
+            continue
+        rows = await tx.fetch(_KEY_OF_USER, {"for_tenant": tenant_id, "for_user": user_id})
+        keys[user_id] = None
+        if rows:
+            key_id, kek_id, wrapped, ciphertext = rows[0]
+            try:
+                keys[user_id] = custody.keyring.unseal(
+                    SealedKey(kek_id, wrapped, ciphertext), KeyContext(tenant_id, user_id, key_id)
+                )
+            except UnsealError:
+                log.error("keys.unreadable user_id=%s kek_id=%s", user_id, kek_id)
+                keys[user_id] = KeyUnreadable(kek_id)
+    return keys
+
+
 async def unseal_for_forwarding(
     session: AsyncSession, custody: KeyCustody, tenant_id: uuid.UUID, user_id: uuid.UUID
 ) -> str | None:
-    """The plaintext key, for injection into one upstream request only. None if unset.
+    """One user's plaintext key, for one upstream request only. None if unset.
 
     Raises UnsealError when the stored key cannot be opened (wrong keyring, moved row).
     """
-    row = await ComfyKeyRepository.from_session(session).get_for_user(tenant_id, user_id)
-    if row is None:
-        return None
-    return custody.keyring.unseal(_sealed(row), _context(row))
+    key = (await unseal_for_prompts(SessionTx(session), custody, [(tenant_id, user_id)]))[user_id]
+    if isinstance(key, KeyUnreadable):
+        raise UnsealError(f"The key's KEK {key.kek_id!r} cannot open it.")
+    return key
 
 
 async def rewrap_all(

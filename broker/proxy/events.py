@@ -14,12 +14,11 @@ unfinished are settled from `/history`, so a lost socket loses no outcome.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import struct
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -31,14 +30,15 @@ from websockets.asyncio.client import connect
 from broker.comfy.client import ComfyClient
 from broker.comfy.redaction import SENSITIVE_KEYS, redact
 from broker.db.base import utc_now
-from broker.db.group_commit import BulkKind, GroupCommitter
+from broker.db.group_commit import GroupCommitter
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import read_scope, session_scope
 from broker.errors import BrokerError
+from broker.prompts import lifecycle
+from broker.prompts.records import UNFINISHED
+from broker.prompts.settlement import Cached, Finish, Outputs, ReportedPrice
 from broker.proxy.fanout import Message, Owner, Subscribers
 from broker.proxy.tasks import cancel_and_wait
-from broker.usage import ledger
-from broker.usage import service as usage_service
 from broker.usage.classify import classify_execution_error, price_in_progress_text
 from broker.usage.pricing import credits_to_mc, usd_to_mc
 from broker.usage.repository import PromptRepository
@@ -148,7 +148,7 @@ class EventHub:
         self._subscribers.deliver(owner, frame)
         price = _reported_price(frame)
         if price is not None:
-            self._write(prompt_id, usage_service.record_reported_price, *price)
+            self._committer.submit_kind(lifecycle.PRICED, ReportedPrice(prompt_id, *price))
 
     async def _on_event(self, kind: str, data: dict[str, Any], raw: str) -> None:
         if kind == "status":
@@ -180,33 +180,19 @@ class EventHub:
             self._executing = None
 
     def _record(self, kind: str, data: dict[str, Any], prompt_id: uuid.UUID) -> None:
-        if kind == "execution_start":
-            self._write(prompt_id, usage_service.record_running, bulk=(ledger.RUNNING, prompt_id))
-        elif kind == "execution_cached":
-            self._write(prompt_id, usage_service.record_cached, data.get("nodes"))
-        elif kind == "executed":
-            self._write(prompt_id, usage_service.record_outputs, data.get("output"))
-        elif kind in FINISHING_EVENTS:
-            finish = _finish(prompt_id, kind, data)
-            self._write(prompt_id, _record_finish, finish, bulk=(ledger.FINISHED, finish))
-
-    def _write(
-        self,
-        prompt_id: uuid.UUID,
-        record: Callable[..., Awaitable[Any]],
-        *args: Any,
-        bulk: tuple[BulkKind, Any] | None = None,
-    ) -> None:
         """Queue the write with the prompt path's writes (group commit), in event order,
         without waiting for it: what fails is logged, and reconciliation settles it."""
-
-        async def write(session: AsyncSession) -> None:
-            await record(session, prompt_id, *args)
-
-        if bulk is not None:
-            self._committer.submit_bulk(*bulk, slow=write)
-        else:
-            self._committer.submit(write, name=f"events.{getattr(record, '__name__', 'record')}")
+        submit = self._committer.submit_kind
+        if kind == "execution_start":
+            submit(lifecycle.RUNNING, prompt_id)
+        elif kind == "execution_cached":
+            nodes = data.get("nodes")
+            if isinstance(nodes, list) and nodes:
+                submit(lifecycle.CACHED, Cached(prompt_id, [str(node) for node in nodes]))
+        elif kind == "executed":
+            submit(lifecycle.OUTPUTS, Outputs(prompt_id, data.get("output")))
+        elif kind in FINISHING_EVENTS:
+            submit(lifecycle.FINISHED, _finish(prompt_id, kind, data))
 
     async def _owner(self, prompt_id: uuid.UUID) -> Owner | None:
         owner = self._owners.get(prompt_id)
@@ -254,7 +240,7 @@ class EventHub:
     async def _reconcile_unfinished(self, quiet_since: datetime | None) -> None:
         async with session_scope(self._sessionmaker) as session:
             unfinished = await PromptRepository.from_session(session).in_states(
-                self._upstream, list(usage_service.UNFINISHED)
+                self._upstream, list(UNFINISHED)
             )
         stale_before = utc_now() - self._stale_after
         candidates = [
@@ -275,28 +261,21 @@ class EventHub:
         return {str(item[1]) for item in items if isinstance(item, list) and len(item) > 1}
 
     async def _settle(self, prompt: Prompt, queued: set[str], *, stale: bool) -> None:
+        """What ComfyUI's history entry (or its absence) says of an unfinished prompt."""
         entry = (await self._comfy.get_json(f"/history/{prompt.id}")).get(str(prompt.id))
-        await self._committer.run(functools.partial(_settle_from, prompt, entry, queued, stale))
-
-
-async def _settle_from(
-    prompt: Prompt, entry: Any, queued: set[str], stale: bool, session: AsyncSession
-) -> None:
-    """What ComfyUI's history entry (or its absence) says of an unfinished prompt."""
-    if isinstance(entry, dict) and _is_finished(entry):
-        await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
-        messages = entry["status"].get("messages")
-        if _started(messages):  # it ran (and may have cost credits)
-            await usage_service.record_running(session, prompt.id)
-        outcome, error = _outcome_from_messages(messages)
-        error_type = classify_execution_error(error) if error else None
-        await usage_service.record_finished(
-            session, prompt.id, outcome, error_type=error_type, message=error
-        )
-    elif str(prompt.id) in queued or isinstance(entry, dict):
-        await usage_service.record_accepted(session, prompt.id)
-    elif stale:
-        await usage_service.record_lost(session, prompt.id, prompt.status)
+        run = self._committer.run_kind
+        if isinstance(entry, dict) and _is_finished(entry):
+            messages = entry["status"].get("messages")
+            if _started(messages):  # it ran (and may have cost credits)
+                self._committer.submit_kind(lifecycle.RUNNING, prompt.id)
+            self._committer.submit_kind(lifecycle.OUTPUTS, lifecycle.outputs_of(prompt.id, entry))
+            outcome, error = _outcome_from_messages(messages)
+            error_type = classify_execution_error(error) if error else None
+            await run(lifecycle.FINISHED, Finish(prompt.id, outcome, error_type, error))
+        elif str(prompt.id) in queued or isinstance(entry, dict):
+            await run(lifecycle.ACCEPTED, prompt.id)
+        elif stale:
+            await run(lifecycle.FINISHED, lifecycle.lost(prompt.id, prompt.status))
 
 
 async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
@@ -317,22 +296,14 @@ def _is_finished(entry: dict[str, Any]) -> bool:
     )
 
 
-def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> ledger.Finish:
+def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> Finish:
     message = data.get("exception_message") if kind == "execution_error" else None
     text = str(message).strip() if message else None
-    return ledger.Finish(
+    return Finish(
         prompt_id,
         FINISHING_EVENTS[kind],
         error_type=classify_execution_error(text) if kind == "execution_error" else None,
         message=text,
-    )
-
-
-async def _record_finish(
-    session: AsyncSession, prompt_id: uuid.UUID, finish: ledger.Finish
-) -> None:
-    await usage_service.record_finished(
-        session, prompt_id, finish.status, error_type=finish.error_type, message=finish.message
     )
 
 

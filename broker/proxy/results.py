@@ -21,11 +21,11 @@ from broker.comfy.redaction import redact
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BadRequest, BrokerError, Conflict, NotFound, UpstreamUnavailable
+from broker.prompts import lifecycle
 from broker.proxy.pool import Upstream
 from broker.proxy.service import ProxyContext
 from broker.proxy.uploads import UPLOAD_TYPES, is_own_upload, upload_subfolder
 from broker.tenants.auth import ActingUser
-from broker.usage import service as usage_service
 from broker.usage.repository import PromptOutputRepository, PromptRepository
 
 PROMPT_NOT_FOUND = "Prompt not found."
@@ -122,11 +122,11 @@ def present_queue_item(item: list[Any], prompt: Prompt) -> list[Any]:
 async def _remember_outputs(
     context: ProxyContext, prompts: list[Prompt], entries: dict[str, Any]
 ) -> None:
-    async with session_scope(context.sessionmaker) as session:
-        for prompt in prompts:
-            entry = entries.get(str(prompt.id))
-            if entry is not None:
-                await usage_service.record_outputs(session, prompt.id, entry.get("outputs"))
+    for prompt in prompts:
+        entry = entries.get(str(prompt.id))
+        if entry is not None:
+            context.committer.submit_kind(lifecycle.OUTPUTS, lifecycle.outputs_of(prompt.id, entry))
+    await context.committer.flush()
 
 
 VIEW_OPTIONS = ("preview", "channel")
@@ -322,12 +322,10 @@ async def change_queue(context: ProxyContext, acting: ActingUser, body: dict[str
             delete = {"delete": [str(prompt_id) for prompt_id in here]}
             _expect_ok(await upstream.comfy.post_json("/queue", delete))
             doomed += here
-    async with session_scope(context.sessionmaker) as session:
-        for prompt_id in doomed:
-            await usage_service.record_finished(
-                session, prompt_id, PromptStatus.INTERRUPTED,
-                error_type="deleted_from_queue", message="Deleted from the queue by its owner.",
-            )  # fmt: skip
+    for prompt_id in doomed:
+        await context.committer.run_kind(
+            lifecycle.FINISHED, lifecycle.deleted_from_queue(prompt_id)
+        )
 
 
 async def interrupt(context: ProxyContext, acting: ActingUser, body: dict[str, Any]) -> None:

@@ -1,32 +1,40 @@
 """Credit budgets per tenant and per user: per calendar month or day (UTC), or rolling
-over the last N days.
+over the last N days. Only the prompt lifecycle (`broker/prompts/`) changes their
+counters; the admin's side is `controls.py`.
 
-A prompt reserves its estimate's upper bound on every budget that applies, with a
-conditional UPDATE (`spent + reserved + amount <= limit`), inside the transaction
-that records the prompt: with several broker replicas on one PostgreSQL, no two
-prompts can both take the last credits. Settlement replaces the reservation with
-the actual amount. A budget's counters belong to its current window; the first
-prompt of a new window rolls them over (also a conditional UPDATE).
+The charging rule: a prompt reserves its estimate's upper bound on every budget that
+applies when it is admitted, with a conditional UPDATE (`spent + reserved + amount <=
+limit`) in the transaction that records it: with several broker replicas on one
+PostgreSQL, no two prompts can both take the last credits. When it settles, its
+reservations are released and its actual charge counts against every budget of its
+tenant and user whose window holds that moment, whenever the budget was created. A
+budget created (or given another period) mid-window starts from the spend already
+recorded in that window (`recorded_spend`).
 
-A rolling budget keeps one row per day (`budget_days`); a reservation locks the budget
-row (`SELECT … FOR UPDATE`; SQLite's write lock does the same), sums at most N day rows,
-and adds to today's: correct across replicas, and its cost does not grow with the
-number of prompts.
+A calendar budget's counters belong to its current window; the first write of a new
+window rolls them over (within the same conditional UPDATE). A rolling budget keeps one
+row per day (`budget_days`); a reservation locks the budget row (`SELECT … FOR UPDATE`;
+SQLite's write lock does the same), sums at most N day rows and adds to today's.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import BigInteger, Uuid, bindparam, case, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
-from broker.db.models import Budget, BudgetDay
+from broker.db.base import UTCDateTime
+from broker.db.models import Budget, BudgetDay, Prompt
+from broker.db.tx import Tx
 from broker.errors import PaymentRequired
 from broker.ops import metrics
+from broker.usage.limits import budgets_over
 from broker.usage.pricing import mc_to_credits
 
 PERIODS = ("month", "day", "rolling")
@@ -48,7 +56,7 @@ class Reservation:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Reservation:
+    def from_dict(cls, data: Mapping[str, Any]) -> Reservation:
         return cls(
             uuid.UUID(data["budget_id"]),
             datetime.fromisoformat(data["window_start"]),
@@ -57,8 +65,27 @@ class Reservation:
         )
 
 
-def scopes(tenant_id: uuid.UUID, user_id: uuid.UUID) -> list[str]:
-    return [f"tenant:{tenant_id}", f"user:{user_id}"]
+@dataclass(frozen=True)
+class Hold:
+    """What admitting a group of prompts holds on one budget: where, and the budget's
+    use (spent + reserved) once they are added."""
+
+    budget_id: uuid.UUID
+    window_start: datetime
+    rolling: bool
+    used_mc: int
+    soft_limit_mc: int | None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A settled prompt's part in the budgets."""
+
+    tenant_id: uuid.UUID
+    user_id: uuid.UUID
+    actual_mc: int
+    reservations: Sequence[Reservation]
+    budgeted: bool  # some budget applies to its tenant or user
 
 
 def window_start(period: str, now: datetime) -> datetime:
@@ -66,196 +93,297 @@ def window_start(period: str, now: datetime) -> datetime:
     return start.replace(day=1) if period == "month" else start
 
 
+def rolling_start(days: int, now: datetime) -> datetime:
+    return window_start("day", now) - timedelta(days=days - 1)
+
+
+_TENANT = bindparam("for_tenant", type_=Uuid())
+_USER = bindparam("for_user", type_=Uuid())
+_BUDGET = bindparam("budget", type_=Uuid())
+_AMOUNT = bindparam("amount", type_=BigInteger())
+_NEEDED = bindparam("needed", type_=BigInteger())
+_DAY = bindparam("on_day", type_=UTCDateTime())
+_SINCE = bindparam("since", type_=UTCDateTime())
+_WINDOW = bindparam("window", type_=UTCDateTime())
+_NOW = bindparam("now", type_=UTCDateTime())
+_APPLIES = budgets_over(_TENANT, _USER)
+_CALENDAR = Budget.period != "rolling"
+_ROLLING = Budget.period == "rolling"
+# A calendar budget's current window, and its counters in it (zero until rolled over).
+_CURRENT = case(
+    (Budget.period == "month", bindparam("month_start", type_=UTCDateTime())),
+    else_=bindparam("day_start", type_=UTCDateTime()),
+)
+_IN_CURRENT = Budget.window_start == _CURRENT
+_SPENT_NOW = case((_IN_CURRENT, Budget.spent_mc), else_=0)
+_RESERVED_NOW = case((_IN_CURRENT, Budget.reserved_mc), else_=0)
+# Never back: a replica whose clock is behind does not reset a window another opened.
+_NOT_AHEAD = Budget.window_start <= _CURRENT
+
+RESERVE_CALENDAR = (
+    update(Budget)
+    .where(_APPLIES, _CALENDAR, _NOT_AHEAD, Budget.limit_mc >= _SPENT_NOW + _RESERVED_NOW + _NEEDED)
+    .values(
+        window_start=_CURRENT,
+        spent_mc=_SPENT_NOW,
+        reserved_mc=_RESERVED_NOW + _AMOUNT,
+        updated_at=_NOW,
+    )
+    .returning(
+        Budget.id,
+        Budget.window_start,
+        Budget.spent_mc + Budget.reserved_mc,
+        Budget.soft_limit_mc,
+        select(func.count()).where(_APPLIES, _CALENDAR).scalar_subquery(),
+    )
+)
+UNRESERVE_CALENDAR = (
+    update(Budget)
+    .where(Budget.id == _BUDGET, Budget.window_start == _WINDOW)
+    .values(reserved_mc=Budget.reserved_mc - _AMOUNT, updated_at=_NOW)
+)
+SPEND_CALENDAR = (
+    update(Budget)
+    .where(_APPLIES, _CALENDAR, _NOT_AHEAD)
+    .values(
+        window_start=_CURRENT,
+        spent_mc=_SPENT_NOW + _AMOUNT,
+        reserved_mc=_RESERVED_NOW,
+        updated_at=_NOW,
+    )
+)
+CALENDAR_USE = select(
+    Budget.id, Budget.tenant_id, Budget.user_id, Budget.period, Budget.limit_mc,
+    _SPENT_NOW + _RESERVED_NOW,
+).where(_APPLIES, _CALENDAR).order_by(Budget.user_id.is_(None), Budget.id)  # fmt: skip
+
+LOCK_ROLLING = (
+    select(Budget.id, Budget.tenant_id, Budget.user_id, Budget.limit_mc, Budget.soft_limit_mc,
+           Budget.rolling_days)
+    .where(_APPLIES, _ROLLING)
+    .order_by(Budget.id)
+    .with_for_update()
+)  # fmt: skip
+ROLLING_USE = select(
+    func.coalesce(func.sum(BudgetDay.reserved_mc), 0)
+    + func.coalesce(func.sum(BudgetDay.spent_mc), 0)
+).where(BudgetDay.budget_id == _BUDGET, BudgetDay.day >= _SINCE)
+ROLLING_COUNTERS = select(
+    func.coalesce(func.sum(BudgetDay.reserved_mc), 0),
+    func.coalesce(func.sum(BudgetDay.spent_mc), 0),
+).where(BudgetDay.budget_id == _BUDGET, BudgetDay.day >= _SINCE)
+ENSURE_DAY = {
+    dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(BudgetDay)
+    .values(budget_id=_BUDGET, day=_DAY, reserved_mc=0, spent_mc=0)
+    .on_conflict_do_nothing()
+    for dialect in (sqlite, postgresql)
+}
+ENSURE_DAYS_OF_SCOPE = {
+    dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(BudgetDay)
+    .from_select(
+        ["budget_id", "day", "reserved_mc", "spent_mc"],
+        select(Budget.id, _DAY, literal(0, BigInteger()), literal(0, BigInteger())).where(
+            _APPLIES, _ROLLING
+        ),
+    )
+    .on_conflict_do_nothing()
+    for dialect in (sqlite, postgresql)
+}
+ADD_TO_DAY = (
+    update(BudgetDay)
+    .where(BudgetDay.budget_id == _BUDGET, BudgetDay.day == _DAY)
+    .values(
+        reserved_mc=BudgetDay.reserved_mc + bindparam("reserved", type_=BigInteger()),
+        spent_mc=BudgetDay.spent_mc + bindparam("spent", type_=BigInteger()),
+    )
+)
+SPEND_ROLLING = (
+    update(BudgetDay)
+    .where(BudgetDay.day == _DAY, BudgetDay.budget_id.in_(select(Budget.id).where(_APPLIES, _ROLLING)))
+    .values(spent_mc=BudgetDay.spent_mc + _AMOUNT)
+)  # fmt: skip
+RECORDED_SPEND = select(func.coalesce(func.sum(Prompt.actual_mc), 0)).where(
+    Prompt.tenant_id == _TENANT,
+    (_USER.is_(None)) | (Prompt.user_id == _USER),
+    # An index-friendly bound first (no prompt runs for a day).
+    Prompt.created_at >= bindparam("created_since", type_=UTCDateTime()),
+    Prompt.finished_at >= _SINCE,
+    Prompt.finished_at < bindparam("until", type_=UTCDateTime()),
+)
+
+
+def _scope(tenant_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> dict[str, Any]:
+    return {
+        "for_tenant": tenant_id,
+        "for_user": user_id,
+        "month_start": window_start("month", now),
+        "day_start": window_start("day", now),
+        "now": now,
+    }
+
+
 async def reserve(
-    session: AsyncSession,
+    tx: Tx,
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
     amount_mc: int,
     now: datetime,
     *,
-    require_room: bool = False,
-    applicable: list[Budget] | None = None,
-) -> tuple[list[Reservation], bool]:
-    """Reserve `amount_mc` on each budget of the tenant and the user (`applicable`, if
-    the caller has read them already), or raise 402. With `require_room`, a budget must
-    also have some credits left beyond it.
+    require_room: bool,
+    calendar: bool,
+    rolling: bool,
+) -> list[Hold] | None:
+    """Reserve `amount_mc` (a group's prompts together) on every budget of the tenant and
+    the user; with `require_room`, each must also have a milli-credit left beyond it (a
+    prompt whose cost is unknown). None if one cannot, with nothing changed."""
+    needed = amount_mc + 1 if require_room else amount_mc
+    holds: list[Hold] = []
+    if calendar:
+        values = {**_scope(tenant_id, user_id, now), "amount": amount_mc, "needed": needed}
+        rows = await tx.fetch(RESERVE_CALENDAR, values)
+        holds = [Hold(row[0], row[1], False, row[2], row[3]) for row in rows]
+        if not rows or len(rows) < rows[0][4]:
+            await _unreserve(tx, holds, amount_mc, now)
+            return None
+    if rolling:
+        for budget in await tx.fetch(LOCK_ROLLING, _scope(tenant_id, user_id, now)):
+            hold = await _reserve_rolling(tx, budget, amount_mc, needed, now)
+            if hold is None:
+                await _unreserve(tx, holds, amount_mc, now)
+                return None
+            holds.append(hold)
+    return holds
 
-    Returns the reservations and whether a soft limit is now passed.
-    """
-    reservations: list[Reservation] = []
-    over_soft = False
-    if applicable is None:
-        applicable = await budgets_of(session, tenant_id, user_id)
-    for budget in applicable:
-        if budget.period == "rolling":
-            reservation, used = await _reserve_rolling(
-                session, budget, amount_mc, now, require_room=require_room
-            )
-            reservations.append(reservation)
-            over_soft |= budget.soft_limit_mc is not None and used > budget.soft_limit_mc
-            continue
-        window = await _current_window(session, budget, now)
-        row = (
-            await session.execute(
-                update(Budget)
-                .where(
-                    Budget.id == budget.id,
-                    Budget.window_start == window,
-                    Budget.spent_mc + Budget.reserved_mc + _needed(amount_mc, require_room)
-                    <= Budget.limit_mc,
-                )
-                .values(reserved_mc=Budget.reserved_mc + amount_mc)
-                .returning(Budget.spent_mc, Budget.reserved_mc)
-                .execution_options(synchronize_session=False)
-            )
-        ).first()
-        if row is None:
-            await _refuse(session, budget, amount_mc)
+
+async def _reserve_rolling(
+    tx: Tx, budget: Sequence[Any], amount_mc: int, needed: int, now: datetime
+) -> Hold | None:
+    budget_id, _, _, limit_mc, soft_limit_mc, days = budget
+    since = rolling_start(days, now)
+    used = (await tx.fetch(ROLLING_USE, {"budget": budget_id, "since": since}))[0][0]
+    if used + needed > limit_mc:
+        return None
+    today = window_start("day", now)
+    await _add_to_day(tx, budget_id, today, reserved=amount_mc)
+    return Hold(budget_id, today, True, used + amount_mc, soft_limit_mc)
+
+
+async def _unreserve(tx: Tx, holds: list[Hold], amount_mc: int, now: datetime) -> None:
+    for hold in holds:
+        if hold.rolling:
+            await _add_to_day(tx, hold.budget_id, hold.window_start, reserved=-amount_mc)
         else:
-            over_soft |= budget.soft_limit_mc is not None and row[0] + row[1] > budget.soft_limit_mc
-            reservations.append(Reservation(budget.id, window, amount_mc))
-    return reservations, over_soft
+            await tx.execute(
+                UNRESERVE_CALENDAR,
+                {
+                    "budget": hold.budget_id,
+                    "window": hold.window_start,
+                    "amount": amount_mc,
+                    "now": now,
+                },
+            )
 
 
-async def settle(
-    session: AsyncSession,
-    reservations: list[Reservation],
+async def _add_to_day(
+    tx: Tx, budget_id: uuid.UUID, day: datetime, *, reserved: int = 0, spent: int = 0
+) -> None:
+    values = {"budget": budget_id, "on_day": day, "reserved": reserved, "spent": spent}
+    await tx.execute(ENSURE_DAY[tx.dialect_name], values)
+    await tx.execute(ADD_TO_DAY, values)
+
+
+async def refusal(
+    tx: Tx,
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
-    actual_mc: int,
+    amount_mc: int,
     now: datetime,
-) -> None:
-    """Replace the reservations by the actual spend (once per prompt: the caller's
-    status transition guarantees it). Spend without a reservation (no budget then,
-    or an unpriced node) counts in the budgets' current windows."""
-    for reservation in reservations:
-        if reservation.rolling:
-            await _add_to_day(
-                session, reservation.budget_id, reservation.window_start,
-                reserved=-reservation.amount_mc, spent=actual_mc,
-            )  # fmt: skip
-            continue
-        await session.execute(
-            update(Budget)
-            .where(
-                Budget.id == reservation.budget_id, Budget.window_start == reservation.window_start
-            )
-            .values(
-                reserved_mc=Budget.reserved_mc - reservation.amount_mc,
-                spent_mc=Budget.spent_mc + actual_mc,
-            )
-            .execution_options(synchronize_session=False)
-        )
-    if reservations or actual_mc == 0:
-        return
-    for budget in await budgets_of(session, tenant_id, user_id):
-        if budget.period == "rolling":
-            await _lock(session, budget)
-            await _add_to_day(session, budget.id, window_start("day", now), spent=actual_mc)
-            continue
-        window = await _current_window(session, budget, now)
-        await session.execute(
-            update(Budget)
-            .where(Budget.id == budget.id, Budget.window_start == window)
-            .values(spent_mc=Budget.spent_mc + actual_mc)
-            .execution_options(synchronize_session=False)
-        )
+    *,
+    require_room: bool,
+) -> PaymentRequired:
+    """Which budget `reserve` found without room for one prompt, and what it has left."""
+    needed = amount_mc + 1 if require_room else amount_mc
+    scope = _scope(tenant_id, user_id, now)
+    for _, tenant, user, period, limit_mc, used in await tx.fetch(CALENDAR_USE, scope):
+        if used + needed > limit_mc:
+            return _refused(tenant, user, period, limit_mc, used, amount_mc)
+    for budget_id, tenant, user, limit_mc, _, days in await tx.fetch(LOCK_ROLLING, scope):
+        since = rolling_start(days, now)
+        used = (await tx.fetch(ROLLING_USE, {"budget": budget_id, "since": since}))[0][0]
+        if used + needed > limit_mc:
+            return _refused(tenant, user, "rolling", limit_mc, used, amount_mc)
+    # Changed since (a budget raised or removed): the prompt may simply try again.
+    return PaymentRequired("A budget changed while this prompt was admitted; try again.")
 
 
-async def budgets_of(
-    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID
-) -> list[Budget]:
-    rows = await session.scalars(
-        select(Budget).where(Budget.scope.in_(scopes(tenant_id, user_id))).order_by(Budget.scope)
-    )
-    return list(rows)
-
-
-async def _current_window(session: AsyncSession, budget: Budget, now: datetime) -> datetime:
-    window = window_start(budget.period, now)
-    if budget.window_start < window:
-        await session.execute(
-            update(Budget)
-            .where(Budget.id == budget.id, Budget.window_start == budget.window_start)
-            .values(window_start=window, reserved_mc=0, spent_mc=0)
-            .execution_options(synchronize_session=False)
-        )
-    return window
-
-
-async def _refuse(session: AsyncSession, budget: Budget, amount_mc: int) -> NoReturn:
-    current = await session.scalar(
-        select(Budget).where(Budget.id == budget.id).execution_options(populate_existing=True)
-    )
-    assert current is not None
-    _refuse_with(current, amount_mc, current.limit_mc - current.spent_mc - current.reserved_mc)
-
-
-def _refuse_with(current: Budget, amount_mc: int, remaining: int) -> NoReturn:
-    remaining = max(0, remaining)
-    metrics.BUDGET_REJECTIONS.labels(
-        str(current.tenant_id), "user" if current.user_id else "tenant"
-    ).inc()
-    raise PaymentRequired(
+def _refused(
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID | None,
+    period: str,
+    limit_mc: int,
+    used_mc: int,
+    amount_mc: int,
+) -> PaymentRequired:
+    remaining = max(0, limit_mc - used_mc)
+    scope = "user" if user_id else "tenant"
+    metrics.BUDGET_REJECTIONS.labels(str(tenant_id), scope).inc()
+    return PaymentRequired(
         f"This prompt needs up to {mc_to_credits(amount_mc)} credits; the "
-        f"{'user' if current.user_id else 'tenant'} budget has {mc_to_credits(remaining)} left.",
-        scope="user" if current.user_id else "tenant",
-        period=current.period,
-        limit_credits=str(mc_to_credits(current.limit_mc)),
+        f"{scope} budget has {mc_to_credits(remaining)} left.",
+        scope=scope,
+        period=period,
+        limit_credits=str(mc_to_credits(limit_mc)),
         remaining_credits=str(mc_to_credits(remaining)),
         required_credits=str(mc_to_credits(amount_mc)),
     )
 
 
-async def rolling_used(session: AsyncSession, budget: Budget, now: datetime) -> tuple[int, int]:
-    """(reserved, spent) in a rolling budget's window ending today."""
-    assert budget.rolling_days is not None
-    start = window_start("day", now) - timedelta(days=budget.rolling_days - 1)
-    row = (
-        await session.execute(
-            select(
-                func.coalesce(func.sum(BudgetDay.reserved_mc), 0),
-                func.coalesce(func.sum(BudgetDay.spent_mc), 0),
-            ).where(BudgetDay.budget_id == budget.id, BudgetDay.day >= start)
-        )
-    ).one()
-    return int(row[0]), int(row[1])
-
-
-async def _reserve_rolling(
-    session: AsyncSession, budget: Budget, amount_mc: int, now: datetime, *, require_room: bool
-) -> tuple[Reservation, int]:
-    await _lock(session, budget)
-    reserved, spent = await rolling_used(session, budget, now)
-    if reserved + spent + _needed(amount_mc, require_room) > budget.limit_mc:
-        _refuse_with(budget, amount_mc, budget.limit_mc - reserved - spent)
+async def settle(tx: Tx, charges: Sequence[Charge], now: datetime) -> None:
+    """Release the settled prompts' reservations, and count their actual charges in the
+    current window of every budget of their tenant and user."""
+    for charge in charges:
+        for reservation in charge.reservations:
+            if reservation.rolling:
+                await tx.execute(ADD_TO_DAY, {
+                    "budget": reservation.budget_id, "on_day": reservation.window_start,
+                    "reserved": -reservation.amount_mc, "spent": 0,
+                })  # fmt: skip
+            else:
+                await tx.execute(UNRESERVE_CALENDAR, {
+                    "budget": reservation.budget_id, "window": reservation.window_start,
+                    "amount": reservation.amount_mc, "now": now,
+                })  # fmt: skip
+    spent: defaultdict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
+    for charge in charges:
+        if charge.budgeted and charge.actual_mc:
+            spent[charge.tenant_id, charge.user_id] += charge.actual_mc
     today = window_start("day", now)
-    await _add_to_day(session, budget.id, today, reserved=amount_mc)
-    return Reservation(budget.id, today, amount_mc, rolling=True), reserved + spent + amount_mc
+    for (tenant_id, user_id), amount in sorted(spent.items()):  # one lock order everywhere
+        values = {**_scope(tenant_id, user_id, now), "amount": amount, "on_day": today}
+        await tx.execute(SPEND_CALENDAR, values)
+        await tx.execute(ENSURE_DAYS_OF_SCOPE[tx.dialect_name], values)
+        await tx.execute(SPEND_ROLLING, values)
 
 
-async def _lock(session: AsyncSession, budget: Budget) -> None:
-    """Serialize the rolling budget's writers (a no-op on SQLite, whose write lock the
-    transaction already holds)."""
-    await session.execute(select(Budget.id).where(Budget.id == budget.id).with_for_update())
-
-
-async def _add_to_day(
-    session: AsyncSession, budget_id: uuid.UUID, day: datetime, *, reserved: int = 0, spent: int = 0
-) -> None:
-    """Add to a day's counters, creating the row; callers hold the budget's lock."""
-    result = await session.execute(
-        update(BudgetDay)
-        .where(BudgetDay.budget_id == budget_id, BudgetDay.day == day)
-        .values(reserved_mc=BudgetDay.reserved_mc + reserved, spent_mc=BudgetDay.spent_mc + spent)
-        .execution_options(synchronize_session=False)
+async def rolling_counters(
+    tx: Tx, budget_id: uuid.UUID, days: int, now: datetime
+) -> tuple[int, int]:
+    """(reserved, spent) in a rolling budget's window ending today."""
+    rows = await tx.fetch(
+        ROLLING_COUNTERS, {"budget": budget_id, "since": rolling_start(days, now)}
     )
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        session.add(BudgetDay(budget_id=budget_id, day=day, reserved_mc=reserved, spent_mc=spent))
-        await session.flush()
+    return int(rows[0][0]), int(rows[0][1])
 
 
-def _needed(amount_mc: int, require_room: bool) -> int:
-    """What must fit in the budget: the amount, plus one milli-credit when some room
-    must be left (a prompt whose cost is unknown)."""
-    return amount_mc + 1 if require_room else amount_mc
+async def recorded_spend(
+    tx: Tx, tenant_id: uuid.UUID, user_id: uuid.UUID | None, since: datetime, until: datetime
+) -> int:
+    """What the scope's prompts that settled in [since, until) were charged."""
+    values = {
+        "for_tenant": tenant_id,
+        "for_user": user_id,
+        "since": since,
+        "until": until,
+        "created_since": since - timedelta(days=1),
+    }
+    return int((await tx.fetch(RECORDED_SPEND, values))[0][0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from sqlalchemy import delete, select
@@ -12,10 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from broker.audit import service as audit
 from broker.audit.service import Actor
 from broker.db.base import utc_now
-from broker.db.models import Budget, Tenant, User
+from broker.db.models import Budget, BudgetDay, Tenant, User
+from broker.db.tx import SessionTx
 from broker.errors import NotFound
 from broker.tenants import service as tenants_service
-from broker.usage.budgets import rolling_used, window_start
+from broker.usage.budgets import recorded_spend, rolling_counters, rolling_start, window_start
 from broker.usage.pricing import credits_to_mc, mc_to_credits
 from broker.usage.schemas import BudgetRead, BudgetSet, LimitsRead, TenantLimitsSet, UserLimitsSet
 
@@ -31,30 +32,52 @@ async def set_budget(
     user_id: uuid.UUID | None,
     data: BudgetSet,
 ) -> BudgetRead:
-    """Create or change a budget. Changing the period starts a fresh window."""
+    """Create or change a budget. A new budget, or one given another period, starts from
+    what the scope's prompts were already charged in its current window (budgets.py)."""
     await _check_owner(session, tenant_id, user_id)
     scope = budget_scope(tenant_id, user_id)
     budget = await _get(session, scope)
     now = utc_now()
+    fresh_window = budget is None or budget.period != data.period
     if budget is None:
-        budget = Budget(scope=scope, tenant_id=tenant_id, user_id=user_id, reserved_mc=0,
-                        spent_mc=0, window_start=window_start(_fixed(data.period), now))  # fmt: skip
+        budget = Budget(scope=scope, tenant_id=tenant_id, user_id=user_id)
         session.add(budget)
-    elif budget.period != data.period:
-        budget.window_start = window_start(_fixed(data.period), now)
-        budget.spent_mc = budget.reserved_mc = 0  # open reservations settle into no window
     budget.period = data.period
     budget.rolling_days = data.rolling_days
     budget.limit_mc = credits_to_mc(data.limit_credits)
     soft = data.soft_limit_credits
     budget.soft_limit_mc = None if soft is None else credits_to_mc(soft)
+    if fresh_window:  # open reservations settle into no window
+        budget.window_start = window_start(_fixed(data.period), now)
+        budget.spent_mc = budget.reserved_mc = 0
     await session.flush()
+    if fresh_window:
+        await _start_from_recorded_spend(session, budget, now)
     audit.record(
         session, actor, "budget.set", object_type="budget", object_id=budget.id,
         tenant_id=tenant_id, details={"scope": scope.split(":")[0], "period": data.period,
                                       "limit_credits": str(data.limit_credits)},
     )  # fmt: skip
     return await budget_read(session, budget)
+
+
+async def _start_from_recorded_spend(session: AsyncSession, budget: Budget, now: datetime) -> None:
+    """A calendar budget's spend so far in its window; a rolling budget's, day by day."""
+    tx = SessionTx(session)
+    await session.execute(delete(BudgetDay).where(BudgetDay.budget_id == budget.id))
+    if budget.rolling_days is None:
+        since = budget.window_start
+        budget.spent_mc = await recorded_spend(tx, budget.tenant_id, budget.user_id, since, now)
+        await session.flush()
+        return
+    today = window_start("day", now)
+    for days_ago in range(budget.rolling_days):
+        day = today - timedelta(days=days_ago)
+        until = min(now, day + timedelta(days=1))
+        spent = await recorded_spend(tx, budget.tenant_id, budget.user_id, day, until)
+        if spent:
+            session.add(BudgetDay(budget_id=budget.id, day=day, reserved_mc=0, spent_mc=spent))
+    await session.flush()
 
 
 async def get_budget(
@@ -87,9 +110,11 @@ async def delete_budget(
 async def budget_read(session: AsyncSession, budget: Budget) -> BudgetRead:
     now = utc_now()
     if budget.period == "rolling":
-        reserved, spent = await rolling_used(session, budget, now)
         assert budget.rolling_days is not None
-        start = window_start("day", now) - timedelta(days=budget.rolling_days - 1)
+        reserved, spent = await rolling_counters(
+            SessionTx(session), budget.id, budget.rolling_days, now
+        )
+        start = rolling_start(budget.rolling_days, now)
     else:
         start = window_start(budget.period, now)
         stale = budget.window_start < start  # no prompt yet in this window

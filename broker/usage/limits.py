@@ -1,16 +1,18 @@
 """Per-user rate limits, enforced in the database so they hold across broker replicas.
 
 One counter row per user: prompts started in the current minute, and prompts not
-yet finished. Admission is a single conditional UPDATE; every finished prompt
-gives its slot back exactly once (with its final status transition).
+yet finished. Admission counts a batch's prompts of one user with a single conditional
+UPDATE; every finished prompt gives its slot back exactly once (with its final status
+transition). Only the prompt lifecycle (`broker/prompts/`) calls these.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any
 
 from sqlalchemy import (
     BindParameter,
@@ -24,61 +26,18 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute
-from sqlalchemy.sql.dml import ReturningUpdate
 
 from broker.db.base import UTCDateTime
-from broker.db.models import Tenant, Token, User, UserQuota
-from broker.errors import NotFound, TooManyRequests, Unauthorized
+from broker.db.models import Budget, Tenant, Token, User, UserQuota
+from broker.db.tx import Tx
+from broker.errors import BrokerError, NotFound, TooManyRequests, Unauthorized
 from broker.ops import metrics
 from broker.tenants.auth import INVALID_TOKEN
 
 UNLIMITED = 2**31 - 1
 CONCURRENCY_RETRY_SECONDS = 5
-
-
-@dataclass(frozen=True)
-class Limits:
-    per_minute: int | None
-    active: int | None
-
-    @classmethod
-    def of(cls, tenant: Tenant, user: User) -> Limits:
-        """The user's own limits, else the tenant's."""
-        return cls(
-            user.max_prompts_per_minute or tenant.max_prompts_per_minute,
-            user.max_active_prompts or tenant.max_active_prompts,
-        )
-
-
-async def admit(
-    session: AsyncSession,
-    tenant_id: uuid.UUID,
-    user_id: uuid.UUID,
-    token_id: uuid.UUID | None,
-    now: datetime,
-) -> None:
-    """Count one more prompt for the user, or raise 429 (with Retry-After).
-
-    One conditional UPDATE, which also reads the limits (the user's, else the tenant's)
-    and checks that the token is still valid: the authentication cache may be a few
-    seconds old, but a token revoked or expired since then gets no prompt through (401).
-    """
-    minute = now.replace(second=0, microsecond=0)
-    if await _count_one_more(session, tenant_id, user_id, token_id, minute, now):
-        return
-    # No counter row yet, or a refusal. Another process may have created the row since
-    # this UPDATE's snapshot: with the row ensured, a second UPDATE decides.
-    await _ensure_row(session, user_id, minute)
-    if await _count_one_more(session, tenant_id, user_id, token_id, minute, now):
-        return
-    if token_id is not None and not await _token_valid(session, token_id, now):
-        raise Unauthorized(INVALID_TOKEN)
-    metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
-    await _refuse(session, tenant_id, user_id, now)
-
 
 _TENANT = bindparam("for_tenant", type_=Uuid())
 _USER = bindparam("for_user", type_=Uuid())
@@ -88,56 +47,23 @@ _NOW = bindparam("now", type_=UTCDateTime())
 _MINUTE = bindparam("minute", type_=UTCDateTime())
 
 
-def count_more(*, token: bool, also: ColumnElement[bool] | None = None) -> ReturningUpdate[Any]:
-    """The admission statement: `count` more prompts for the user if its limits (its own,
-    else its tenant's) allow all of them, the token (with `token`) is still valid, and
-    `also` holds. Parameters: for_tenant, for_user, for_token, count, minute, now (not
-    named after columns: SQLAlchemy reserves those for SET values). Returns
-    the counter row it changed, or none. Shared by `admit` (one prompt) and the ledger
-    (a batch's prompts of one user and token: broker/usage/ledger.py)."""
-    this_minute = case((UserQuota.minute_start == _MINUTE, UserQuota.minute_count), else_=0)
-    conditions = [
-        UserQuota.user_id == _USER,
-        this_minute + _COUNT
-        <= limit_of(User.max_prompts_per_minute, Tenant.max_prompts_per_minute, _TENANT, _USER),
-        UserQuota.active_count + _COUNT
-        <= limit_of(User.max_active_prompts, Tenant.max_active_prompts, _TENANT, _USER),
-    ]
-    if token:
-        conditions.append(token_is_valid(_TOKEN, _NOW))
-    if also is not None:
-        conditions.append(also)
-    return (
-        update(UserQuota)
-        .where(*conditions)
-        .values(
-            minute_count=this_minute + _COUNT,
-            minute_start=_MINUTE,
-            active_count=UserQuota.active_count + _COUNT,
-        )
-        .returning(UserQuota.user_id)
-        .execution_options(synchronize_session=False)
+def budgets_over(
+    tenant_id: uuid.UUID | BindParameter[Any] | InstrumentedAttribute[uuid.UUID],
+    user_id: uuid.UUID | BindParameter[Any] | InstrumentedAttribute[uuid.UUID],
+) -> ColumnElement[bool]:
+    """The budgets that apply to a user: the tenant's and the user's own."""
+    return (Budget.tenant_id == tenant_id) & (
+        Budget.user_id.is_(None) | (Budget.user_id == user_id)
     )
 
 
-async def _count_one_more(
-    session: AsyncSession,
-    tenant_id: uuid.UUID,
-    user_id: uuid.UUID,
-    token_id: uuid.UUID | None,
-    minute: datetime,
-    now: datetime,
-) -> bool:
-    values = {
-        "for_tenant": tenant_id,
-        "for_user": user_id,
-        "for_token": token_id,
-        "count": 1,
-        "minute": minute,
-        "now": now,
-    }
-    result = await session.execute(COUNT_ONE_MORE[token_id is not None], values)
-    return result.first() is not None
+@dataclass(frozen=True)
+class Counted:
+    """Admission counted; which kinds of budget apply to the user (so that a user without
+    budgets costs no budget statement)."""
+
+    calendar_budgets: bool
+    rolling_budgets: bool
 
 
 def limit_of(
@@ -164,52 +90,130 @@ def token_is_valid(
     )
 
 
-async def _token_valid(session: AsyncSession, token_id: uuid.UUID, now: datetime) -> bool:
-    return bool(await session.scalar(select(token_is_valid(token_id, now))))
-
-
-async def release(session: AsyncSession, user_id: uuid.UUID) -> None:
-    """A prompt of the user finished: its concurrency slot is free again."""
-    await session.execute(
+def _count_more(*, token: bool) -> Any:
+    """`count` more prompts for the user if its limits (its own, else its tenant's) allow
+    all of them and the token (with `token`) is still valid. Parameters are not named
+    after columns: SQLAlchemy reserves those for SET values."""
+    this_minute = case((UserQuota.minute_start == _MINUTE, UserQuota.minute_count), else_=0)
+    conditions = [
+        UserQuota.user_id == _USER,
+        this_minute + _COUNT
+        <= limit_of(User.max_prompts_per_minute, Tenant.max_prompts_per_minute, _TENANT, _USER),
+        UserQuota.active_count + _COUNT
+        <= limit_of(User.max_active_prompts, Tenant.max_active_prompts, _TENANT, _USER),
+    ]
+    if token:
+        conditions.append(token_is_valid(_TOKEN, _NOW))
+    applies = budgets_over(_TENANT, _USER)
+    return (
         update(UserQuota)
-        .where(UserQuota.user_id == user_id, UserQuota.active_count > 0)
-        .values(active_count=UserQuota.active_count - 1)
-        .execution_options(synchronize_session=False)
+        .where(*conditions)
+        .values(
+            minute_count=this_minute + _COUNT,
+            minute_start=_MINUTE,
+            active_count=UserQuota.active_count + _COUNT,
+        )
+        .returning(
+            exists().where(applies, Budget.period != "rolling"),
+            exists().where(applies, Budget.period == "rolling"),
+        )
     )
 
 
-async def _ensure_row(session: AsyncSession, user_id: uuid.UUID, minute: datetime) -> None:
-    """Create the user's counter row if it is missing."""
-    if await session.get(UserQuota, user_id) is not None:
-        return
-    try:
-        async with session.begin_nested():
-            session.add(UserQuota(user_id=user_id, minute_start=minute))
-    except IntegrityError:
-        pass  # a concurrent request created it
-
-
-async def _refuse(
-    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, now: datetime
-) -> NoReturn:
-    tenant = await session.get(Tenant, tenant_id)
-    user = await session.get(User, user_id)
-    if tenant is None or user is None:
-        raise NotFound("User not found.")
-    limits = Limits.of(tenant, user)
-    quota = await session.scalar(
-        select(UserQuota)
-        .where(UserQuota.user_id == user_id)
-        .execution_options(populate_existing=True)
+COUNT_MORE = {token: _count_more(token=token) for token in (False, True)}
+UNCOUNT = (
+    update(UserQuota)
+    .where(UserQuota.user_id == _USER)
+    .values(
+        minute_count=UserQuota.minute_count - _COUNT, active_count=UserQuota.active_count - _COUNT
     )
-    if quota is not None and limits.active is not None and quota.active_count >= limits.active:
-        raise TooManyRequests(
-            f"You have {quota.active_count} prompts queued or running, the most allowed.",
+)
+ENSURE_ROW = {
+    dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(UserQuota)
+    .values(user_id=_USER, minute_start=_MINUTE, minute_count=0, active_count=0)
+    .on_conflict_do_nothing()
+    for dialect in (sqlite, postgresql)
+}
+RELEASE = (
+    update(UserQuota)
+    .where(UserQuota.user_id == _USER)
+    .values(
+        active_count=case(
+            (UserQuota.active_count > _COUNT, UserQuota.active_count - _COUNT), else_=0
+        )
+    )
+)
+_QUOTA_AND_LIMITS = select(
+    UserQuota.active_count,
+    limit_of(User.max_prompts_per_minute, Tenant.max_prompts_per_minute, _TENANT, _USER),
+    limit_of(User.max_active_prompts, Tenant.max_active_prompts, _TENANT, _USER),
+    exists().where(User.id == _USER, User.tenant_id == _TENANT),
+).where(UserQuota.user_id == _USER)
+_TOKEN_VALID = select(token_is_valid(_TOKEN, _NOW))
+
+
+def _values(
+    tenant_id: uuid.UUID, user_id: uuid.UUID, token_id: uuid.UUID | None, count: int, now: datetime
+) -> Mapping[str, Any]:
+    return {
+        "for_tenant": tenant_id,
+        "for_user": user_id,
+        "for_token": token_id,
+        "count": count,
+        "now": now,
+        "minute": now.replace(second=0, microsecond=0),
+    }
+
+
+async def count(
+    tx: Tx,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    token_id: uuid.UUID | None,
+    n: int,
+    now: datetime,
+) -> Counted | None:
+    """Count `n` more prompts for the user if the limits allow all of them (else None,
+    and nothing changed)."""
+    values = _values(tenant_id, user_id, token_id, n, now)
+    statement = COUNT_MORE[token_id is not None]
+    rows = await tx.fetch(statement, values)
+    if not rows:  # no counter row yet (created here, or concurrently), or a refusal
+        await tx.execute(ENSURE_ROW[tx.dialect_name], values)
+        rows = await tx.fetch(statement, values)
+    return Counted(bool(rows[0][0]), bool(rows[0][1])) if rows else None
+
+
+async def uncount(tx: Tx, user_id: uuid.UUID, n: int) -> None:
+    """Undo `count` in the same transaction (a budget refused what the limits allowed)."""
+    await tx.execute(UNCOUNT, {"for_user": user_id, "count": n})
+
+
+async def release(tx: Tx, finished: Mapping[uuid.UUID, int]) -> None:
+    """Prompts of these users finished: their concurrency slots are free again."""
+    await tx.execute_many(
+        RELEASE, [{"for_user": user, "count": n} for user, n in sorted(finished.items())]
+    )
+
+
+async def refusal(
+    tx: Tx, tenant_id: uuid.UUID, user_id: uuid.UUID, token_id: uuid.UUID | None, now: datetime
+) -> BrokerError:
+    """Why `count` refused one prompt: a token revoked or expired since it was cached
+    (401), or which limit (429, with Retry-After)."""
+    values = _values(tenant_id, user_id, token_id, 1, now)
+    if token_id is not None and not (await tx.fetch(_TOKEN_VALID, values))[0][0]:
+        return Unauthorized(INVALID_TOKEN)
+    rows = await tx.fetch(_QUOTA_AND_LIMITS, values)
+    if not rows or not rows[0][3]:
+        return NotFound("User not found.")
+    active, per_minute, max_active = rows[0][:3]
+    metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
+    if max_active != UNLIMITED and active >= max_active:
+        return TooManyRequests(
+            f"You have {active} prompts queued or running, the most allowed.",
             retry_after=CONCURRENCY_RETRY_SECONDS,
         )
-    raise TooManyRequests(
-        f"More than {limits.per_minute} prompts in a minute.", retry_after=60 - now.second
+    return TooManyRequests(
+        f"More than {per_minute} prompts in a minute.", retry_after=60 - now.second
     )
-
-
-COUNT_ONE_MORE = {token: count_more(token=token) for token in (False, True)}

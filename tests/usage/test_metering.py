@@ -530,13 +530,15 @@ async def test_repeated_progress_text_counts_once_per_node(
 ) -> None:
     """API nodes repeat "Price: …" in every progress message while they poll."""
 
-    from broker.usage import service as usage_service
+    from broker.db.tx import SessionTx
+    from broker.prompts.settlement import ReportedPrice, record_prices
 
     fake_comfy.auto_execute = False
     prompt_id = await submit(client, alice)
+    price = ReportedPrice(uuid.UUID(prompt_id), "11", 12_660)
     async with db() as session:
         for _ in range(5):
-            await usage_service.record_reported_price(session, uuid.UUID(prompt_id), "11", 12_660)
+            await record_prices(SessionTx(session), [price])
         await session.commit()
     assert (await prompt_row(db, prompt_id)).reported_mc == 12_660
 

@@ -1,0 +1,285 @@
+"""Admitting prompts: replay a retried request, find the user's key, check the tenant's
+policy, count the prompts against the rate limits and reserve their estimates on the
+budgets, and record them `pending`; all of it for a batch, in the group committer's
+transaction, before anything is forwarded.
+
+A batch's prompts of one user (and token) are counted and reserved together: one
+conditional UPDATE for the limits and one per budget. If the group does not fit, its
+prompts are decided one by one, in order, with the same statements: since a group fits
+only if each of its prompts would, the outcome is the one a batch of one per prompt
+gives (tests/prompts/test_differential.py holds it). A refusal undoes whatever its
+prompt counted or reserved, so nothing of a refused prompt is written.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import accumulate
+from typing import Any
+
+from sqlalchemy import Uuid, bindparam, insert, select
+
+from broker.db.base import utc_now
+from broker.db.models import Prompt, PromptStatus, Tenant
+from broker.db.tx import Tx
+from broker.errors import BadRequest, BrokerError, Conflict, Unprocessable
+from broker.keys.service import KeyCustody, KeyUnreadable, unseal_for_prompts
+from broker.ops import metrics
+from broker.usage import budgets, limits
+from broker.usage.budgets import Hold, Reservation
+from broker.usage.pricing import MC_PER_CREDIT, Estimate
+
+
+@dataclass(frozen=True)
+class NewPrompt:
+    prompt_id: uuid.UUID
+    tenant_id: uuid.UUID
+    user_id: uuid.UUID
+    token_id: uuid.UUID | None
+    upstream: str
+    client_id: str | None
+    api_nodes: list[str]
+    body_bytes: int
+    idempotency_key: str | None
+    request_hash: str
+    estimate: Estimate
+    proposed_id: bool = False  # the client chose `prompt_id`
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether budgets take part: it has a price, or unpriced nodes (which may cost
+        anything, so they need some room left)."""
+        return bool(self.estimate.max_mc or self.estimate.unpriced)
+
+
+@dataclass(frozen=True)
+class Admit:
+    new: NewPrompt
+    custody: KeyCustody
+    needs_key: bool  # the prompt has nodes that use the user's Comfy key
+
+
+@dataclass(frozen=True)
+class Admitted:
+    prompt_id: uuid.UUID
+    api_key: str | None
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """A retried request (same Idempotency-Key and body): the first answer again."""
+
+    status_code: int
+    body: dict[str, Any]
+
+
+class ComfyKeyMissing(BrokerError):
+    """The prompt has API nodes and no key is stored (the surface says which nodes)."""
+
+    status_code = 400
+    error_type = "comfy_key_missing"
+
+
+IN_PROGRESS = "A request with this Idempotency-Key is in progress."
+_USER = bindparam("for_user", type_=Uuid())
+EARLIER = select(
+    Prompt.id, Prompt.request_hash, Prompt.response_status, Prompt.response_body,
+    Prompt.status, Prompt.number,
+).where(Prompt.user_id == _USER, Prompt.idempotency_key == bindparam("key"))  # fmt: skip
+TAKEN = select(Prompt.id).where(Prompt.id == bindparam("proposed", type_=Uuid()))
+UNPRICED_POLICY = select(Tenant.unpriced_policy).where(
+    Tenant.id == bindparam("for_tenant", type_=Uuid())
+)
+INSERTED = (
+    "id", "tenant_id", "user_id", "token_id", "upstream", "client_id", "status", "api_nodes",
+    "body_bytes", "idempotency_key", "request_hash", "estimated_min_mc", "estimated_max_mc",
+    "unpriced_nodes", "cost_breakdown", "reserved_mc", "reservations", "over_soft_limit",
+    "reported_prices", "cached_nodes", "created_at", "updated_at",
+)  # fmt: skip
+INSERT_PROMPT = insert(Prompt).values({name: bindparam(name) for name in INSERTED})
+
+Outcome = Admitted | Replayed | BrokerError
+Budgeting = tuple[list[Reservation], bool]  # a prompt's reservations; past a soft limit
+
+
+async def admit(tx: Tx, items: list[Admit]) -> list[Outcome]:
+    now = utc_now()
+    outcomes: list[Outcome | None] = [await _replay(tx, item) for item in items]
+    keys = await unseal_for_prompts(
+        tx,
+        items[0].custody,
+        [(item.new.tenant_id, item.new.user_id) for item in items if item.needs_key],
+    )
+    for index, item in enumerate(items):
+        if outcomes[index] is None:
+            outcomes[index] = await _precheck(tx, item, keys.get(item.new.user_id))
+    groups: dict[tuple[uuid.UUID, uuid.UUID, uuid.UUID | None], list[int]] = {}
+    for index, item in enumerate(items):
+        if outcomes[index] is None:
+            new = item.new
+            groups.setdefault((new.tenant_id, new.user_id, new.token_id), []).append(index)
+    rows: list[dict[str, Any]] = []
+    for _, indexes in sorted(groups.items(), key=lambda group: str(group[0][1])):
+        decided = await _count_and_reserve(tx, [items[i].new for i in indexes], now)
+        for index, decision in zip(indexes, decided, strict=True):
+            if isinstance(decision, BrokerError):
+                outcomes[index] = decision
+                continue
+            new = items[index].new
+            rows.append(_row(new, *decision, now))
+            key = keys.get(new.user_id) if items[index].needs_key else None
+            outcomes[index] = Admitted(new.prompt_id, key if isinstance(key, str) else None)
+            metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id)).inc(
+                new.estimate.max_mc / MC_PER_CREDIT
+            )
+    await tx.execute_many(INSERT_PROMPT, rows)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+async def _replay(tx: Tx, item: Admit) -> Replayed | BrokerError | None:
+    """The first answer again for a retried request (same user, key and body)."""
+    new = item.new
+    if new.idempotency_key is None:
+        return None
+    rows = await tx.fetch(EARLIER, {"for_user": new.user_id, "key": new.idempotency_key})
+    if not rows:
+        return None
+    prompt_id, request_hash, response_status, response_body, status, number = rows[0]
+    if request_hash != new.request_hash:
+        return Unprocessable(
+            "This Idempotency-Key was used with a different request body.",
+            error_type="idempotency_key_reused",
+        )
+    if response_status is not None and response_body is not None:
+        return Replayed(response_status, response_body)
+    if status is PromptStatus.PENDING:
+        return Conflict(IN_PROGRESS)
+    # Accepted by ComfyUI, but its answer was lost (reconciled later): rebuild it.
+    return Replayed(200, {"prompt_id": str(prompt_id), "number": number or 0, "node_errors": {}})
+
+
+async def _precheck(tx: Tx, item: Admit, key: object) -> BrokerError | None:
+    """The refusals that come before counting: no key, a taken id, the tenant's policy."""
+    new = item.new
+    if item.needs_key and key is None:
+        return ComfyKeyMissing(
+            "This prompt uses API nodes, and no Comfy API key is stored for you."
+        )
+    if item.needs_key and isinstance(key, KeyUnreadable):
+        return Conflict(
+            f"Your stored Comfy key is sealed under KEK {key.kek_id!r}, which this broker "
+            "does not have; an operator must add that KEK to the keyring and restart.",
+            error_type="comfy_key_unreadable",
+        )
+    if new.proposed_id and await tx.fetch(TAKEN, {"proposed": new.prompt_id}):
+        return Conflict("This prompt_id is already in use.", error_type="prompt_id_in_use")
+    if new.estimate.unpriced:
+        policy = await tx.fetch(UNPRICED_POLICY, {"for_tenant": new.tenant_id})
+        if policy and policy[0][0] == "refuse":
+            return BadRequest(
+                "This prompt has API nodes without a known price, and your tenant refuses those.",
+                error_type="unpriced_nodes",
+            )
+    return None
+
+
+async def _count_and_reserve(
+    tx: Tx, group: list[NewPrompt], now: datetime
+) -> Sequence[Budgeting | BrokerError]:
+    """Admit a group of one user's prompts together, else one by one."""
+    together = await _try(tx, group, now)
+    if together is not None:
+        return together
+    if len(group) > 1:
+        return [(await _count_and_reserve(tx, [new], now))[0] for new in group]
+    return [await _refusal(tx, group[0], now)]
+
+
+async def _try(tx: Tx, group: list[NewPrompt], now: datetime) -> list[Budgeting] | None:
+    first = group[0]
+    counted = await limits.count(
+        tx, first.tenant_id, first.user_id, first.token_id, len(group), now
+    )
+    if counted is None:
+        return None
+    budgeted = [new for new in group if new.budgeted]
+    if not budgeted or not (counted.calendar_budgets or counted.rolling_budgets):
+        return [([], False)] * len(group)
+    amount = sum(new.estimate.max_mc for new in budgeted)
+    holds = await budgets.reserve(
+        tx, first.tenant_id, first.user_id, amount, now,
+        require_room=any(new.estimate.unpriced for new in budgeted),
+        calendar=counted.calendar_budgets, rolling=counted.rolling_budgets,
+    )  # fmt: skip
+    if holds is None:
+        await limits.uncount(tx, first.user_id, len(group))
+        return None
+    return _budgeting(group, holds, amount)
+
+
+def _budgeting(group: list[NewPrompt], holds: list[Hold], amount: int) -> list[Budgeting]:
+    """Each prompt's reservations, and whether the budgets' use once it (and the group's
+    prompts before it) was added passes a soft limit: as if admitted one by one."""
+    used_before = {hold.budget_id: hold.used_mc - amount for hold in holds}
+    amounts = [new.estimate.max_mc if new.budgeted else 0 for new in group]
+    decided: list[Budgeting] = []
+    for new, added in zip(group, accumulate(amounts), strict=True):
+        if not new.budgeted:
+            decided.append(([], False))
+            continue
+        reservations = [
+            Reservation(hold.budget_id, hold.window_start, new.estimate.max_mc, hold.rolling)
+            for hold in holds
+        ]
+        over_soft = any(
+            hold.soft_limit_mc is not None
+            and used_before[hold.budget_id] + added > hold.soft_limit_mc
+            for hold in holds
+        )
+        decided.append((reservations, over_soft))
+    return decided
+
+
+async def _refusal(tx: Tx, new: NewPrompt, now: datetime) -> BrokerError:
+    """Why one prompt was not admitted: the limits, else a budget."""
+    counted = await limits.count(tx, new.tenant_id, new.user_id, new.token_id, 1, now)
+    if counted is None:
+        return await limits.refusal(tx, new.tenant_id, new.user_id, new.token_id, now)
+    await limits.uncount(tx, new.user_id, 1)
+    return await budgets.refusal(
+        tx, new.tenant_id, new.user_id, new.estimate.max_mc, now,
+        require_room=bool(new.estimate.unpriced),
+    )  # fmt: skip
+
+
+def _row(
+    new: NewPrompt, reservations: list[Reservation], over_soft: bool, now: datetime
+) -> dict[str, Any]:
+    estimate = new.estimate
+    return {
+        "id": new.prompt_id,
+        "tenant_id": new.tenant_id,
+        "user_id": new.user_id,
+        "token_id": new.token_id,
+        "upstream": new.upstream,
+        "client_id": new.client_id,
+        "status": PromptStatus.PENDING,
+        "api_nodes": new.api_nodes,
+        "body_bytes": new.body_bytes,
+        "idempotency_key": new.idempotency_key,
+        "request_hash": new.request_hash,
+        "estimated_min_mc": estimate.min_mc,
+        "estimated_max_mc": estimate.max_mc,
+        "unpriced_nodes": estimate.unpriced,
+        "cost_breakdown": [node.as_dict() for node in estimate.nodes],
+        "reserved_mc": estimate.max_mc if reservations else 0,
+        "reservations": [reservation.as_dict() for reservation in reservations],
+        "over_soft_limit": over_soft,
+        "reported_prices": {},
+        "cached_nodes": [],
+        "created_at": now,
+        "updated_at": now,
+    }

@@ -1,0 +1,363 @@
+"""A prompt after admission: ComfyUI's answer, its start, what it reported while it ran,
+and its end, settled once: the actual charge, the reservations and the rate-limit slot
+released, the spend counted on the budgets. Each step for a batch."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    BindParameter,
+    Boolean,
+    ColumnElement,
+    Select,
+    Uuid,
+    bindparam,
+    case,
+    exists,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from broker.comfy.files import output_files
+from broker.db.base import UTCDateTime, utc_now
+from broker.db.models import Prompt, PromptOutput, PromptStatus
+from broker.db.tx import Tx
+from broker.ops import metrics
+from broker.prompts.records import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE, UNFINISHED, storable
+from broker.usage import budgets, limits
+from broker.usage.budgets import Charge, Reservation
+from broker.usage.pricing import MC_PER_CREDIT
+
+_PROMPT = bindparam("prompt", type_=Uuid())
+_NOW = bindparam("now", type_=UTCDateTime())
+
+# ComfyUI's answer, its start ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    prompt_id: uuid.UUID
+    body: dict[str, Any]
+
+
+RECORD_ANSWER = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT)
+    .values(
+        # `queued` only from `pending`: the event stream may already have seen it start.
+        status=case(
+            (Prompt.status == PromptStatus.PENDING, PromptStatus.QUEUED), else_=Prompt.status
+        ),
+        number=bindparam("number"),
+        response_status=200,
+        response_body=bindparam("response_body"),
+        updated_at=_NOW,
+    )
+)
+
+
+async def record_answers(tx: Tx, items: list[Answer]) -> list[None]:
+    now = utc_now()
+    rows = []
+    for item in items:
+        number = item.body.get("number")
+        rows.append({
+            "prompt": item.prompt_id,
+            "number": number if isinstance(number, int) else None,
+            "response_body": item.body,
+            "now": now,
+        })  # fmt: skip
+    await tx.execute_many(RECORD_ANSWER, rows)
+    return [None] * len(items)
+
+
+def _status_in(*statuses: PromptStatus) -> ColumnElement[bool]:
+    # Not IN (…): a literal list compiles to an expanding parameter, which raw.py does not do.
+    return or_(*(Prompt.status == status for status in sorted(statuses)))
+
+
+_NOT_STARTED = _status_in(PromptStatus.PENDING, PromptStatus.QUEUED)
+RECORD_RUNNING = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT, _NOT_STARTED)
+    .values(status=PromptStatus.RUNNING, started_at=_NOW, updated_at=_NOW)
+)
+# ComfyUI has the prompt, though its answer was never recorded.
+RECORD_ACCEPTED = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT, Prompt.status == PromptStatus.PENDING)
+    .values(status=PromptStatus.QUEUED, updated_at=_NOW)
+)
+
+
+async def record_running(tx: Tx, items: list[uuid.UUID]) -> list[None]:
+    now = utc_now()
+    await tx.execute_many(RECORD_RUNNING, [{"prompt": item, "now": now} for item in items])
+    return [None] * len(items)
+
+
+async def record_accepted(tx: Tx, items: list[uuid.UUID]) -> list[None]:
+    now = utc_now()
+    await tx.execute_many(RECORD_ACCEPTED, [{"prompt": item, "now": now} for item in items])
+    return [None] * len(items)
+
+
+# while it runs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cached:
+    """Nodes ComfyUI served from its cache: they made no API call, so they cost nothing."""
+
+    prompt_id: uuid.UUID
+    nodes: list[str]
+
+
+RECORD_CACHED = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT)
+    .values(cached_nodes=bindparam("cached"), updated_at=_NOW)
+)
+
+
+async def record_cached(tx: Tx, items: list[Cached]) -> list[None]:
+    now = utc_now()
+    rows = [
+        {"prompt": item.prompt_id, "cached": item.nodes, "now": now} for item in items if item.nodes
+    ]
+    await tx.execute_many(RECORD_CACHED, rows)
+    return [None] * len(items)
+
+
+@dataclass(frozen=True)
+class ReportedPrice:
+    """A price an API node reported while the prompt ran. Nodes repeat it in every
+    progress message while they poll, so the latest per node counts, not their sum."""
+
+    prompt_id: uuid.UUID
+    node_id: str
+    mc: int
+
+
+PRICES = select(Prompt.reported_prices).where(Prompt.id == _PROMPT, _status_in(*UNFINISHED))
+RECORD_PRICES = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT)
+    .values(
+        reported_prices=bindparam("prices"),
+        reported_mc=bindparam("total", type_=BigInteger()),
+        updated_at=_NOW,
+    )
+)
+
+
+async def record_prices(tx: Tx, items: list[ReportedPrice]) -> list[None]:
+    now = utc_now()
+    latest: dict[uuid.UUID, dict[str, int]] = {}
+    for item in items:
+        latest.setdefault(item.prompt_id, {})[item.node_id] = item.mc
+    for prompt_id, reported in latest.items():
+        rows = await tx.fetch(PRICES, {"prompt": prompt_id})
+        if rows:  # still running (a settled prompt's charge is final)
+            prices = {**(rows[0][0] or {}), **reported}
+            total = sum(prices.values())
+            values = {"prompt": prompt_id, "prices": prices, "total": total, "now": now}
+            await tx.execute(RECORD_PRICES, values)
+    return [None] * len(items)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files a prompt produced, so that its owner (only) may `/view` them."""
+
+    prompt_id: uuid.UUID
+    outputs: Any  # ComfyUI's `outputs` object
+
+
+def _record_output(dialect: Any) -> Any:
+    of_prompt: Select[*tuple[Any, ...]] = select(
+        bindparam("output", type_=Uuid()), Prompt.id, Prompt.user_id,
+        bindparam("kind"), bindparam("subfolder"), bindparam("filename"), _NOW,
+    ).where(Prompt.id == _PROMPT)  # fmt: skip
+    columns = ["id", "prompt_id", "user_id", "type", "subfolder", "filename", "created_at"]
+    return dialect.insert(PromptOutput).from_select(columns, of_prompt).on_conflict_do_nothing()
+
+
+RECORD_OUTPUT = {"sqlite": _record_output(sqlite), "postgresql": _record_output(postgresql)}
+
+
+async def record_outputs(tx: Tx, items: list[Outputs]) -> list[None]:
+    now = utc_now()
+    rows = [
+        {
+            "output": uuid.uuid4(),
+            "prompt": item.prompt_id,
+            "kind": ref.type,
+            "subfolder": ref.subfolder,
+            "filename": ref.filename,
+            "now": now,
+        }
+        for item in items
+        for ref in dict.fromkeys(output_files(item.outputs))
+    ]
+    await tx.execute_many(RECORD_OUTPUT[tx.dialect_name], rows)
+    return [None] * len(items)
+
+
+# the end --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A prompt reached a final status. `allowed_from`: the statuses it may settle from
+    (a settled prompt is never changed again). `response`: ComfyUI's refusal (or the
+    broker's error) to answer a retry with; `forget_key`: a retry may go again (it surely
+    never reached ComfyUI, or ComfyUI lost it)."""
+
+    prompt_id: uuid.UUID
+    status: PromptStatus
+    error_type: str | None = None
+    message: str | None = None
+    allowed_from: frozenset[PromptStatus] = UNFINISHED
+    ran_to_an_end: bool = True  # sets finished_at (a forward that failed never started)
+    response: tuple[int, dict[str, Any]] | None = None
+    forget_key: bool = False
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A prompt's final state, as its charge reads it."""
+
+    tenant_id: uuid.UUID
+    user_id: uuid.UUID
+    status: PromptStatus
+    started_at: datetime | None
+    error_type: str | None
+    reported_mc: int | None
+    cached_nodes: list[str]
+    cost_breakdown: list[dict[str, Any]]
+    reservations: list[dict[str, Any]] = field(default_factory=list)
+    budgeted: bool = False
+
+
+_FROM: list[BindParameter[Any]] = [bindparam(f"from_{n}") for n in range(len(UNFINISHED))]
+SETTLE = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT, or_(*(Prompt.status == allowed for allowed in _FROM)))
+    .values(
+        status=bindparam("to_status"),
+        error_type=bindparam("error_type"),
+        error_message=bindparam("error_message"),
+        finished_at=bindparam("finished", type_=UTCDateTime()),
+        idempotency_key=case(
+            (bindparam("forget", type_=Boolean()), literal(None)), else_=Prompt.idempotency_key
+        ),
+        updated_at=_NOW,
+    )
+    .returning(
+        Prompt.tenant_id, Prompt.user_id, Prompt.status, Prompt.started_at, Prompt.error_type,
+        Prompt.reported_mc, Prompt.cached_nodes, Prompt.cost_breakdown, Prompt.reservations,
+        exists().where(limits.budgets_over(Prompt.tenant_id, Prompt.user_id)),
+    )
+)  # fmt: skip
+RECORD_CHARGE = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT)
+    .values(
+        actual_mc=bindparam("actual", type_=BigInteger()),
+        actual_source=bindparam("source"),
+        updated_at=_NOW,
+    )
+)
+RECORD_RESPONSE = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT)
+    .values(
+        response_status=bindparam("answer_status"),
+        response_body=bindparam("answer_body"),
+        updated_at=_NOW,
+    )
+)
+NOT_CHARGED_ERRORS = frozenset(
+    {"insufficient_credits", "invalid_key", "account_problem", "rate_limited"}
+)
+
+
+def actual_charge(prompt: Prompt | Settled) -> tuple[int, str]:
+    """What a finished prompt cost, and where that number comes from: the charging rule."""
+    if prompt.reported_mc is not None:
+        return prompt.reported_mc, "progress_text"
+    never_ran = prompt.started_at is None and prompt.status is not PromptStatus.SUCCESS
+    if never_ran or prompt.status in (PromptStatus.REJECTED, PromptStatus.INTERRUPTED):
+        return 0, "none"
+    if prompt.error_type in NOT_CHARGED_ERRORS:
+        return 0, "none"
+    cached = set(prompt.cached_nodes)
+    estimate = sum(
+        node["max_mc"] for node in prompt.cost_breakdown if node["node_id"] not in cached
+    )
+    return estimate, "estimate"
+
+
+async def finish(tx: Tx, items: list[Finish]) -> list[bool]:
+    """Settle each prompt once (True: this call settled it) and charge it."""
+    now = utc_now()
+    settled: list[tuple[Finish, Settled]] = []
+    done: list[bool] = []
+    for item in items:
+        rows = await tx.fetch(SETTLE, _settle_values(item, now))
+        done.append(bool(rows))
+        if rows:
+            settled.append((item, Settled(*rows[0])))
+    await _charge(tx, settled, now)
+    await tx.execute_many(RECORD_RESPONSE, [
+        {"prompt": item.prompt_id, "answer_status": item.response[0],
+         "answer_body": item.response[1], "now": now}
+        for item, _ in settled if item.response is not None
+    ])  # fmt: skip
+    return done
+
+
+def _settle_values(item: Finish, now: datetime) -> dict[str, Any]:
+    allowed = sorted(item.allowed_from)
+    return {
+        "prompt": item.prompt_id,
+        **{f"from_{n}": allowed[min(n, len(allowed) - 1)] for n in range(len(_FROM))},
+        "to_status": item.status,
+        "error_type": storable(item.error_type, MAX_ERROR_TYPE),
+        "error_message": storable(item.message, MAX_ERROR_MESSAGE),
+        "finished": now if item.ran_to_an_end else None,
+        "forget": item.forget_key,
+        "now": now,
+    }
+
+
+async def _charge(tx: Tx, settled: list[tuple[Finish, Settled]], now: datetime) -> None:
+    """Charge the prompts that just reached their final status (once each: only the
+    transition that succeeded gets here), free their slots, settle their budgets."""
+    charges: list[dict[str, Any]] = []
+    slots: Counter[uuid.UUID] = Counter()
+    budget_charges: list[Charge] = []
+    for item, prompt in settled:
+        actual, source = actual_charge(prompt)
+        charges.append({"prompt": item.prompt_id, "actual": actual, "source": source, "now": now})
+        slots[prompt.user_id] += 1
+        reservations = [Reservation.from_dict(entry) for entry in prompt.reservations]
+        if reservations or (prompt.budgeted and actual):
+            budget_charges.append(Charge(
+                prompt.tenant_id, prompt.user_id, actual, reservations, prompt.budgeted
+            ))  # fmt: skip
+        metrics.PROMPTS.labels(str(prompt.tenant_id), prompt.status.value).inc()
+        metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc(actual / MC_PER_CREDIT)
+    await tx.execute_many(RECORD_CHARGE, charges)
+    await limits.release(tx, slots)
+    await budgets.settle(tx, budget_charges, now)
