@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from bench.processes import PYTHON, Server, free_port, start_server
 
 POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -65,6 +67,20 @@ def seed(env: dict[str, str], cwd: Path) -> str:
     _cli(env, cwd, "keys", "set", "--tenant", "bench", "--user", "alice", stdin=BENCH_COMFY_KEY)
     token = _cli(env, cwd, "tokens", "create", "--tenant", "bench", "--user", "alice")
     return token.strip().splitlines()[-1]
+
+
+def operator_token(env: dict[str, str], cwd: Path) -> str:
+    token = _cli(env, cwd, "tokens", "create", "--operator", "--name", "bench")
+    return token.strip().splitlines()[-1]
+
+
+def set_tenant_budget(url: str, operator: str) -> None:
+    """A monthly budget on the seeded tenant, far above what a run spends."""
+    headers = {"Authorization": f"Bearer {operator}"}
+    with httpx.Client(base_url=url, headers=headers) as client:
+        tenant = client.get("/admin/tenants").json()["items"][0]["id"]
+        budget = {"period": "month", "limit_credits": "1000000000"}
+        client.put(f"/admin/tenants/{tenant}/budget", json=budget).raise_for_status()
 
 
 def sqlite_url(directory: Path, name: str) -> str:

@@ -3,7 +3,8 @@
 - `direct`: the load generator straight to a fake ComfyUI (pinned like a server under test).
 - `floor-httpx`, `floor-aiohttp`: bare pass-through proxies (see `bench.floors`).
 - `broker-{sqlite,pg}-w{1,2}`: the broker, migrated and seeded through its CLI, on a fresh
-  SQLite file or a fresh PostgreSQL database (dropped afterwards), with 1 or 2 workers.
+  SQLite file or a fresh PostgreSQL database (dropped afterwards), with 1 or 2 workers;
+  `…-budget`: the same with a monthly tenant budget, so every admission reserves credits.
 
 All of them forward to one shared upstream fake ComfyUI.
 """
@@ -33,6 +34,7 @@ class TargetSpec:
     client: str | None = None
     database: str | None = None
     workers: int = 1
+    budget: bool = False  # a tenant budget (large enough never to refuse)
 
 
 TARGETS = [
@@ -43,7 +45,21 @@ TARGETS = [
     TargetSpec(
         "broker-sqlite-w2", "broker", "broker, SQLite, 2 workers", database="sqlite", workers=2
     ),
+    TargetSpec(
+        "broker-sqlite-w1-budget",
+        "broker",
+        "broker, SQLite, 1 worker, tenant budget",
+        database="sqlite",
+        budget=True,
+    ),
     TargetSpec("broker-pg-w1", "broker", "broker, PostgreSQL, 1 worker", database="pg"),
+    TargetSpec(
+        "broker-pg-w1-budget",
+        "broker",
+        "broker, PostgreSQL, 1 worker, tenant budget",
+        database="pg",
+        budget=True,
+    ),
     TargetSpec("broker-pg-w2", "broker", "broker, PostgreSQL, 2 workers", database="pg", workers=2),
 ]
 TARGETS_BY_NAME = {spec.name: spec for spec in TARGETS}
@@ -127,11 +143,13 @@ class Lab:
 
     def _broker(self, spec: TargetSpec, upstream_url: str) -> Target:
         if spec.database == "pg":
-            database_url = self._stack.enter_context(broker.postgres_database(spec.name[-2:]))
+            suffix = spec.name.removeprefix("broker-pg-").replace("-", "_")
+            database_url = self._stack.enter_context(broker.postgres_database(suffix))
         else:
             database_url = broker.sqlite_url(self.work_dir, spec.name)
         env = broker.broker_env(database_url, upstream_url)
         token = broker.seed(env, self.work_dir)
+        operator = broker.operator_token(env, self.work_dir) if spec.budget else None
         port = free_port()
         command = [str(broker.cli_path()), "serve", "--port", str(port)]
         command += ["--workers", str(spec.workers)]
@@ -147,6 +165,8 @@ class Lab:
         self._keep(server)
         if spec.workers > 1:
             time.sleep(MULTI_WORKER_SETTLE_SECONDS)
+        if operator is not None:
+            broker.set_tenant_budget(server.url, operator)
         return Target(spec, server, token)
 
     def _keep(self, server: Server) -> Server:

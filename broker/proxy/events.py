@@ -49,6 +49,8 @@ T = TypeVar("T")
 OWNER_CACHE_SIZE = 10_000
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONCILE_INTERVAL_SECONDS = 30.0
+# While the socket is down, prompts finish unseen: settle them (and tell their owners) soon.
+RECONCILE_DISCONNECTED_SECONDS = 2.0
 RECONCILE_QUIET = timedelta(seconds=RECONCILE_INTERVAL_SECONDS)
 TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT
 FINISHING_EVENTS = {
@@ -194,6 +196,18 @@ class EventHub:
         elif kind in FINISHING_EVENTS:
             submit(lifecycle.FINISHED, _finish(prompt_id, kind, data))
 
+    async def _tell_owner(
+        self, prompt_id: uuid.UUID, entry: dict[str, Any], finish: Finish
+    ) -> None:
+        """The events ComfyUI would have sent for a prompt settled from its history: the
+        socket missed them, and so did the owner's clients, which may be waiting on them."""
+        owner = await self._owner(prompt_id)
+        if owner is None:
+            return
+        for kind, data in settled_events(prompt_id, entry, finish):
+            message = {"type": kind, "data": data}
+            self._subscribers.deliver(owner, _redacted(orjson.dumps(message).decode(), kind, data))
+
     async def _owner(self, prompt_id: uuid.UUID) -> Owner | None:
         owner = self._owners.get(prompt_id)
         if owner is not None:
@@ -211,9 +225,15 @@ class EventHub:
 
     # settling what the socket missed ---------------------------------------
     async def _reconcile_periodically(self) -> None:
+        waited = 0.0
         while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_SECONDS)
-            await self._reconcile(after_reconnect=False)
+            await asyncio.sleep(RECONCILE_DISCONNECTED_SECONDS)
+            waited += RECONCILE_DISCONNECTED_SECONDS
+            disconnected = not self.connected.is_set()
+            if disconnected or waited >= RECONCILE_INTERVAL_SECONDS:
+                waited = 0.0
+                # Unseen by a socket that is down: every unfinished prompt is a candidate.
+                await self._reconcile(after_reconnect=disconnected)
 
     async def _reconcile(self, *, after_reconnect: bool) -> None:
         """Settle unfinished prompts from ComfyUI's history and queue: outcomes the socket
@@ -231,7 +251,9 @@ class EventHub:
             try:
                 await self._reconcile_unfinished(quiet_since)
             except (BrokerError, SQLAlchemyError) as exc:
-                log.warning(
+                # Quiet while the socket is down too: the disconnection was logged once.
+                log.log(
+                    logging.WARNING if self.connected.is_set() else logging.DEBUG,
                     "events.reconcile_failed upstream=%s error=%s",
                     self._upstream,
                     type(exc).__name__,
@@ -271,7 +293,9 @@ class EventHub:
             self._committer.submit_kind(lifecycle.OUTPUTS, lifecycle.outputs_of(prompt.id, entry))
             outcome, error = _outcome_from_messages(messages)
             error_type = classify_execution_error(error) if error else None
-            await run(lifecycle.FINISHED, Finish(prompt.id, outcome, error_type, error))
+            finish = Finish(prompt.id, outcome, error_type, error)
+            if await run(lifecycle.FINISHED, finish):
+                await self._tell_owner(prompt.id, entry, finish)
         elif str(prompt.id) in queued or isinstance(entry, dict):
             await run(lifecycle.ACCEPTED, prompt.id)
         elif stale:
@@ -287,6 +311,29 @@ async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
     except asyncio.CancelledError:
         await task
         raise
+
+
+FINAL_EVENT = {status: kind for kind, status in FINISHING_EVENTS.items()}
+
+
+def settled_events(
+    prompt_id: uuid.UUID, entry: dict[str, Any], finish: Finish
+) -> list[tuple[str, dict[str, Any]]]:
+    """`executed` per node with outputs, then the final event and `executing` with no node,
+    shaped as ComfyUI sends them."""
+    pid = str(prompt_id)
+    outputs = entry.get("outputs")
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("executed", {"node": node, "display_node": node, "output": output, "prompt_id": pid})
+        for node, output in (outputs.items() if isinstance(outputs, dict) else [])
+        if isinstance(output, dict)
+    ]
+    final: dict[str, Any] = {"prompt_id": pid, "timestamp": int(utc_now().timestamp() * 1000)}
+    if finish.status is PromptStatus.ERROR:
+        final |= {"exception_message": finish.message or "", "exception_type": "", "node_id": None}
+    events.append((FINAL_EVENT[finish.status], final))
+    events.append(("executing", {"node": None, "display_node": None, "prompt_id": pid}))
+    return events
 
 
 def _is_finished(entry: dict[str, Any]) -> bool:

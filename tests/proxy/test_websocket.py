@@ -169,3 +169,23 @@ class TestLifecycle:
             row = await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
         assert row.started_at is not None  # it ran: its history says so
         assert (row.actual_mc, row.actual_source) == (12_660, "estimate")
+
+
+async def test_a_prompt_settled_while_comfyuis_socket_is_down_is_told_to_its_owner(
+    live: httpx.AsyncClient, fake_comfy: FakeComfyUI, db: async_sessionmaker[AsyncSession]
+) -> None:
+    """ComfyUI's websocket is down, its HTTP is not: the broker settles the prompt from
+    `/history` within seconds, and the owner's socket gets the events ComfyUI would have
+    sent, once."""
+    alice = await AdminApi(live).user(await AdminApi(live).tenant("acme"), "alice", comfy_key())
+    fake_comfy.refuse_websockets = True
+    fake_comfy.drop_sockets()
+    async with connect(ws_url(live, "clientId=tab-1"), additional_headers=alice.auth) as socket:
+        await drain(socket)
+        prompt_id = await submit(live, alice, client_id="tab-1")
+        events = await events_until_done(socket, prompt_id)
+        events += await drain(socket, quiet=3.0)  # a later pass sends nothing again
+    kinds = [e["type"] for e in events if isinstance(e, dict) and e["type"] != "status"]
+    assert kinds == ["executed", "execution_success", "executing"]
+    assert prompt_ids(events) == {prompt_id}
+    await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)

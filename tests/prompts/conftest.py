@@ -1,0 +1,3 @@
+from tests.proxy.conftest import live, settings
+
+__all__ = ["live", "settings"]
