@@ -19,6 +19,7 @@ from broker.comfy.redaction import SENSITIVE_KEYS
 from broker.proxy.errors import PromptError, node_error
 
 MAX_DEPTH = 32
+CONTAINERS = (dict, list)  # what orjson parses into
 MAX_NODES = 10_000  # real workflows have hundreds; more is a bomb, not a graph
 # JSON values in a body, counted before parsing (see _refuse_too_many_values). The docs'
 # workflow has ~40, a 583-node one ~7,000; 8 MiB of `[{},{},…]` would be 2.8 million
@@ -110,10 +111,12 @@ def _deeper_than(value: Any, limit: int) -> bool:
             return True
         below: list[Any] = []
         for container in level:
-            children = container.values() if isinstance(container, dict) else container
+            children = container.values() if type(container) is dict else container
             if children and depth == limit:
                 return True
-            below.extend([child for child in children if isinstance(child, dict | list)])
+            # A tuple, not `dict | list`: that builds a union object per child (measured: the
+            # check took 2x orjson's parse of a 583-node body; now 1.3x).
+            below += [child for child in children if isinstance(child, CONTAINERS)]
         level = below
         depth += 1
     return False
