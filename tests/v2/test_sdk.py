@@ -17,6 +17,8 @@ from comfy_sdk import (
     Comfy,
     ComfyError,
     IdempotencyKeyReuse,
+    InsufficientCredits,
+    JobFailed,
     MissingAsset,
     NotFound,
     Progress,
@@ -222,3 +224,38 @@ async def test_health_needs_no_token(broker_url: str) -> None:
         refused = await http.get("/api/v2/jobs", headers=bearer("cbk_usr_" + "y" * 43))
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "unauthorized"
+
+
+async def test_a_budget_holds_for_v2_jobs(
+    sdk: Callable[[User], Comfy],
+    broker_url: str,
+    client: httpx.AsyncClient,
+    alice: User,
+    fake_comfy: FakeComfyUI,
+) -> None:
+    budget = f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget"
+    answer = await client.put(
+        budget, json={"period": "month", "limit_credits": "10"}, headers=alice.tenant.admin
+    )
+    assert answer.status_code == 200, answer.text
+    user = sdk(alice)
+    with pytest.raises(InsufficientCredits):
+        await asyncio.to_thread(user.submit, user.workflows.from_json(docs_workflow()))
+    assert fake_comfy.prompts_received() == []
+
+
+async def test_a_failed_job_names_its_node(
+    sdk: Callable[[User], Comfy], broker_url: str, alice: User, fake_comfy: FakeComfyUI
+) -> None:
+    fake_comfy.fail_execution_with = "Boom in the API node"
+    client = sdk(alice)
+    with pytest.raises(JobFailed) as raised:
+        await asyncio.to_thread(client.run, client.workflows.from_json(docs_workflow()))
+    error = raised.value.error
+    assert error is not None
+    assert (error.code, error.node_id, error.class_type) == (
+        "node_execution_error",
+        "11",
+        "FluxProUltraImageNode",
+    )
+    assert error.message == "Boom in the API node"
