@@ -52,6 +52,9 @@ OUTPUT_KINDS: dict[str, OutputType] = {
 }
 
 
+OUTPUT_TYPES: dict[str, OutputType] = {kind: kind for kind in OUTPUT_KINDS.values()}
+
+
 @dataclass(frozen=True)
 class JobOutput:
     node_id: str
@@ -144,6 +147,8 @@ async def upload(
         prompt_id=None,
         hash=digest,
         size_bytes=len(data),
+        node_id=None,
+        output_type=None,
         content_type=kind,
         file_path=file_path or name,
         type=str(answer.get("type") or "input"),
@@ -214,7 +219,8 @@ def _output_files(prompt: Prompt, outputs: Any) -> Iterator[JobOutput]:
             for item in items:
                 ref = _file_of(item)
                 if ref is not None:
-                    yield JobOutput(str(node_id), kind, _output_asset(prompt, ref))
+                    asset = _output_asset(prompt, ref, str(node_id), kind)
+                    yield JobOutput(str(node_id), kind, asset)
 
 
 def _file_of(item: Any) -> FileRef | None:
@@ -224,7 +230,7 @@ def _file_of(item: Any) -> FileRef | None:
     return FileRef(file_type, str(item.get("subfolder") or ""), item["filename"])
 
 
-def _output_asset(prompt: Prompt, ref: FileRef) -> AssetRecord:
+def _output_asset(prompt: Prompt, ref: FileRef, node_id: str, kind: OutputType) -> AssetRecord:
     asset_id = uuid.uuid5(OUTPUTS, f"{prompt.id}/{ref.type}/{ref.subfolder}/{ref.filename}")
     return AssetRecord(
         id=asset_id,
@@ -237,8 +243,21 @@ def _output_asset(prompt: Prompt, ref: FileRef) -> AssetRecord:
         type=ref.type,
         subfolder=ref.subfolder,
         filename=ref.filename,
+        node_id=node_id,
+        output_type=kind,
         created_at=utc_now(),
     )
+
+
+async def recorded_outputs(context: ProxyContext, prompt: Prompt) -> list[JobOutput]:
+    """The outputs recorded when the job was read before: what is left once ComfyUI's
+    history has forgotten it (a restart, its history limit)."""
+    async with read_scope(context.sessionmaker) as session:
+        found = await AssetRepository.from_session(session).outputs_of(prompt.user_id, prompt.id)
+    return [
+        JobOutput(asset.node_id or "", OUTPUT_TYPES.get(asset.output_type or "", "file"), asset)
+        for asset in found
+    ]
 
 
 # core/ASSET references in workflows ---------------------------------------------------

@@ -216,10 +216,12 @@ async def current(context: ProxyContext, acting: ActingUser, row: JobRow, base_u
     if prompt.status not in (PromptStatus.PENDING, PromptStatus.QUEUED):
         entry = await _history_entry(context, acting, prompt)
     status = _status(prompt, entry)
-    outputs: list[Output] = []
+    found: list[assets.JobOutput] = []
     if entry is not None:
         found = await assets.job_outputs(context, prompt, entry.get("outputs"))
-        outputs = [output_of(output, prompt, base_url) for output in found]
+    elif status in TERMINAL:
+        found = await assets.recorded_outputs(context, prompt)
+    outputs = [output_of(output, prompt, base_url) for output in found]
     return present(row, base_url, status=status, outputs=outputs, entry=entry)
 
 

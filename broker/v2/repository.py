@@ -90,6 +90,14 @@ class AssetRepository(Repository):
             .limit(1)
         )
 
+    async def outputs_of(self, user_id: uuid.UUID, prompt_id: uuid.UUID) -> list[Asset]:
+        rows = await self.session.scalars(
+            select(Asset)
+            .where(Asset.prompt_id == prompt_id, Asset.user_id == user_id)
+            .order_by(Asset.created_at, Asset.filename)
+        )
+        return list(rows)
+
     async def existing_ids(self, asset_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         if not asset_ids:
             return set()

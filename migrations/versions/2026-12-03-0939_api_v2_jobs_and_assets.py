@@ -51,6 +51,8 @@ def upgrade() -> None:
         sa.Column("type", sa.String(length=16), nullable=False),
         sa.Column("subfolder", sa.String(length=500), nullable=False),
         sa.Column("filename", sa.String(length=500), nullable=False),
+        sa.Column("node_id", sa.String(length=64), nullable=True),
+        sa.Column("output_type", sa.String(length=16), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["prompt_id"], ["prompts.id"], name=op.f("assets_prompt_id_fkey"), ondelete="CASCADE"
@@ -64,10 +66,12 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_assets_user_id_hash"), ["user_id", "hash"], unique=False
         )
+        batch_op.create_index(batch_op.f("ix_assets_prompt_id"), ["prompt_id"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("assets", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_assets_prompt_id"))
         batch_op.drop_index(batch_op.f("ix_assets_user_id_hash"))
 
     op.drop_table("assets")

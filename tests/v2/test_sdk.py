@@ -8,6 +8,7 @@ import copy
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -25,8 +26,10 @@ from comfy_sdk import (
     StatusChange,
     Unauthorized,
 )
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.db.base import utc_now
 from broker.db.models import Prompt, PromptStatus
 from tests.fixtures.app import AdminApi, User, bearer, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
@@ -259,3 +262,30 @@ async def test_a_failed_job_names_its_node(
         "FluxProUltraImageNode",
     )
     assert error.message == "Boom in the API node"
+
+
+async def test_outputs_outlive_comfyuis_history(
+    sdk: Callable[[User], Comfy],
+    broker_url: str,
+    alice: User,
+    fake_comfy: FakeComfyUI,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    client = sdk(alice)
+    job = await asyncio.to_thread(client.run, client.workflows.from_json(local_workflow()))
+    [output] = job.get_outputs("2")
+    async with httpx.AsyncClient(base_url=fake_comfy.url) as comfy:
+        assert (await comfy.post("/history", json={"clear": True})).status_code == 200
+    async with db() as session:  # finished a while ago: its history is not on its way
+        await session.execute(
+            update(Prompt)
+            .where(Prompt.id == uuid.UUID(job.id))
+            .values(finished_at=utc_now() - timedelta(minutes=5))
+        )
+        await session.commit()
+
+    again = await asyncio.to_thread(client.jobs.get, job.id)
+    assert again.status == "succeeded"
+    [kept] = again.get_outputs("2")
+    assert (kept.id, kept.type, kept.name) == (output.id, "image", output.name)
+    assert await asyncio.to_thread(kept.to_bytes) == output_file(fake_comfy, output.name)

@@ -14,7 +14,7 @@ class Asset(CreatedAtMixin, Base):
     outputs become assets of its user (`prompt_id` set) when the job is read."""
 
     __tablename__ = "assets"
-    __table_args__ = (Index(None, "user_id", "hash"),)
+    __table_args__ = (Index(None, "user_id", "hash"), Index(None, "prompt_id"))
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -28,3 +28,6 @@ class Asset(CreatedAtMixin, Base):
     type: Mapped[str] = mapped_column(String(16))
     subfolder: Mapped[str] = mapped_column(String(500))
     filename: Mapped[str] = mapped_column(String(500))
+    # Outputs: the node that made it and the contract's kind (image, video, …).
+    node_id: Mapped[str | None] = mapped_column(String(64))
+    output_type: Mapped[str | None] = mapped_column(String(16))
