@@ -289,3 +289,20 @@ async def test_outputs_outlive_comfyuis_history(
     [kept] = again.get_outputs("2")
     assert (kept.id, kept.type, kept.name) == (output.id, "image", output.name)
     assert await asyncio.to_thread(kept.to_bytes) == output_file(fake_comfy, output.name)
+
+
+async def test_cancelling_a_running_job_interrupts_it(
+    sdk: Callable[[User], Comfy], broker_url: str, alice: User, fake_comfy: FakeComfyUI
+) -> None:
+    fake_comfy.execution_time = 5.0
+    client = sdk(alice)
+    job = await asyncio.to_thread(client.submit, client.workflows.from_json(docs_workflow()))
+    async with asyncio.timeout(5):
+        while job.status != "running":
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(job.refresh)
+
+    await asyncio.to_thread(job.cancel)
+    assert job.status == "canceling"
+    await asyncio.to_thread(job.wait, 5)
+    assert job.status == "canceled"
