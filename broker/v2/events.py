@@ -67,7 +67,8 @@ class JobStream:
                     yield chunk
                 return
             self.running = job.status is JobStatus.RUNNING
-            yield frame("status", {"status": job.status.value})
+            snapshot = {"status": job.status.value, "queue_position": job.queue_position}
+            yield frame("status", {k: v for k, v in snapshot.items() if v is not None})
             while True:
                 try:
                     message = await asyncio.wait_for(subscriber.outbox.get(), POLL_SECONDS)

@@ -222,7 +222,30 @@ async def current(context: ProxyContext, acting: ActingUser, row: JobRow, base_u
     elif status in TERMINAL:
         found = await assets.recorded_outputs(context, prompt)
     outputs = [output_of(output, prompt, base_url) for output in found]
-    return present(row, base_url, status=status, outputs=outputs, entry=entry)
+    position = await _queue_position(context, prompt) if status is JobStatus.QUEUED else None
+    return present(
+        row, base_url, status=status, outputs=outputs, entry=entry, queue_position=position
+    )
+
+
+async def _queue_position(context: ProxyContext, prompt: Prompt) -> int | None:
+    """1 for the next to run, from its server's queue (of which only ids and order are
+    read: older servers put everyone's keys in it)."""
+    upstream = context.pool.for_url(prompt.upstream)
+    if upstream is None:
+        return None
+    try:
+        answer = await upstream.comfy.get_json("/queue")
+    except BrokerError:
+        return None
+    pending = answer.get("queue_pending")
+    items = [
+        item
+        for item in (pending if isinstance(pending, list) else [])
+        if isinstance(item, list) and len(item) > 1 and isinstance(item[0], int | float)
+    ]
+    order = [str(item[1]) for item in sorted(items, key=lambda item: item[0])]
+    return order.index(str(prompt.id)) + 1 if str(prompt.id) in order else None
 
 
 async def _history_entry(
@@ -291,6 +314,7 @@ def present(
     status: JobStatus,
     outputs: list[Output],
     entry: dict[str, Any] | None = None,
+    queue_position: int | None = None,
 ) -> Job:
     prompt = row.prompt
     path = f"/api/v2/jobs/{prompt.id}"
@@ -301,7 +325,7 @@ def present(
         started_at=prompt.started_at,
         completed_at=prompt.finished_at if status in TERMINAL else None,
         expires_at=prompt.created_at + RETENTION,
-        queue_position=None,
+        queue_position=queue_position,
         progress=RUNNING_PROGRESS if status is JobStatus.RUNNING else None,
         outputs=outputs,
         error=_error(prompt, entry) if status is JobStatus.FAILED else None,

@@ -214,6 +214,11 @@ async def test_labels_idempotency_and_cancel(
     assert [summary.id for summary in labelled] == [job.id]
     assert {summary.id for summary in client.list_jobs(limit=1)} == {job.id, other.id}
 
+    async with httpx.AsyncClient(base_url=broker_url, headers=alice.auth) as http:
+        for position, queued in enumerate((job, other), start=1):
+            answer = (await http.get(f"/api/v2/jobs/{queued.id}")).json()
+            assert (answer["status"], answer["queue_position"]) == ("queued", position)
+
     await asyncio.to_thread(job.cancel)
     assert job.status == "canceled"
     fake_comfy.auto_execute = True
