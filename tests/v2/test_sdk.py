@@ -311,3 +311,26 @@ async def test_cancelling_a_running_job_interrupts_it(
     assert job.status == "canceling"
     await asyncio.to_thread(job.wait, 5)
     assert job.status == "canceled"
+
+
+async def test_the_users_key_appears_in_no_v2_answer(
+    broker_url: str, admin_api: AdminApi, fake_comfy: FakeComfyUI
+) -> None:
+    key = comfy_key()
+    carol = await admin_api.user(await admin_api.tenant("initech"), "carol", key)
+    async with httpx.AsyncClient(base_url=broker_url, headers=carol.auth) as http:
+        submitted = await http.post("/api/v2/jobs", json={"workflow": docs_workflow()})
+        assert submitted.status_code == 201, submitted.text
+        job = f"/api/v2/jobs/{submitted.json()['id']}"
+        await fake_comfy.await_idle()
+        answers = [submitted] + [
+            await http.get(path)
+            for path in (job, f"{job}/workflow", f"{job}/events", "/api/v2/jobs")
+        ]
+        answers.append(await http.post(f"{job}/cancel"))
+    assert [answer.status_code for answer in answers] == [201, 200, 200, 200, 200, 200]
+    assert "event: status" in answers[3].text
+    assert fake_comfy.api_calls[0].api_key == key  # it was used upstream...
+    for answer in answers:  # ...and shown to no one
+        assert key not in answer.text
+        assert key not in str(answer.headers)
