@@ -42,6 +42,8 @@ from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
 from broker.tenants.throttle import FailedAuthThrottle
 from broker.usage.pricing import Pricer, credits_to_mc
+from broker.v2.endpoints import public_router as v2_public_router
+from broker.v2.endpoints import router as v2_router
 
 log = logging.getLogger("broker.app")
 # Unfinished prompts on a server no longer configured are settled as lost past this age.
@@ -138,6 +140,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.add_middleware(AccessMiddleware)
     app.include_router(health_router)
     app.include_router(admin_router)
+    app.include_router(v2_public_router)
+    app.include_router(v2_router)
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
     app.include_router(websocket_router)
@@ -228,7 +232,7 @@ def _body_limits(settings: Settings) -> Callable[[str], int]:
     def limit_for(path: str) -> int:
         if path.startswith("/admin"):
             return settings.MAX_ADMIN_BODY_BYTES
-        if path.removeprefix("/api").startswith("/upload/"):
+        if path.removeprefix("/api").startswith("/upload/") or path == "/api/v2/assets":
             return settings.MAX_UPLOAD_BYTES
         return settings.MAX_PROMPT_BYTES
 

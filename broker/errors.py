@@ -159,6 +159,24 @@ def error_response(status_code: int, error_type: str, message: str, **extra: Any
 
 # ComfyUI clients read `/prompt` errors as {"error": {...}, "node_errors": {...}}.
 COMFY_ERROR_PATHS = frozenset({"/prompt", "/api/prompt"})
+# Comfy API v2 clients read `error.code`; broker types it names otherwise (else the type).
+V2_PREFIX = "/api/v2/"
+V2_CODES = {
+    "budget_exceeded": "insufficient_credits",
+    "rate_limited": "queue_full",
+    "bad_request": "invalid_request",
+    "validation_error": "invalid_request",
+    "invalid_json": "invalid_request",
+}
+
+
+def with_v2_code(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The body with `error.code` added on the Comfy API v2 routes."""
+    error = body.get("error")
+    if not path.startswith(V2_PREFIX) or not isinstance(error, dict) or "code" in error:
+        return body
+    error_type = str(error.get("type"))
+    return {**body, "error": {"code": V2_CODES.get(error_type, error_type), **error}}
 
 
 def render_error(path: str, error: BrokerError, request_id: str | None = None) -> JSONBody:
@@ -172,6 +190,7 @@ def render_error(path: str, error: BrokerError, request_id: str | None = None) -
         }
     if request_id is not None and isinstance(body.get("error"), dict):
         body = {**body, "error": {**body["error"], "request_id": request_id}}
+    body = with_v2_code(path, body)
     return JSONBody(body, status_code=error.http_status, headers=error.headers())
 
 
@@ -183,21 +202,27 @@ async def handle_broker_error(request: Request, exc: Exception) -> JSONBody:
 async def handle_validation_error(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
+    path = request.url.path
     if any(error.get("type") == "json_invalid" for error in errors):
-        return error_response(400, "invalid_json", "The request body is not valid JSON.")
+        body = {"error": {"type": "invalid_json", "message": "The request body is not valid JSON."}}
+        return JSONBody(with_v2_code(path, body), status_code=400)
     # Echo where and why, never the submitted value: it may be a secret.
-    details = [
+    details: Any = [
         {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
         for error in errors
     ]
-    return error_response(422, "validation_error", "The request is invalid.", details=details)
+    if path.startswith(V2_PREFIX):  # the v2 envelope's `details` is an object
+        details = {"errors": details}
+    body = {"error": {"type": "validation_error", "message": "The request is invalid.",
+                      "details": details}}  # fmt: skip
+    return JSONBody(with_v2_code(path, body), status_code=422)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, StarletteHTTPException)
     error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONBody(
-        {"error": {"type": error_type, "message": str(exc.detail)}},
+        with_v2_code(request.url.path, {"error": {"type": error_type, "message": str(exc.detail)}}),
         status_code=exc.status_code,
         headers=exc.headers,
     )

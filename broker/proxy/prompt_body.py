@@ -74,6 +74,11 @@ def upstream_body(
     return orjson.dumps(forwarded)
 
 
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A JSON object body, with the same limits as `/prompt` (the Comfy API v2 uses it)."""
+    return _load_object(raw)
+
+
 def _load_object(raw: bytes) -> dict[str, Any]:
     _refuse_too_many_values(raw)
     try:

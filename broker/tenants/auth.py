@@ -287,7 +287,7 @@ CurrentUser = Annotated[ActingUser, Depends(get_acting_user)]
 
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",
-                          "/openapi.json"})  # fmt: skip
+                          "/openapi.json", "/api/v2/health"})  # fmt: skip
 
 
 class CredentialsPrecheck:

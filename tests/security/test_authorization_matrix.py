@@ -182,6 +182,25 @@ COMFY_ROWS: dict[Route, Row] = {
     ("POST", "/internal/{path}"): operator_row(404),
 }
 
+# The Comfy API v2 (`comfy-sdk`): alice's /prompt-submitted prompt is a job too.
+V2_ROWS: dict[Route, Row] = {
+    ("GET", "/api/v2/health"): public_row(200),
+    # B's job names A's asset: refused as missing_asset before anything is stored.
+    ("POST", "/api/v2/jobs"): user_row(201, other_user=422),
+    ("GET", "/api/v2/jobs"): user_row(200, other_user=200),  # B's own (empty) list
+    ("GET", "/api/v2/jobs/{job_id}"): user_row(200, other_user=404),
+    ("GET", "/api/v2/jobs/{job_id}/workflow"): user_row(200, other_user=404),
+    ("POST", "/api/v2/jobs/{job_id}/cancel"): user_row(200, other_user=404),  # finished: as is
+    ("GET", "/api/v2/jobs/{job_id}/events"): user_row(200, other_user=404),
+    # Each caller already has these bytes: their own copy answers (200), nothing is stored.
+    ("POST", "/api/v2/assets"): user_row(200, other_user=200),
+    ("POST", "/api/v2/assets/from-hash"): user_row(200, other_user=404),
+    ("HEAD", "/api/v2/assets/by-hash/{digest}"): user_row(200, other_user=404),
+    ("GET", "/api/v2/assets/{asset_id}"): user_row(200, other_user=404),
+    ("GET", "/api/v2/assets/{asset_id}/content"): user_row(200, other_user=404),
+    ("DELETE", "/api/v2/assets/{asset_id}"): user_row(204, other_user=404),
+}
+
 WS_ROW: Row = (
     Role.USER,
     {
@@ -207,6 +226,7 @@ EXPECTED: dict[Route, Row] = {
     **ADMIN_ROWS,
     **COMFY_ROWS,
     **{(method, "/api" + path): row for (method, path), row in COMFY_ROWS.items()},
+    **V2_ROWS,
     ("WS", "/ws"): WS_ROW,
     ("WS", "/api/ws"): WS_ROW,
 }
@@ -251,6 +271,7 @@ class World:
     upload: dict[str, str]  # alice's upload: name, subfolder, type
     spare_token_ids: list[str]  # acme tokens for the legitimate DELETE /admin/tokens/{id}
     stale: dict[tuple[Caller, Role], str] = field(default_factory=dict)
+    asset: dict[str, Any] = field(default_factory=dict)  # alice's v2 upload
 
     @property
     def users(self) -> str:
@@ -297,6 +318,9 @@ class World:
 
 Builder = Callable[[World, Caller], Awaitable[Call]]
 PNG = b"\x89PNG\r\n\x1a\n fake image"
+
+
+PNG_V2 = PNG + b" (v2)"
 
 
 def fresh_name(prefix: str) -> str:
@@ -350,6 +374,28 @@ async def revoke_an_acme_token(w: World, caller: Caller) -> Call:
     # Attackers aim at a token of acme; each legitimate caller revokes a spare one.
     token_id = w.spare_token_ids.pop() if caller in LEGITIMATE else w.spare_token_ids[0]
     return Call("DELETE", f"/admin/tokens/{token_id}")
+
+
+def upload_v2(content: bytes) -> Call:
+    return Call("POST", "/v2/assets", files={"file": ("v2.png", content, "image/png")})
+
+
+async def delete_an_asset_of_alice(w: World, caller: Caller) -> Call:
+    asset_id = w.asset["id"]
+    if caller in LEGITIMATE:  # each legitimate delete needs an asset to delete
+        call = upload_v2(PNG + uuid.uuid4().bytes)
+        response = await w.client.post("/api" + call.path, files=call.files, headers=w.alice.auth)
+        assert response.status_code == 201, response.text
+        asset_id = response.json()["id"]
+    return Call("DELETE", f"/v2/assets/{asset_id}")
+
+
+def alice_asset_graph(w: World) -> dict[str, Any]:
+    image = {"__type": "core/ASSET", "info": {"id": w.asset["id"]}}
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v"}},
+    }
 
 
 def plain(build: Callable[[World], Call]) -> Builder:
@@ -453,6 +499,34 @@ CALLS: dict[Route, Builder] = {
     ("GET", "/internal/{path}"): plain(lambda w: Call("GET", "/internal/logs")),
     ("POST", "/internal/{path}"): plain(lambda w: Call("POST", "/internal/logs", json={})),
     ("WS", "/ws"): plain(lambda w: Call("WS", "/ws", params={"clientId": w.client_id})),
+    # The v2 routes are built here without their "/api" (see builder_for).
+    ("GET", "/v2/health"): plain(lambda w: Call("GET", "/v2/health")),
+    ("POST", "/v2/jobs"): plain(
+        lambda w: Call("POST", "/v2/jobs", json={"workflow": alice_asset_graph(w)})
+    ),
+    ("GET", "/v2/jobs"): plain(lambda w: Call("GET", "/v2/jobs")),
+    ("GET", "/v2/jobs/{job_id}"): plain(lambda w: Call("GET", f"/v2/jobs/{w.prompt_id}")),
+    ("GET", "/v2/jobs/{job_id}/workflow"): plain(
+        lambda w: Call("GET", f"/v2/jobs/{w.prompt_id}/workflow")
+    ),
+    ("POST", "/v2/jobs/{job_id}/cancel"): plain(
+        lambda w: Call("POST", f"/v2/jobs/{w.prompt_id}/cancel")
+    ),
+    ("GET", "/v2/jobs/{job_id}/events"): plain(
+        lambda w: Call("GET", f"/v2/jobs/{w.prompt_id}/events")
+    ),
+    ("POST", "/v2/assets"): plain(lambda w: upload_v2(PNG_V2)),
+    ("POST", "/v2/assets/from-hash"): plain(
+        lambda w: Call("POST", "/v2/assets/from-hash", json={"hash": w.asset["hash"]})
+    ),
+    ("HEAD", "/v2/assets/by-hash/{digest}"): plain(
+        lambda w: Call("HEAD", f"/v2/assets/by-hash/{w.asset['hash']}")
+    ),
+    ("GET", "/v2/assets/{asset_id}"): plain(lambda w: Call("GET", f"/v2/assets/{w.asset['id']}")),
+    ("GET", "/v2/assets/{asset_id}/content"): plain(
+        lambda w: Call("GET", f"/v2/assets/{w.asset['id']}/content")
+    ),
+    ("DELETE", "/v2/assets/{asset_id}"): delete_an_asset_of_alice,
 }
 
 
@@ -544,6 +618,18 @@ async def stale_tokens(
     return stale
 
 
+async def v2_assets(client: httpx.AsyncClient, alice: User, bob: User) -> dict[str, Any]:
+    """Alice's v2 upload of bytes only she has; and PNG_V2, which both have uploaded (so
+    that uploading it again stores nothing)."""
+    uploads = [(bob, PNG_V2), (alice, PNG_V2), (alice, PNG + b" (alice's only)")]
+    for user, content in uploads:
+        call = upload_v2(content)
+        uploaded = await client.post("/api" + call.path, files=call.files, headers=user.auth)
+        assert uploaded.status_code == 201, uploaded.text
+    asset: dict[str, Any] = uploaded.json()
+    return asset
+
+
 @pytest.fixture
 async def world(
     client: httpx.AsyncClient,
@@ -580,6 +666,7 @@ async def world(
         client, acme, globex, alice, bob, prompt_id, client_id, output, uploaded.json(), spares
     )
     w.stale = await stale_tokens(client, db, acme, alice)
+    w.asset = await v2_assets(client, alice, bob)
     # Every attacker token has been used once, so its last_used_at will not move below.
     for probe, headers in (
         ("/prompt", bob.auth),

@@ -1,5 +1,7 @@
 """Every table, imported in one place so Alembic sees the whole schema."""
 
+from broker.db.models.api_job import ApiJob
+from broker.db.models.asset import Asset
 from broker.db.models.audit_event import AuditEvent
 from broker.db.models.budget import Budget
 from broker.db.models.budget_day import BudgetDay
@@ -12,6 +14,8 @@ from broker.db.models.user import User
 from broker.db.models.user_quota import UserQuota
 
 __all__ = [
+    "ApiJob",
+    "Asset",
     "AuditEvent",
     "Budget",
     "BudgetDay",

@@ -1,0 +1,1 @@
+"""The Comfy API v2 (`/api/v2/…`), per user: jobs, their events, assets."""
