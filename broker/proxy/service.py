@@ -27,6 +27,7 @@ from broker.comfy.errors import (
 from broker.comfy.redaction import scrub
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import PromptStatus
+from broker.egress.service import Egress
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -61,6 +62,7 @@ class ProxyContext:
     custody: KeyCustody
     pool: UpstreamPool
     pricer: Pricer
+    sealing: Egress | None = None  # sealed key mode (broker/egress): capabilities, not keys
 
 
 @dataclass
@@ -112,6 +114,10 @@ async def submit_prompt(
     if isinstance(outcome, PromptAnswer):
         return outcome
     prompt_id, api_key = outcome
+    if context.sealing is not None and api_key is not None:  # sealed mode: issue 14
+        api_key = await context.sealing.mint(
+            prompt_id, acting.tenant_id, acting.user_id, upstream.url
+        )
     upstream.events.remember(prompt_id, Owner(acting.user_id, body.client_id))
     forwarded = upstream_body(
         body, prompt_id=prompt_id, client_id=upstream.client_id, api_key=api_key

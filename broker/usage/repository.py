@@ -28,6 +28,7 @@ class SettledPrompt:
     cached_nodes: list[str]
     cost_breakdown: list[dict[str, Any]]
     reservations: list[dict[str, Any]]
+    metered_mc: int | None  # sealed mode: the sum of the prompt's Comfy API calls
 
 
 SETTLED_COLUMNS = tuple(getattr(Prompt, field.name) for field in dataclasses.fields(SettledPrompt))

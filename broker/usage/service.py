@@ -303,6 +303,8 @@ NOT_CHARGED_ERRORS = frozenset(
 
 def actual_charge(prompt: Prompt | SettledPrompt) -> tuple[int, str]:
     """What a finished prompt cost, and where that number comes from."""
+    if prompt.metered_mc is not None:  # sealed mode: the Comfy API's own charges, exact
+        return prompt.metered_mc, "comfy_api"
     if prompt.reported_mc is not None:
         return prompt.reported_mc, "progress_text"
     never_ran = prompt.started_at is None and prompt.status is not PromptStatus.SUCCESS
