@@ -2,7 +2,8 @@
 
 Read-only: the budgets' counters and the prompt's own reservation and metered sum, as
 they are now. A prompt may spend its reservation, and beyond it only what its budgets
-still have free; a call is refused once a budget has nothing left. So a prompt whose
+still have free: a call is refused once what the others hold plus what this prompt has
+been charged so far (its metered sum) reaches a budget's limit. So a prompt whose
 cost was unknown or under-estimated overspends by at most the call that crossed.
 """
 
@@ -31,27 +32,25 @@ async def exhausted_budget(session: AsyncSession, holder: Holder, now: datetime)
     own = [Reservation.from_dict(item) for item in holder.reservations]
     metered = holder.metered_mc or 0
     for budget in await budgets.budgets_of(session, holder.tenant_id, holder.user_id):
-        others, mine = await _used(session, budget, own, now)
-        if others + max(mine, metered) >= budget.limit_mc:
+        # Within its reservation a prompt always has room (others + mine <= limit).
+        if await _used_by_others(session, budget, own, now) + metered >= budget.limit_mc:
             return NoRoom("user" if budget.user_id else "tenant", budget.period, budget.limit_mc)
     return None
 
 
-async def _used(
+async def _used_by_others(
     session: AsyncSession, budget: Budget, own: list[Reservation], now: datetime
-) -> tuple[int, int]:
-    """(used in the budget's current window by everything but this prompt's reservation,
-    that reservation)."""
+) -> int:
+    """What the budget's current window holds, but this prompt's own reservation."""
     if budget.period == "rolling":
         reserved, spent = await budgets.rolling_used(session, budget, now)
         mine = sum(item.amount_mc for item in own if item.budget_id == budget.id)
-        return reserved + spent - mine, mine
-    window = budgets.window_start(budget.period, now)
-    if budget.window_start < window:  # its counters are last window's
-        return 0, 0
+        return reserved + spent - mine
+    if budget.window_start < budgets.window_start(budget.period, now):
+        return 0  # its counters are last window's
     mine = sum(
         item.amount_mc
         for item in own
         if item.budget_id == budget.id and item.window_start == budget.window_start
     )
-    return budget.spent_mc + budget.reserved_mc - mine, mine
+    return budget.spent_mc + budget.reserved_mc - mine

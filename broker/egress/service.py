@@ -30,6 +30,7 @@ from broker.comfy.client import create_http_client
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import ComfyApiCall
+from broker.db.session import read_scope
 from broker.egress import capabilities
 from broker.egress.budget import exhausted_budget
 from broker.egress.capabilities import Grants
@@ -58,6 +59,9 @@ NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "content-length"}
 CREDITS_HEADER = "x-comfy-credits-used"
 REQUEST_ID_HEADERS = ("x-comfy-request-id", "x-request-id", "request-id")
 JOB_HEADER = "comfy-job-id"
+# Polls and downloads: the Comfy API charges the call that starts a task, not these, and
+# refusing them would only waste what that call cost.
+FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 REWRITE_LIMIT = 4 * 1024 * 1024
 MAX_PATH = 500
 REDACTED = b"[redacted]"
@@ -140,41 +144,54 @@ class Egress:
     async def _authorize(
         self, request: Request, target: str, grant: str | None
     ) -> tuple[Holder, str]:
-        presented = _presented(request.headers)
-        async with self.sessionmaker() as session:
-            capabilities_ = CapabilityRepository.from_session(session)
-            now = utc_now()
-            holder: Holder | None = None
-            if capabilities.is_well_formed(presented):
-                assert presented is not None
-                hashed = capabilities.hash_capability(presented)
-                holder = await capabilities_.valid_by_hash(hashed, now, self.grace)
-            elif grant is not None and (prompt_id := capabilities.grant_prompt(grant)):
-                holder = await capabilities_.valid_for_prompt(prompt_id, now, self.grace)
-                if holder is not None and not self.grants.verify(
-                    grant, holder.prompt_id, holder.token_hash, target
-                ):
-                    holder = None
+        """The prompt the call is for and its user's key, or a refusal (recorded when it is
+        the budget's). Reads only: on SQLite it takes no write lock."""
+        async with read_scope(self.sessionmaker) as session:
+            holder = await self._holder(session, request.headers, target, grant)
             if holder is None or not _job_matches(request.headers, holder.prompt_id):
                 raise unauthorized()
-            full = await exhausted_budget(session, holder, now)
-            if full is not None:
-                log.info(
-                    "egress.refused prompt_id=%s reason=budget scope=%s",
-                    holder.prompt_id, full.scope,
-                )  # fmt: skip
-                await self._record_refusal(holder, request.method, target, "budget_exhausted")
-                raise no_budget(full.scope)
-            try:
-                api_key = await keys_service.unseal_for_forwarding(
-                    session, self.custody, holder.tenant_id, holder.user_id
-                )
-            except UnsealError:
-                log.error("egress.key_unreadable user_id=%s", holder.user_id)
-                api_key = None
+            full = (
+                await exhausted_budget(session, holder, utc_now())
+                if request.method not in FREE_METHODS
+                else None
+            )
+            api_key = None if full is not None else await self._key(session, holder)
+        if full is not None:
+            log.info(
+                "egress.refused prompt_id=%s reason=budget scope=%s", holder.prompt_id, full.scope
+            )
+            await self._record_refusal(holder, request.method, target, "budget_exhausted")
+            raise no_budget(full.scope)
         if api_key is None:
             raise unauthorized()
         return holder, api_key
+
+    async def _holder(
+        self, session: AsyncSession, headers: Headers, target: str, grant: str | None
+    ) -> Holder | None:
+        repository = CapabilityRepository.from_session(session)
+        presented = _presented(headers)
+        if presented is not None and capabilities.is_well_formed(presented):
+            hashed = capabilities.hash_capability(presented)
+            return await repository.valid_by_hash(hashed, utc_now(), self.grace)
+        prompt_id = capabilities.grant_prompt(grant) if grant is not None else None
+        if grant is None or prompt_id is None:
+            return None
+        holder = await repository.valid_for_prompt(prompt_id, utc_now(), self.grace)
+        if holder is None or not self.grants.verify(
+            grant, holder.prompt_id, holder.token_hash, target
+        ):
+            return None
+        return holder
+
+    async def _key(self, session: AsyncSession, holder: Holder) -> str | None:
+        try:
+            return await keys_service.unseal_for_forwarding(
+                session, self.custody, holder.tenant_id, holder.user_id
+            )
+        except UnsealError:
+            log.error("egress.key_unreadable user_id=%s", holder.user_id)
+            return None
 
     async def _send(self, request: Request, target: str, api_key: str) -> httpx.Response:
         headers = _forwarded_headers(request.headers, api_key)
