@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 
 from broker.comfy.client import ComfyClient
-from broker.comfy.redaction import SENSITIVE_KEYS, redact
+from broker.comfy.redaction import SENSITIVE_KEYS, redact, scrub_text
 from broker.db.base import utc_now
 from broker.db.group_commit import BulkKind, GroupCommitter
 from broker.db.models import Prompt, PromptStatus
@@ -319,7 +319,7 @@ def _is_finished(entry: dict[str, Any]) -> bool:
 
 def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> ledger.Finish:
     message = data.get("exception_message") if kind == "execution_error" else None
-    text = str(message).strip() if message else None
+    text = scrub_text(str(message)).strip() if message else None  # issue 14: scrubbed
     return ledger.Finish(
         prompt_id,
         FINISHING_EVENTS[kind],
@@ -372,6 +372,8 @@ def _prompt_id(data: dict[str, Any]) -> uuid.UUID | None:
 
 
 def _redacted(raw: str, kind: str, data: dict[str, Any]) -> str:
+    if kind == "execution_error":  # issue 14: an API node may quote its credential
+        raw = scrub_text(raw)
     if not any(key in raw for key in SENSITIVE_KEYS):
         return raw
     return orjson.dumps({"type": kind, "data": redact(data)}).decode()
