@@ -8,6 +8,7 @@ import asyncio
 import socket
 import tracemalloc
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
 
@@ -361,6 +362,38 @@ class TestForwarding:
             tracemalloc.stop()
         assert received == size
         assert peak < 16 * 1024 * 1024
+
+    async def test_a_request_body_streams_on_unchanged(
+        self,
+        client: httpx.AsyncClient,
+        admin_api: AdminApi,
+        egress_url: str,
+        fake_comfy: FakeComfyUI,
+        fake_comfy_api: FakeComfyApi,
+        db: async_sessionmaker[AsyncSession],
+    ) -> None:
+        alice, _ = await funded_user(admin_api, fake_comfy_api, "alice")
+        fake_comfy.auto_execute = False
+        prompt_id = await submit(client, alice)
+        capability = {"X-API-KEY": capability_of(fake_comfy, prompt_id)}
+        chunk = bytes(range(256)) * 4096  # 1 MiB
+
+        async def upload() -> AsyncIterator[bytes]:  # chunked: no Content-Length
+            for _ in range(5):
+                yield chunk
+
+        async with httpx.AsyncClient() as http:
+            response = await http.post(
+                f"{egress_url}/comfy-api/proxy/fake/upload?name=a.mp4",
+                content=upload(),
+                headers={**capability, "Content-Type": "video/mp4"},
+            )
+        assert response.status_code == 200, response.text
+        [request] = fake_comfy_api.requests
+        assert request.body == chunk * 5
+        assert (request.query, request.headers["content-type"]) == ("name=a.mp4", "video/mp4")
+        [call] = await calls_of(db, prompt_id)
+        assert (call.path, call.credits_mc) == ("/proxy/fake/upload", 1_250)
 
     async def test_a_key_echoed_by_the_comfy_api_never_reaches_comfyui(
         self,
