@@ -129,6 +129,8 @@ class TestSealedPrompts:
         assert listed.status_code == 200, listed.text
         [record] = listed.json()["items"]
         assert (record["actual_credits"], record["actual_source"]) == ("13.500", "comfy_api")
+        usage = await client.get("/usage", headers=alice.auth)
+        assert usage.json()["actual_credits"] == "13.500"
 
     async def test_comfyuis_own_headers_go_on_and_the_capability_does_not(
         self,
