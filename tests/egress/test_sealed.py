@@ -5,12 +5,15 @@ enforces budgets at the call."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -106,6 +109,14 @@ class TestSealedPrompts:
         assert alice_key.encode() not in sent
         assert bob_key.encode() not in sent
         assert b"cbk_grant=" in sent  # the polls came back through the egress
+        on_disk = b"".join(
+            (Path(folder) / name).read_bytes()
+            for folder, _, names in os.walk(fake_comfy.base_dir)
+            for name in names
+        )
+        assert b"cbk_cap_" in on_disk  # 0.3.64 logs the credential to temp/api_logs …
+        assert alice_key.encode() not in on_disk  # … which is no longer a key
+        assert alice_key not in json.dumps(fake_comfy.history())
 
         for prompt_id in (first, second):
             row = await settled(db, prompt_id)
@@ -415,10 +426,19 @@ class TestForwarding:
         assert "[redacted]" in echoed.text
         assert fake_comfy_api.keys_received() == [alice_key]
 
-    @pytest.mark.parametrize("where", ["http://127.0.0.1:9"])
-    async def test_an_unreachable_comfy_api_is_a_502_in_its_shape(
+    @pytest.mark.parametrize(
+        ("where", "path", "status", "error_type"),
+        [
+            ("http://127.0.0.1:9", "/proxy/x", 502, "bad_gateway"),
+            (None, "/slow", 504, "gateway_timeout"),
+        ],
+    )
+    async def test_an_unreachable_or_slow_comfy_api_is_a_502_or_504_in_its_shape(
         self,
-        where: str,
+        where: str | None,
+        path: str,
+        status: int,
+        error_type: str,
         client: httpx.AsyncClient,
         admin_api: AdminApi,
         app_factory: AppFactory,
@@ -429,12 +449,13 @@ class TestForwarding:
         alice, _ = await funded_user(admin_api, fake_comfy_api, "alice")
         fake_comfy.auto_execute = False
         capability = {"X-API-KEY": capability_of(fake_comfy, await submit(client, alice))}
-        cut_off = await app_factory(settings.model_copy(update={"COMFY_API_URL": where}))
+        changed = {"COMFY_API_URL": where or fake_comfy_api.url, "COMFY_API_TIMEOUT": 0.2}
+        cut_off = await app_factory(settings.model_copy(update=changed))
         transport = httpx.ASGITransport(app=cut_off)
         async with httpx.AsyncClient(transport=transport, base_url="http://b") as http:
-            response = await http.post("/comfy-api/proxy/x", json={}, headers=capability)
-        assert response.status_code == 502
-        assert response.json()["error"]["type"] == "bad_gateway"
+            response = await http.get(f"/comfy-api{path}", headers=capability)
+        assert response.status_code == status
+        assert response.json()["error"]["type"] == error_type
 
 
 class TestModes:
@@ -445,4 +466,4 @@ class TestModes:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://b") as http:
             response = await http.post("/comfy-api/proxy/x", headers={"X-API-KEY": "k"})
-        assert response.status_code in (401, 404)
+        assert response.status_code == 404
