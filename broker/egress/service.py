@@ -261,6 +261,11 @@ class Egress:
         async def record(session: AsyncSession) -> None:
             await ComfyApiCallRepository.from_session(session).record(call)
 
+        if call.credits_mc is None and call.refused is None:
+            # Nothing to add to the prompt's charge (a poll, a download): ComfyUI need
+            # not wait for the record, which goes with the next batch of writes.
+            self.committer.submit(record, name="egress_call")
+            return
         try:
             await self.committer.run(record)
         except (SQLAlchemyError, ConnectionError) as exc:

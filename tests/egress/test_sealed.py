@@ -94,9 +94,9 @@ class TestSealedPrompts:
         alice, alice_key = await funded_user(admin_api, fake_comfy_api, "alice")
         bob, bob_key = await funded_user(admin_api, fake_comfy_api, "bob")
         first = await submit(client, alice, prompt=docs_workflow(seed=1))
-        await wait_for_status(db, first, PromptStatus.SUCCESS)
+        await wait_for_status(db, first, PromptStatus.SUCCESS, within=20)
         second = await submit(client, bob, prompt=docs_workflow(seed=2))
-        await wait_for_status(db, second, PromptStatus.SUCCESS)
+        await wait_for_status(db, second, PromptStatus.SUCCESS, within=20)
 
         assert capability_of(fake_comfy, first).startswith("cbk_cap_")
         assert capability_of(fake_comfy, first) != capability_of(fake_comfy, second)
@@ -153,7 +153,7 @@ class TestSealedPrompts:
     ) -> None:
         alice, alice_key = await funded_user(admin_api, fake_comfy_api, "alice")
         prompt_id = await submit(client, alice)
-        await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+        await wait_for_status(db, prompt_id, PromptStatus.SUCCESS, within=20)
         generate = fake_comfy_api.requests[0]
         assert generate.headers["x-api-key"] == alice_key
         assert generate.headers["comfy-job-id"] == prompt_id
@@ -207,7 +207,7 @@ class TestCapabilities:
     ) -> None:
         alice, _ = await funded_user(admin_api, fake_comfy_api, "alice")
         prompt_id = await submit(client, alice)
-        await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+        await wait_for_status(db, prompt_id, PromptStatus.SUCCESS, within=20)
         capability = {"X-API-KEY": capability_of(fake_comfy, prompt_id)}
         url = f"{egress_url}/comfy-api/files/8"
         async with httpx.AsyncClient() as http:
@@ -266,12 +266,12 @@ class TestCapabilities:
     ) -> None:
         alice, alice_key = await funded_user(admin_api, fake_comfy_api, "alice")
         other = await app_factory(settings)  # a second replica, same database
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         async with serving(other, sock) as url:
             fake_comfy.comfy_api_base = f"{url}/comfy-api/"
             prompt_id = await submit(client, alice)  # admitted and minted by the first
-            await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+            await wait_for_status(db, prompt_id, PromptStatus.SUCCESS, within=20)
         sock.close()
         assert fake_comfy_api.keys_received() == [alice_key] * 4
         assert (await settled(db, prompt_id)).actual_mc == FLUX_MC
@@ -315,7 +315,7 @@ class TestBudgetsAtTheCall:
         prompt_id = await submit(client, alice)  # reserves 12.66 of the 100
         await self._spend(db, budget_id, 100_000)  # others used it all meanwhile
         fake_comfy.auto_execute = True
-        row = await wait_for_status(db, prompt_id, PromptStatus.ERROR)
+        row = await wait_for_status(db, prompt_id, PromptStatus.ERROR, within=20)
         assert row.error_type == "insufficient_credits"
         assert fake_comfy_api.requests == []
         [call] = await calls_of(db, prompt_id)
@@ -340,7 +340,7 @@ class TestBudgetsAtTheCall:
         prompt_id = await submit(client, alice)
         await self._spend(db, budget_id, 100_000 - 12_660)  # exactly its reservation left
         fake_comfy.auto_execute = True
-        await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
+        await wait_for_status(db, prompt_id, PromptStatus.SUCCESS, within=20)
         assert len(fake_comfy_api.requests) == 4
 
 
