@@ -3,8 +3,12 @@ or relayed, in inject mode too."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from websockets.asyncio.client import connect
 
 from broker.comfy.redaction import redact, scrub_text
 from broker.db.models import PromptStatus
@@ -45,3 +49,25 @@ def test_scrub_text_removes_given_secrets_and_credential_shaped_strings() -> Non
         "exception_message": "key [redacted]",
         "filename": "comfyui-abcdefgh.png",
     }
+
+
+async def test_a_key_quoted_in_an_execution_error_is_not_relayed_on_the_websocket(
+    live: httpx.AsyncClient, fake_comfy: FakeComfyUI
+) -> None:
+    key = comfy_key()
+    admin = AdminApi(live)
+    alice = await admin.user(await admin.tenant("acme"), "alice", key)
+    fake_comfy.failing_keys[key] = f"API Error: the key {key} was refused"
+    url = f"{str(live.base_url).replace('http://', 'ws://')}/ws?clientId=tab-1"
+    async with connect(url, additional_headers=alice.auth) as socket:
+        prompt_id = await submit(live, alice, client_id="tab-1")
+        received: list[str] = []
+        async with asyncio.timeout(10):
+            while not any("execution_error" in message for message in received):
+                message = await socket.recv()
+                if isinstance(message, str):
+                    received.append(message)
+    [error] = [json.loads(m) for m in received if "execution_error" in m]
+    assert error["data"]["prompt_id"] == prompt_id
+    assert "the key [redacted] was refused" in error["data"]["exception_message"]
+    assert all(key not in message for message in received)
