@@ -91,6 +91,7 @@ class TestSealedPrompts:
         fake_comfy_api: FakeComfyApi,
         db: async_sessionmaker[AsyncSession],
     ) -> None:
+        fake_comfy.send_job_id = False  # as 0.3.64: no Comfy-Job-Id
         alice, alice_key = await funded_user(admin_api, fake_comfy_api, "alice")
         bob, bob_key = await funded_user(admin_api, fake_comfy_api, "bob")
         first = await submit(client, alice, prompt=docs_workflow(seed=1))
