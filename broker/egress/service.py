@@ -121,8 +121,10 @@ class Egress:
 
     # ------------------------------------------------------------ the egress
     async def handle(self, request: Request) -> Response:
-        raw_path = request.scope.get("raw_path") or request.url.path.encode()
-        path = raw_path.decode("latin-1").partition("?")[0][len(PREFIX) :] or "/"
+        # The path as sent (still percent-encoded: signed URLs must pass unchanged), after
+        # the root path and the egress prefix.
+        raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+        path = raw_path.partition("?")[0].partition(PREFIX)[2] or "/"
         query, grant = capabilities.split_grant(request.scope["query_string"].decode("latin-1"))
         target = path + (f"?{query}" if query else "")
         try:
