@@ -23,6 +23,8 @@ from broker.db.group_commit import SQLITE_LINGER_SECONDS, GroupCommitter
 from broker.db.raw import RawConnections
 from broker.db.session import create_engine, create_sessionmaker
 from broker.db.wal import WalCheckpointer
+from broker.egress.endpoints import router as egress_router
+from broker.egress.service import Egress
 from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
@@ -38,7 +40,7 @@ from broker.proxy.service import ProxyContext
 from broker.proxy.timing import ServerTimingMiddleware
 from broker.proxy.uploads import USER_FOLDER_PREFIX
 from broker.proxy.websocket import router as websocket_router
-from broker.settings import Settings, get_settings
+from broker.settings import KeyMode, Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
 from broker.tenants.throttle import FailedAuthThrottle
 from broker.usage.pricing import Pricer, credits_to_mc
@@ -104,7 +106,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
         pool = _pool(http, sessionmaker, committer, settings)
-        app.state.proxy = ProxyContext(sessionmaker, committer, custody, pool, _pricer(settings))
+        egress = app.state.egress = Egress.start(settings, sessionmaker, committer, custody)
+        sealing = egress if settings.KEY_MODE is KeyMode.SEALED else None
+        app.state.proxy = ProxyContext(
+            sessionmaker, committer, custody, pool, _pricer(settings), sealing=sealing
+        )
         bus = _bus(settings, pool, authenticator)
         app.state.forget_caches = _forget_caches(authenticator, bus)
         await pool.start()
@@ -123,6 +129,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
             if checkpointer is not None:
                 await checkpointer.stop()
             await http.aclose()
+            await egress.stop()
             await engine.dispose()
 
     app = FastAPI(
@@ -146,6 +153,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
+    if settings.KEY_MODE is KeyMode.SEALED:
+        app.include_router(egress_router)
     return app
 
 
@@ -225,11 +234,14 @@ def _pool(
         subscribers,
         refuse_leaky=settings.REFUSE_LEAKY_UPSTREAMS,
         check_interval=settings.UPSTREAM_HEALTH_INTERVAL_SECONDS,
+        sealed=settings.KEY_MODE is KeyMode.SEALED,
     )
 
 
-def _body_limits(settings: Settings) -> Callable[[str], int]:
-    def limit_for(path: str) -> int:
+def _body_limits(settings: Settings) -> Callable[[str], int | None]:
+    def limit_for(path: str) -> int | None:
+        if path.startswith("/comfy-api/"):
+            return None  # streamed on to the Comfy API; the egress counts it
         if path.startswith("/admin"):
             return settings.MAX_ADMIN_BODY_BYTES
         if path.removeprefix("/api").startswith("/upload/") or path == "/api/v2/assets":

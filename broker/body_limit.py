@@ -17,7 +17,7 @@ class BodyLimitMiddleware:
     from inside the application's own body parsing, would come out as a 400.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int | None]) -> None:
         self.app = app
         self.limit_for = limit_for
 
@@ -26,6 +26,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
+        if limit is None:  # the route streams the body and counts it itself
+            await self.app(scope, receive, send)
+            return
         declared = _content_length(scope)
         if declared is not None:
             if declared > limit:

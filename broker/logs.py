@@ -10,7 +10,7 @@ import re
 
 SECRET_PATTERNS = (
     re.compile(r"comfyui-[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"cbk_(?:op|adm|svc|usr)_[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"cbk_(?:op|adm|svc|usr|cap)_[A-Za-z0-9_\-]{8,}"),
     re.compile(r"(?<=[?&]token=)[^&\s\"']+"),
 )
 REDACTED = "[redacted]"

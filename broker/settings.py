@@ -40,6 +40,11 @@ class ConfigurationError(Exception):
     """The settings are unusable; the message says which setting and why (never its value)."""
 
 
+class KeyMode(StrEnum):
+    INJECT = "inject"  # the user's key goes into the forwarded prompt
+    SEALED = "sealed"  # a per-prompt capability does; the broker is ComfyUI's Comfy API
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BROKER_", env_file=".env", extra="ignore")
 
@@ -48,7 +53,8 @@ class Settings(BaseSettings):
     COMFYUI_URL: str = "http://127.0.0.1:8188"
     # Several ComfyUI servers, comma-separated; when set, it replaces COMFYUI_URL.
     COMFYUI_URLS: str | None = None
-    # Take ComfyUI versions known to leak keys out of the pool instead of only warning.
+    # Take ComfyUI versions known to leak keys out of the pool instead of only warning (in
+    # sealed mode: also servers whose --comfy-api-base does not point at the broker).
     REFUSE_LEAKY_UPSTREAMS: bool = False
     UPSTREAM_HEALTH_INTERVAL_SECONDS: float = Field(default=5.0, gt=0)
     # Redis for sharing websocket events between broker processes (replicas, --workers).
@@ -66,6 +72,16 @@ class Settings(BaseSettings):
     SECRET_KEY: SecretStr | None = None
     # An operator token accepted as is (bootstrap / automation).
     ADMIN_TOKEN: SecretStr | None = None
+
+    # Sealed mode: ComfyUI runs with `--comfy-api-base http://<broker>/comfy-api/`, and the
+    # broker's /comfy-api/ calls the Comfy API at COMFY_API_URL with the user's key.
+    KEY_MODE: KeyMode = KeyMode.INJECT
+    COMFY_API_URL: str = "https://api.comfy.org"
+    # Longest wait for the Comfy API's answer headers, then between body chunks.
+    COMFY_API_TIMEOUT: float = Field(default=600.0, gt=0)
+    MAX_COMFY_API_BODY_BYTES: int = Field(default=1024 * 1024 * 1024, gt=0)
+    # How long after its prompt's end a capability still works (late polls).
+    CAPABILITY_GRACE_SECONDS: float = Field(default=120.0, ge=0, le=300)
 
     UPSTREAM_CONNECT_TIMEOUT: float = Field(default=2.0, gt=0)
     UPSTREAM_READ_TIMEOUT: float = Field(default=30.0, gt=0)
@@ -90,7 +106,7 @@ class Settings(BaseSettings):
     def _use_async_driver(cls, url: str) -> str:
         return normalize_database_url(url)
 
-    @field_validator("COMFYUI_URL")
+    @field_validator("COMFYUI_URL", "COMFY_API_URL")
     @classmethod
     def _strip_trailing_slash(cls, url: str) -> str:
         return url.rstrip("/")

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from broker.keys.crypto import load_keyring
-from broker.settings import Settings, ensure_dev_secrets, normalize_database_url
+from broker.settings import KeyMode, Settings, ensure_dev_secrets, normalize_database_url
 
 GOOD = base64.b64encode(os.urandom(32)).decode()
 
@@ -68,3 +68,13 @@ class TestDevSecrets:
 )
 def test_database_urls_get_async_drivers(given: str, expected: str) -> None:
     assert normalize_database_url(given) == expected
+
+
+def test_key_mode_is_inject_by_default_and_refuses_unknown_modes() -> None:
+    assert Settings(ENV="test").KEY_MODE is KeyMode.INJECT
+    sealed = Settings(ENV="test", KEY_MODE="sealed", COMFY_API_URL="http://api.test/")
+    assert (sealed.KEY_MODE, sealed.COMFY_API_URL) == (KeyMode.SEALED, "http://api.test")
+    with pytest.raises(ValidationError):
+        Settings(ENV="test", KEY_MODE="plaintext")
+    with pytest.raises(ValidationError):
+        Settings(ENV="test", CAPABILITY_GRACE_SECONDS=301)

@@ -6,18 +6,26 @@ Older ComfyUI returns the prompt's `extra_data`, key included, in `/queue` and
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
 SENSITIVE_KEYS = frozenset({"api_key_comfy_org", "auth_token_comfy_org"})
 REDACTED = b"[redacted]"
+ERROR_TEXT = "exception_message"  # of execution errors, in events and /history
+# What a Comfy key or a broker capability looks like, wherever it is quoted.
+CREDENTIAL = re.compile(r"comfyui-[A-Za-z0-9_\-]{8,}|cbk_cap_[A-Za-z0-9_\-]{8,}")
 
 
 def redact(value: Any) -> Any:
-    """A copy of `value` without sensitive keys at any depth."""
+    """A copy of `value` without sensitive keys at any depth, and error texts scrubbed."""
     if isinstance(value, dict):
-        return {key: redact(item) for key, item in value.items() if key not in SENSITIVE_KEYS}
+        return {
+            key: scrub_text(item) if key == ERROR_TEXT and isinstance(item, str) else redact(item)
+            for key, item in value.items()
+            if key not in SENSITIVE_KEYS
+        }
     if isinstance(value, list):
         return [redact(item) for item in value]
     return value
@@ -34,3 +42,14 @@ def scrub(value: Any, *secrets: str | None) -> Any:
     for secret in present:
         encoded = encoded.replace(secret, REDACTED)
     return orjson.loads(encoded)
+
+
+def scrub_text(text: str, *secrets: str | None) -> str:
+    """An execution error's text without credentials: the given secrets (the prompt's
+    key or capability) and anything shaped like a Comfy key or a capability. For every
+    error text the broker relays or stores, whatever the key mode (an API node may quote
+    the credential it was given)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED.decode())
+    return CREDENTIAL.sub(REDACTED.decode(), text)

@@ -183,6 +183,15 @@ async def unseal_for_prompts(
     return keys
 
 
+async def keys_stored(tx: Tx, owners: Iterable[tuple[uuid.UUID, uuid.UUID]]) -> set[uuid.UUID]:
+    """Which of these users have a key stored (sealed key mode: nothing is unsealed)."""
+    stored: set[uuid.UUID] = set()
+    for tenant_id, user_id in set(owners):
+        if await tx.fetch(_KEY_OF_USER, {"for_tenant": tenant_id, "for_user": user_id}):
+            stored.add(user_id)
+    return stored
+
+
 async def unseal_for_forwarding(
     session: AsyncSession, custody: KeyCustody, tenant_id: uuid.UUID, user_id: uuid.UUID
 ) -> str | None:

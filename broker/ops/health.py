@@ -38,6 +38,9 @@ async def readyz(request: Request) -> JSONBody:
         "database": "ok" if database else "unavailable",
         "upstreams": {"healthy": healthy, "total": len(upstreams)},
     }
+    if proxy.sealing is not None:  # sealed mode: servers not sending their calls here
+        misconfigured = sum(upstream.health.setup_problem is not None for upstream in upstreams)
+        body["upstreams"]["not_sealed"] = misconfigured  # type: ignore[index]
     return JSONBody(body, status_code=200 if ready else 503)
 
 

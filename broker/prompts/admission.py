@@ -26,7 +26,13 @@ from broker.db.base import utc_now
 from broker.db.models import Prompt, PromptStatus, Tenant
 from broker.db.tx import Tx
 from broker.errors import BadRequest, BrokerError, Conflict, Unprocessable
-from broker.keys.service import KeyCustody, KeyUnreadable, unseal_for_prompts
+from broker.keys.service import (
+    KeyCustody,
+    KeyUnreadable,
+    UnsealedKey,
+    keys_stored,
+    unseal_for_prompts,
+)
 from broker.ops import metrics
 from broker.usage import budgets, limits
 from broker.usage.budgets import Hold, Reservation
@@ -60,6 +66,7 @@ class Admit:
     new: NewPrompt
     custody: KeyCustody
     needs_key: bool  # the prompt has nodes that use the user's Comfy key
+    unseal: bool = True  # False (sealed key mode): the key must exist, and stays sealed
 
 
 @dataclass(frozen=True)
@@ -108,11 +115,7 @@ Budgeting = tuple[list[Reservation], bool]  # a prompt's reservations; past a so
 async def admit(tx: Tx, items: list[Admit]) -> list[Outcome]:
     now = utc_now()
     outcomes: list[Outcome | None] = [await _replay(tx, item) for item in items]
-    keys = await unseal_for_prompts(
-        tx,
-        items[0].custody,
-        [(item.new.tenant_id, item.new.user_id) for item in items if item.needs_key],
-    )
+    keys = await _keys(tx, items)
     for index, item in enumerate(items):
         if outcomes[index] is None:
             outcomes[index] = await _precheck(tx, item, keys.get(item.new.user_id))
@@ -137,6 +140,15 @@ async def admit(tx: Tx, items: list[Admit]) -> list[Outcome]:
             )
     await tx.execute_many(INSERT_PROMPT, rows)
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+async def _keys(tx: Tx, items: list[Admit]) -> dict[uuid.UUID, UnsealedKey | bool]:
+    """Each user's key, for the prompts that use it: unsealed, or (sealed key mode) only
+    whether one is stored."""
+    owners = [(item.new.tenant_id, item.new.user_id) for item in items if item.needs_key]
+    if items[0].unseal:
+        return dict(await unseal_for_prompts(tx, items[0].custody, owners))
+    return dict.fromkeys(await keys_stored(tx, owners), True)
 
 
 async def _replay(tx: Tx, item: Admit) -> Replayed | BrokerError | None:

@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.comfy.files import output_files
+from broker.comfy.redaction import scrub_text
 from broker.db.base import UTCDateTime, utc_now
 from broker.db.models import Prompt, PromptOutput, PromptStatus
 from broker.db.tx import Tx
@@ -246,6 +247,7 @@ class Settled:
     cached_nodes: list[str]
     cost_breakdown: list[dict[str, Any]]
     reservations: list[dict[str, Any]] = field(default_factory=list)
+    metered_mc: int | None = None  # sealed key mode: what the Comfy API charged its calls
     budgeted: bool = False
 
 
@@ -266,7 +268,7 @@ SETTLE = (
     .returning(
         Prompt.tenant_id, Prompt.user_id, Prompt.status, Prompt.started_at, Prompt.error_type,
         Prompt.reported_mc, Prompt.cached_nodes, Prompt.cost_breakdown, Prompt.reservations,
-        exists().where(limits.budgets_over(Prompt.tenant_id, Prompt.user_id)),
+        Prompt.metered_mc, exists().where(limits.budgets_over(Prompt.tenant_id, Prompt.user_id)),
     )
 )  # fmt: skip
 RECORD_CHARGE = (
@@ -294,6 +296,8 @@ NOT_CHARGED_ERRORS = frozenset(
 
 def actual_charge(prompt: Prompt | Settled) -> tuple[int, str]:
     """What a finished prompt cost, and where that number comes from: the charging rule."""
+    if prompt.metered_mc is not None:  # exact: the sum of the Comfy API's charges
+        return prompt.metered_mc, "comfy_api"
     if prompt.reported_mc is not None:
         return prompt.reported_mc, "progress_text"
     never_ran = prompt.started_at is None and prompt.status is not PromptStatus.SUCCESS
@@ -334,7 +338,10 @@ def _settle_values(item: Finish, now: datetime) -> dict[str, Any]:
         **{f"from_{n}": allowed[min(n, len(allowed) - 1)] for n in range(len(_FROM))},
         "to_status": item.status,
         "error_type": storable(item.error_type, MAX_ERROR_TYPE),
-        "error_message": storable(item.message, MAX_ERROR_MESSAGE),
+        # Execution errors may quote a key (an API node's, a custom node's): never stored.
+        "error_message": storable(
+            None if item.message is None else scrub_text(item.message), MAX_ERROR_MESSAGE
+        ),
         "finished": now if item.ran_to_an_end else None,
         "forget": item.forget_key,
         "now": now,

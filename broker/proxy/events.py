@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from websockets.asyncio.client import connect
 
 from broker.comfy.client import ComfyClient
-from broker.comfy.redaction import SENSITIVE_KEYS, redact
+from broker.comfy.redaction import SENSITIVE_KEYS, redact, scrub_text
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import Prompt, PromptStatus
@@ -390,6 +390,8 @@ def _prompt_id(data: dict[str, Any]) -> uuid.UUID | None:
 
 
 def _redacted(raw: str, kind: str, data: dict[str, Any]) -> str:
+    if kind == "execution_error":  # issue 14: an API node may quote its credential
+        raw = scrub_text(raw)
     if not any(key in raw for key in SENSITIVE_KEYS):
         return raw
     return orjson.dumps({"type": kind, "data": redact(data)}).decode()

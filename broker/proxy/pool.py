@@ -14,9 +14,11 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.comfy.client import ComfyClient
 from broker.comfy.object_info import ObjectInfoCache
+from broker.egress.setup_check import setup_problem
 from broker.errors import BrokerError, ServiceUnavailable
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
@@ -40,6 +42,7 @@ class Health:
     in_flight: int = 0  # prompts this process is forwarding there right now
     version: str | None = None
     leaky: bool = False
+    setup_problem: str | None = None  # sealed mode: --comfy-api-base not at the broker
 
     @property
     def load(self) -> int:
@@ -69,10 +72,12 @@ class UpstreamPool:
         *,
         refuse_leaky: bool,
         check_interval: float = HEALTH_INTERVAL_SECONDS,
+        sealed: bool = False,
     ) -> None:
         self.upstreams = upstreams
         self.subscribers = subscribers
         self._refuse_leaky = refuse_leaky
+        self._sealed = sealed
         self._check_interval = check_interval
         self._checker: asyncio.Task[None] | None = None
         subscribers.queue_remaining = self.queue_remaining
@@ -147,6 +152,9 @@ class UpstreamPool:
         system = stats.get("system")
         version = system.get("comfyui_version") if isinstance(system, dict) else None
         upstream.health.version = str(version) if version else None
+        if self._sealed:  # ComfyUI never holds a key: what matters is where it sends calls
+            self._check_sealed_setup(upstream, stats)
+            return
         upstream.health.leaky = is_leaky_version(upstream.health.version)
         if upstream.health.leaky:
             log.warning(
@@ -156,6 +164,18 @@ class UpstreamPool:
                 "--cache-none for strict isolation%s.",
                 upstream.url,
                 upstream.health.version,
+                " (refused: BROKER_REFUSE_LEAKY_UPSTREAMS)" if self._refuse_leaky else "",
+            )
+
+    def _check_sealed_setup(self, upstream: Upstream, stats: dict[str, Any]) -> None:
+        problem = upstream.health.setup_problem = setup_problem(stats, upstream.health.version)
+        upstream.health.leaky = problem is not None
+        if problem is not None:
+            log.warning(
+                "pool.not_sealed url=%s: %s. Start it with --comfy-api-base "
+                "http://<broker>/comfy-api/ (docs/deploy.md)%s.",
+                upstream.url,
+                problem,
                 " (refused: BROKER_REFUSE_LEAKY_UPSTREAMS)" if self._refuse_leaky else "",
             )
 

@@ -290,6 +290,11 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect
                           "/openapi.json", "/api/v2/health"})  # fmt: skip
 
 
+def _is_egress(scope: Scope) -> bool:
+    """Sealed mode's /comfy-api/ takes capabilities, not broker tokens: it checks them."""
+    return bool(scope["path"].startswith("/comfy-api/"))
+
+
 class CredentialsPrecheck:
     """Answers 401 to HTTP requests whose credentials cannot be valid (none, or nothing
     shaped like a broker token) before the application reads their body: anonymous
@@ -304,7 +309,7 @@ class CredentialsPrecheck:
         self._throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or _is_egress(scope):
             await self.app(scope, receive, send)
             return
         authorization = Headers(scope=scope).get("authorization")

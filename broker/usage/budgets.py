@@ -157,13 +157,13 @@ CALENDAR_USE = select(
     _SPENT_NOW + _RESERVED_NOW,
 ).where(_APPLIES, _CALENDAR).order_by(Budget.user_id.is_(None), Budget.id)  # fmt: skip
 
-LOCK_ROLLING = (
+ROLLING_OF_SCOPE = (
     select(Budget.id, Budget.tenant_id, Budget.user_id, Budget.limit_mc, Budget.soft_limit_mc,
            Budget.rolling_days)
     .where(_APPLIES, _ROLLING)
     .order_by(Budget.id)
-    .with_for_update()
 )  # fmt: skip
+LOCK_ROLLING = ROLLING_OF_SCOPE.with_for_update()
 ROLLING_USE = select(
     func.coalesce(func.sum(BudgetDay.reserved_mc), 0)
     + func.coalesce(func.sum(BudgetDay.spent_mc), 0)
@@ -336,6 +336,43 @@ def _refused(
         remaining_credits=str(mc_to_credits(remaining)),
         required_credits=str(mc_to_credits(amount_mc)),
     )
+
+
+@dataclass(frozen=True)
+class NoRoom:
+    scope: str  # "user" or "tenant"
+    period: str
+    limit_mc: int
+
+
+async def no_room_for_call(
+    tx: Tx,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    own: Sequence[Reservation],
+    charged_mc: int,
+    now: datetime,
+) -> NoRoom | None:
+    """Budgets at the call (sealed key mode): the first budget over a running prompt's user
+    or tenant with no room left for another charging call, if any. A prompt may always
+    spend its own reservation; past it, a call is refused once what the others hold plus
+    what this prompt was charged so far reaches the limit, so a prompt whose cost was
+    unknown or under-estimated overspends by at most the call that crossed. Reads only."""
+    scope = _scope(tenant_id, user_id, now)
+    for budget_id, _, user, period, limit_mc, used in await tx.fetch(CALENDAR_USE, scope):
+        window = window_start(period, now)
+        mine = sum(
+            r.amount_mc for r in own if r.budget_id == budget_id and r.window_start == window
+        )
+        if used - mine + charged_mc >= limit_mc:
+            return NoRoom("user" if user else "tenant", period, limit_mc)
+    for budget_id, _, user, limit_mc, _, days in await tx.fetch(ROLLING_OF_SCOPE, scope):
+        since = rolling_start(days, now)
+        used = (await tx.fetch(ROLLING_USE, {"budget": budget_id, "since": since}))[0][0]
+        mine = sum(r.amount_mc for r in own if r.budget_id == budget_id)
+        if used - mine + charged_mc >= limit_mc:
+            return NoRoom("user" if user else "tenant", "rolling", limit_mc)
+    return None
 
 
 async def settle(tx: Tx, charges: Sequence[Charge], now: datetime) -> None:

@@ -1,6 +1,6 @@
 """Comfy API v2: job labels and workflows, per-user assets
 
-Revision ID: a17_api_v2
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-03 09:39:46.383473+00:00
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "a17_api_v2"
+revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

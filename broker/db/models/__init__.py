@@ -5,6 +5,8 @@ from broker.db.models.asset import Asset
 from broker.db.models.audit_event import AuditEvent
 from broker.db.models.budget import Budget
 from broker.db.models.budget_day import BudgetDay
+from broker.db.models.capability import Capability
+from broker.db.models.comfy_api_call import ComfyApiCall
 from broker.db.models.comfy_key import ComfyKey
 from broker.db.models.prompt import Prompt, PromptStatus
 from broker.db.models.prompt_output import PromptOutput
@@ -19,6 +21,8 @@ __all__ = [
     "AuditEvent",
     "Budget",
     "BudgetDay",
+    "Capability",
+    "ComfyApiCall",
     "ComfyKey",
     "Prompt",
     "PromptOutput",

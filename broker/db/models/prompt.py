@@ -86,4 +86,7 @@ class Prompt(CreatedAtMixin, Base):
     cached_nodes: Mapped[list[str]] = mapped_column(JSON, default=list)
     actual_mc: Mapped[int | None] = mapped_column(BigInteger)
     actual_source: Mapped[str | None] = mapped_column(String(16))
+    # Sealed mode: the sum of X-Comfy-Credits-Used over the prompt's Comfy API calls,
+    # added in the transaction that records each call (None: no call recorded).
+    metered_mc: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)

@@ -1,0 +1,419 @@
+"""The egress: `/comfy-api/{path}` swaps a prompt's capability for its user's key, checks
+the budgets, calls the Comfy API and records the call and its charge.
+
+Bodies stream both ways (API nodes upload and fetch many MB). Only answers that may
+need changing are read whole, up to `REWRITE_LIMIT`: JSON (URLs pointed back at the
+egress) and errors (a key echoed by the Comfy API removed).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+
+import httpx
+import orjson
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from broker.comfy.client import create_http_client
+from broker.db.base import utc_now
+from broker.db.group_commit import GroupCommitter
+from broker.db.models import ComfyApiCall
+from broker.db.session import read_scope
+from broker.egress import capabilities
+from broker.egress.budget import exhausted_budget
+from broker.egress.capabilities import Grants
+from broker.egress.errors import EgressRefusal, no_budget, unauthorized
+from broker.egress.repository import CapabilityRepository, ComfyApiCallRepository, Holder
+from broker.egress.rewrite import Rewriter
+from broker.keys import service as keys_service
+from broker.keys.crypto import UnsealError
+from broker.keys.service import KeyCustody
+from broker.settings import Settings
+from broker.usage.pricing import credits_to_mc
+
+log = logging.getLogger("broker.egress")
+
+PREFIX = "/comfy-api"
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "transfer-encoding", "upgrade"}
+)  # fmt: skip
+# Never passed on: the capability, the client's view of the connection, cookies.
+NOT_FORWARDED = HOP_BY_HOP | {
+    "host", "x-api-key", "authorization", "cookie", "forwarded", "x-forwarded-for",
+    "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "accept-encoding",
+}  # fmt: skip
+NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "content-length"}
+CREDITS_HEADER = "x-comfy-credits-used"
+REQUEST_ID_HEADERS = ("x-comfy-request-id", "x-request-id", "request-id")
+JOB_HEADER = "comfy-job-id"
+# Polls and downloads: the Comfy API charges the call that starts a task, not these, and
+# refusing them would only waste what that call cost.
+FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+REWRITE_LIMIT = 4 * 1024 * 1024
+MAX_PATH = 500
+REDACTED = b"[redacted]"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass
+class Egress:
+    settings: Settings
+    sessionmaker: async_sessionmaker[AsyncSession]
+    committer: GroupCommitter
+    custody: KeyCustody
+    http: httpx.AsyncClient
+    grants: Grants
+
+    @classmethod
+    def start(
+        cls,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        committer: GroupCommitter,
+        custody: KeyCustody,
+    ) -> Egress:
+        """One connection pool for every call to the Comfy API from this process."""
+        http = create_http_client(
+            connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
+            read_timeout=settings.COMFY_API_TIMEOUT,
+        )
+        grants = Grants(custody.fingerprint_key)
+        return cls(settings, sessionmaker, committer, custody, http, grants)
+
+    async def stop(self) -> None:
+        await self.http.aclose()
+
+    @property
+    def grace(self) -> timedelta:
+        return timedelta(seconds=self.settings.CAPABILITY_GRACE_SECONDS)
+
+    # ------------------------------------------------------------ the prompt path
+    async def mint(
+        self, prompt_id: uuid.UUID, tenant_id: uuid.UUID, user_id: uuid.UUID, upstream: str
+    ) -> str:
+        """A new capability for an admitted prompt, committed before it is forwarded."""
+        raw = capabilities.new_capability()
+        token_hash = capabilities.hash_capability(raw)
+
+        async def add(session: AsyncSession) -> None:
+            await CapabilityRepository.from_session(session).add(
+                token_hash, prompt_id, tenant_id, user_id, upstream
+            )
+
+        await self.committer.run(add)
+        return raw
+
+    # ------------------------------------------------------------ the egress
+    async def handle(self, request: Request) -> Response:
+        # The path as sent (still percent-encoded: signed URLs must pass unchanged), after
+        # the root path and the egress prefix.
+        raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+        path = raw_path.partition("?")[0].partition(PREFIX)[2] or "/"
+        query, grant = capabilities.split_grant(request.scope["query_string"].decode("latin-1"))
+        target = path + (f"?{query}" if query else "")
+        try:
+            holder, api_key = await self._authorize(request, target, grant)
+        except EgressRefusal as refusal:
+            return refusal.response()
+        started = time.perf_counter()
+        try:
+            upstream = await self._send(request, target, api_key)
+        except EgressRefusal as refusal:
+            await self._record(holder, request.method, path, refusal.status, started, None)
+            return refusal.response()
+        await self._record(holder, request.method, path, upstream.status_code, started, upstream)
+        base = str(request.base_url).rstrip("/") + PREFIX + "/"
+        sign = functools.partial(self.grants.sign, holder.prompt_id, holder.token_hash)
+        rewriter = Rewriter(self.settings.COMFY_API_URL, base, sign)
+        return await _answer(upstream, rewriter, api_key)
+
+    async def _authorize(
+        self, request: Request, target: str, grant: str | None
+    ) -> tuple[Holder, str]:
+        """The prompt the call is for and its user's key, or a refusal (recorded when it is
+        the budget's). Reads only: on SQLite it takes no write lock."""
+        async with read_scope(self.sessionmaker) as session:
+            holder = await self._holder(session, request.headers, target, grant)
+            if holder is None or not _job_matches(request.headers, holder.prompt_id):
+                raise unauthorized()
+            full = (
+                await exhausted_budget(session, holder, utc_now())
+                if request.method not in FREE_METHODS
+                else None
+            )
+            api_key = None if full is not None else await self._key(session, holder)
+        if full is not None:
+            log.info(
+                "egress.refused prompt_id=%s reason=budget scope=%s", holder.prompt_id, full.scope
+            )
+            await self._record_refusal(holder, request.method, target, "budget_exhausted")
+            raise no_budget(full.scope)
+        if api_key is None:
+            raise unauthorized()
+        return holder, api_key
+
+    async def _holder(
+        self, session: AsyncSession, headers: Headers, target: str, grant: str | None
+    ) -> Holder | None:
+        repository = CapabilityRepository.from_session(session)
+        presented = _presented(headers)
+        if presented is not None and capabilities.is_well_formed(presented):
+            hashed = capabilities.hash_capability(presented)
+            return await repository.valid_by_hash(hashed, utc_now(), self.grace)
+        prompt_id = capabilities.grant_prompt(grant) if grant is not None else None
+        if grant is None or prompt_id is None:
+            return None
+        holder = await repository.valid_for_prompt(prompt_id, utc_now(), self.grace)
+        if holder is None or not self.grants.verify(
+            grant, holder.prompt_id, holder.token_hash, target
+        ):
+            return None
+        return holder
+
+    async def _key(self, session: AsyncSession, holder: Holder) -> str | None:
+        try:
+            return await keys_service.unseal_for_forwarding(
+                session, self.custody, holder.tenant_id, holder.user_id
+            )
+        except UnsealError:
+            log.error("egress.key_unreadable user_id=%s", holder.user_id)
+            return None
+
+    async def _send(self, request: Request, target: str, api_key: str) -> httpx.Response:
+        headers = _forwarded_headers(request.headers, api_key)
+        declared = request.headers.get("content-length")
+        limit = self.settings.MAX_COMFY_API_BODY_BYTES
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise EgressRefusal(413, "payload_too_large", "The request body is too large.")
+        has_body = (declared is not None and declared != "0") or (
+            "transfer-encoding" in request.headers
+        )
+        content = _limited(request.stream(), limit) if has_body else None
+        outgoing = self.http.build_request(
+            request.method, self.settings.COMFY_API_URL + target, headers=headers, content=content
+        )
+        try:
+            return await self.http.send(outgoing, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            log.warning("egress.unreachable path=%s", target.partition("?")[0])
+            raise EgressRefusal(
+                502, "bad_gateway", "The Comfy API cannot be reached right now."
+            ) from None
+        except httpx.TimeoutException:
+            log.warning("egress.timeout path=%s", target.partition("?")[0])
+            raise EgressRefusal(
+                504, "gateway_timeout", "The Comfy API did not answer in time."
+            ) from None
+        except BodyTooLarge:
+            raise EgressRefusal(
+                413, "payload_too_large", "The request body is too large."
+            ) from None
+        except httpx.TransportError:
+            raise EgressRefusal(
+                502, "bad_gateway", "The connection to the Comfy API failed."
+            ) from None
+
+    async def _record(
+        self,
+        holder: Holder,
+        method: str,
+        path: str,
+        status: int,
+        started: float,
+        upstream: httpx.Response | None,
+    ) -> None:
+        """Record the call and add its charge to the prompt, before ComfyUI sees the
+        answer: once ComfyUI's node finishes, the prompt's charge is complete."""
+        call = ComfyApiCall(
+            prompt_id=holder.prompt_id,
+            method=method[:16],
+            path=path[:MAX_PATH],
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000),
+            credits_mc=_credits_mc(upstream.headers) if upstream is not None else None,
+            request_id=_request_id(upstream.headers) if upstream is not None else None,
+        )
+        await self._write(call)
+
+    async def _record_refusal(self, holder: Holder, method: str, target: str, why: str) -> None:
+        path = target.partition("?")[0]
+        call = ComfyApiCall(
+            prompt_id=holder.prompt_id, method=method[:16], path=path[:MAX_PATH], status=402,
+            duration_ms=0, refused=why,
+        )  # fmt: skip
+        await self._write(call)
+
+    async def _write(self, call: ComfyApiCall) -> None:
+        async def record(session: AsyncSession) -> None:
+            await ComfyApiCallRepository.from_session(session).record(call)
+
+        if call.credits_mc is None and call.refused is None:
+            # Nothing to add to the prompt's charge (a poll, a download): ComfyUI need
+            # not wait for the record, which goes with the next batch of writes.
+            self.committer.submit(record, name="egress_call")
+            return
+        try:
+            await self.committer.run(record)
+        except (SQLAlchemyError, ConnectionError) as exc:
+            # The call was made (and maybe charged): ComfyUI gets its answer regardless.
+            log.error(
+                "egress.record_failed prompt_id=%s credits_mc=%s error=%s",
+                call.prompt_id, call.credits_mc, type(exc).__name__,
+            )  # fmt: skip
+
+
+def _presented(headers: Headers) -> str | None:
+    key = headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value else None
+
+
+def _job_matches(headers: Headers, prompt_id: uuid.UUID) -> bool:
+    """Current ComfyUI names the prompt its node runs for; it must be the capability's."""
+    job = headers.get(JOB_HEADER)
+    if job is None:
+        return True
+    try:
+        return uuid.UUID(job.strip()) == prompt_id
+    except ValueError:
+        return False
+
+
+def _forwarded_headers(headers: Headers, api_key: str) -> list[tuple[str, str]]:
+    named_in_connection = {
+        name.strip().lower() for name in (headers.get("connection") or "").split(",")
+    }
+    kept = [
+        (name, value)
+        for name, value in headers.items()
+        if name not in NOT_FORWARDED and name not in named_in_connection
+    ]
+    # identity: the answers the egress may rewrite are then plain bytes, and media
+    # (already compressed) loses nothing.
+    return [*kept, ("accept-encoding", "identity"), ("x-api-key", api_key)]
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge
+        yield chunk
+
+
+def _credits_mc(headers: httpx.Headers) -> int | None:
+    """X-Comfy-Credits-Used (credits, a decimal string) in milli-credits; None if absent
+    or unusable, as ComfyUI ignores such a value."""
+    value = headers.get(CREDITS_HEADER)
+    if not value:
+        return None
+    try:
+        credits = Decimal(value.strip())
+    except InvalidOperation:
+        return None
+    if not credits.is_finite() or credits < 0 or not math.isfinite(float(credits)):
+        return None
+    return credits_to_mc(credits)
+
+
+def _request_id(headers: httpx.Headers) -> str | None:
+    for name in REQUEST_ID_HEADERS:
+        value: str | None = headers.get(name)
+        if value:
+            return value[:200]
+    return None
+
+
+def _returned_headers(
+    headers: httpx.Headers, rewriter: Rewriter, api_key: str
+) -> list[tuple[str, str]]:
+    named_in_connection = {
+        name.strip().lower() for name in (headers.get("connection") or "").split(",")
+    }
+    kept: list[tuple[str, str]] = []
+    for name, value in headers.multi_items():
+        if name in NOT_RETURNED or name in named_in_connection or api_key in value:
+            continue
+        kept.append((name, rewriter.url(value) if name == "location" else value))
+    return kept
+
+
+async def _answer(upstream: httpx.Response, rewriter: Rewriter, api_key: str) -> Response:
+    headers = _returned_headers(upstream.headers, rewriter, api_key)
+    content_type = upstream.headers.get("content-type", "")
+    readable = "json" in content_type or upstream.status_code >= 400
+    declared = upstream.headers.get("content-length")
+    small = declared is None or (declared.isdigit() and int(declared) <= REWRITE_LIMIT)
+    encoded = upstream.headers.get("content-encoding") not in (None, "identity")
+    if not readable or not small:
+        return _streamed(upstream, headers, [])
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in upstream.aiter_raw():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > REWRITE_LIMIT:
+                return _streamed(upstream, headers, chunks)
+    except httpx.HTTPError:
+        await upstream.aclose()
+        return EgressRefusal(502, "bad_gateway", "The Comfy API's answer broke off.").response()
+    await upstream.aclose()
+    body = b"".join(chunks)
+    if not encoded:
+        body = _cleaned(body, "json" in content_type, rewriter, api_key)
+    return Response(body, status_code=upstream.status_code, headers=dict(headers))
+
+
+def _cleaned(body: bytes, is_json: bool, rewriter: Rewriter, api_key: str) -> bytes:
+    if is_json:
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            value = None
+        if value is not None:
+            rewritten, changed = rewriter.json(value)
+            if changed:
+                body = orjson.dumps(rewritten)
+    return body.replace(api_key.encode(), REDACTED) if api_key.encode() in body else body
+
+
+def _streamed(
+    upstream: httpx.Response, headers: list[tuple[str, str]], read: Iterable[bytes]
+) -> StreamingResponse:
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            for chunk in read:
+                yield chunk
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        finally:
+            await upstream.aclose()
+
+    response = StreamingResponse(relay(), status_code=upstream.status_code)
+    response.raw_headers = [
+        (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers
+    ]
+    declared = upstream.headers.get("content-length")
+    if declared is not None:  # the body passes unchanged
+        response.raw_headers.append((b"content-length", declared.encode("latin-1")))
+    return response
