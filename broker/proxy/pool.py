@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from broker.comfy.client import ComfyClient
 from broker.comfy.object_info import ObjectInfoCache
 from broker.errors import BrokerError, ServiceUnavailable
+from broker.files.policy import FilePolicy
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
 from broker.proxy.tasks import cancel_and_wait
@@ -69,8 +70,10 @@ class UpstreamPool:
         *,
         refuse_leaky: bool,
         check_interval: float = HEALTH_INTERVAL_SECONDS,
+        file_policy: FilePolicy | None = None,
     ) -> None:
         self.upstreams = upstreams
+        self.file_policy = file_policy or FilePolicy()
         self.subscribers = subscribers
         self._refuse_leaky = refuse_leaky
         self._check_interval = check_interval
