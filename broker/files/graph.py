@@ -10,6 +10,7 @@ user's folder is refused.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ NOT_FILE_KEYS = frozenset({"camera_info"})
 # Save nodes' output path: `folder_paths.get_save_image_path(filename_prefix, …)`.
 PREFIX_INPUTS = frozenset({"filename_prefix"})
 FOLDER_FLAGS = frozenset({"upload", "image_folder"})
+# What every refused or annotated string has at least one of.
+MAYBE_A_PATH = re.compile(r"[/\\\[~:\x00]|\.\.|cbk-", re.IGNORECASE)
 
 Location = tuple[str, tuple[str | int, ...]]  # node id, then keys down to the string
 
@@ -121,6 +124,8 @@ def _inspect_inputs(
 
 
 def _inspect_other(location: Location, text: str, own_folder: str, found: Inspection) -> None:
+    if not MAYBE_A_PATH.search(text):  # most strings: sampler names, plain text
+        return
     if ANNOTATION.match(text):
         found.uses.append(FileUse(location, parse_name(text, own_folder)))
     elif looks_like_host_path(text) or names_other_user_folder(text, own_folder):

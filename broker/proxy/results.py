@@ -122,7 +122,8 @@ def present_queue_item(item: list[Any], prompt: Prompt) -> list[Any]:
         if prompt.client_id is not None:
             extra_data["client_id"] = prompt.client_id
         item[3] = extra_data
-    return item
+    shown: list[Any] = present.for_user(item, prompt.user_id)
+    return shown
 
 
 async def _remember_outputs(

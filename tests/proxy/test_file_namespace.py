@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.models import PromptStatus
-from tests.files.test_names import REFUSED_NAMES
+from tests.files.spellings import loader_graphs, refused_names
 from tests.fixtures.app import AdminApi, User
 from tests.fixtures.comfy import FakeComfyUI
 from tests.proxy.helpers import wait_for_status
@@ -188,36 +188,13 @@ def forwarded(fake: FakeComfyUI, since: int) -> list[str]:
     return [f"{r.method} {r.path}" for r in fake.received[since:] if r.path != "/object_info"]
 
 
-def loader_graphs(name: str) -> dict[str, dict[str, Any]]:
-    """One graph per core loader, each naming `name` where that loader reads a file."""
-    save = {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
-    view3d = {
-        "image": "ok.png [temp]", "mask": "m.png [temp]", "normal": "n.png [temp]",
-        "camera_info": {"position": {"x": 1}}, "recording": "",
-    }  # fmt: skip
-    loaders: dict[str, dict[str, Any]] = {
-        "LoadImage": {"image": name},
-        "LoadImageMask": {"image": name, "channel": "alpha"},
-        "LoadImageOutput": {"image": name},
-        "LoadAudio": {"audio": name},
-        "LoadVideo": {"file": name},
-        "Load3D model_file": {"model_file": name, "image": view3d, "width": 8, "height": 8},
-        "Load3D image": {"model_file": "3d/a.glb", "image": {**view3d, "mask": name}},
-        "Load3D recording": {"model_file": "3d/a.glb", "image": {**view3d, "recording": name}},
-    }
-    return {
-        label: {"1": {"class_type": label.split()[0], "inputs": inputs}, "2": save}
-        for label, inputs in loaders.items()
-    }
-
-
 async def test_every_refused_spelling_for_every_loader_is_refused_before_forwarding(
     client: httpx.AsyncClient, users: Users, fake_comfy: FakeComfyUI
 ) -> None:
     await upload(client, users.bob, "x.png", b"bob's")
     received = len(fake_comfy.received)
     wrong = []
-    for name in REFUSED_NAMES:
+    for name in refused_names(f"cbk-{users.bob.id}", "x.png"):
         for label, graph in loader_graphs(name).items():
             response = await client.post(
                 "/prompt", json={"prompt": graph}, headers=users.alice.auth
@@ -273,3 +250,17 @@ async def test_errors_relayed_from_comfyui_show_no_host_path(
     assert "No such file or directory: 'gone.png'" in history.text
     assert fake_comfy.base_dir not in history.text
     assert "cbk-" not in history.text
+
+
+async def test_the_queue_shows_the_users_names(
+    client: httpx.AsyncClient, users: Users, fake_comfy: FakeComfyUI
+) -> None:
+    await upload(client, users.alice, "q.png", b"queued")
+    fake_comfy.auto_execute = False
+    graph = load_and_save("q.png")
+    response = await client.post("/prompt", json={"prompt": graph}, headers=users.alice.auth)
+    assert response.status_code == 200
+    [item] = (await client.get("/queue", headers=users.alice.auth)).json()["queue_pending"]
+    assert item[2]["1"]["inputs"]["image"] == "q.png"
+    assert item[2]["2"]["inputs"]["filename_prefix"] == "out"
+    fake_comfy.auto_execute = True
