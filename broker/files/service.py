@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.comfy.errors import UpstreamUnreachable
 from broker.comfy.files import FileRef
 from broker.db.session import read_scope
 from broker.errors import BrokerError
@@ -115,7 +116,7 @@ class Resolver:
             return FileRef(folder, subfolder, filename)
         mine = FileRef(folder, own_path(subfolder, self.own), filename)
         if folder == "input":
-            exists = await upload_exists(self.pool.choose(), mine)
+            exists = await self.upload_exists(mine)
             return mine if exists else FileRef(folder, subfolder, filename)
         as_named = FileRef(folder, subfolder, filename)
         return as_named if await self.recorded(as_named) else mine
@@ -129,8 +130,19 @@ class Resolver:
             )
         return upstream is not None
 
+    async def upload_exists(self, ref: FileRef) -> bool:
+        """Whether the user uploaded `ref` (uploads go to every server: any healthy one
+        answers; one found unreachable is taken out and the next asked)."""
+        for _ in self.pool.upstreams:
+            upstream = self.pool.choose()
+            try:
+                return await _exists(upstream, ref)
+            except UpstreamUnreachable:
+                self.pool.mark_down(upstream)
+        return await _exists(self.pool.choose(), ref)
 
-async def upload_exists(upstream: Upstream, ref: FileRef) -> bool:
+
+async def _exists(upstream: Upstream, ref: FileRef) -> bool:
     query = [("filename", ref.filename), ("subfolder", ref.subfolder), ("type", ref.type)]
     response = await upstream.comfy.open_stream("/view", query)
     await response.aclose()
