@@ -54,8 +54,11 @@ async def confine_prompt(
     rewrites = dict(found.rewrites)
     if found.uses:
         resolver = Resolver(pool, sessionmaker, user_id)
-        mapped = await asyncio.gather(*(resolver.prompt_name(use.name) for use in found.uses))
-        rewrites |= {use.location: value for use, value in zip(found.uses, mapped, strict=True)}
+        names = list(dict.fromkeys(use.name for use in found.uses))
+        mapped = dict(
+            zip(names, await asyncio.gather(*map(resolver.prompt_name, names)), strict=True)
+        )
+        rewrites |= {use.location: mapped[use.name] for use in found.uses}
     rewrites = {
         where: value for where, value in rewrites.items() if _current(graph, where) != value
     }
