@@ -4,6 +4,7 @@ names as `folder_paths` does and checks that files exist, so a wrong mapping fai
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,3 +265,35 @@ async def test_the_queue_shows_the_users_names(
     assert item[2]["1"]["inputs"]["image"] == "q.png"
     assert item[2]["2"]["inputs"]["filename_prefix"] == "out"
     fake_comfy.auto_execute = True
+
+
+async def test_websocket_messages_show_the_users_names(
+    live: httpx.AsyncClient, fake_comfy: FakeComfyUI
+) -> None:
+    """`executed` carries the output as the user names it, `execution_error` no host path."""
+    from websockets.asyncio.client import connect
+
+    from tests.proxy.test_websocket import events_until_done, ws_url
+
+    alice = await AdminApi(live).user(await AdminApi(live).tenant("acme"), "alice")
+    await upload(live, alice, "w.png", b"ws")
+    async with connect(ws_url(live, "clientId=tab"), additional_headers=alice.auth) as socket:
+        await socket.recv()  # status
+        graph = {"prompt": load_and_save("w.png"), "client_id": "tab"}
+        prompt_id = (await live.post("/prompt", json=graph, headers=alice.auth)).json()["prompt_id"]
+        events = await events_until_done(socket, prompt_id)
+        executed = [e["data"] for e in events if isinstance(e, dict) and e["type"] == "executed"]
+        assert {"filename": "out_00001_.png", "subfolder": "", "type": "output"} in [
+            image for data in executed for image in data["output"]["images"]
+        ]
+        await upload(live, alice, "gone.png", b"gone")
+        fake_comfy.auto_execute = False
+        graph = {"prompt": load_and_save("gone.png"), "client_id": "tab"}
+        prompt_id = (await live.post("/prompt", json=graph, headers=alice.auth)).json()["prompt_id"]
+        os.remove(os.path.join(fake_comfy.dir("input"), f"cbk-{alice.id}", "gone.png"))
+        fake_comfy.auto_execute = True
+        events = await events_until_done(socket, prompt_id)
+    [error] = [e["data"] for e in events if isinstance(e, dict) and e["type"] == "execution_error"]
+    assert "No such file or directory: 'gone.png'" in error["exception_message"]
+    assert "cbk-" not in json.dumps(events)
+    assert fake_comfy.base_dir not in json.dumps(events)
