@@ -232,7 +232,9 @@ class TestUploadsInPrompts:
                 assert response.json()["error"]["type"] == "file_not_allowed"
                 assert list(response.json()["node_errors"]) == ["14"]
 
-    async def test_mask_only_for_own_image(self, client: httpx.AsyncClient, world: World) -> None:
+    async def test_mask_only_for_own_image(
+        self, client: httpx.AsyncClient, world: World, fake_comfy: FakeComfyUI
+    ) -> None:
         import json
 
         original = json.dumps({"filename": "mine.png", "subfolder": "", "type": "input"})
@@ -251,6 +253,9 @@ class TestUploadsInPrompts:
             "/upload/mask", data={"original_ref": original}, files=files, headers=world.alice.auth
         )
         assert mine.status_code == 200, mine.text
+        assert mine.json() == {"name": "mask.png", "subfolder": "", "type": "input"}
+        [sent] = [r for r in fake_comfy.received if r.path == "/upload/mask"]
+        assert f'"subfolder":"cbk-{world.alice.id}"'.encode() in sent.body  # the server's ref
 
 
 class TestQueue:
