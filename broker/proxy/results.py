@@ -22,8 +22,8 @@ from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BadRequest, BrokerError, Conflict, NotFound, UpstreamUnavailable
 from broker.files import present
-from broker.files import service as files_service
 from broker.files.names import NotAllowed, in_own_folder, user_folder
+from broker.proxy import namespace
 from broker.proxy.pool import Upstream
 from broker.proxy.service import ProxyContext
 from broker.tenants.auth import ActingUser
@@ -152,10 +152,10 @@ async def authorize_view(
         named = file_ref(
             query.get("filename", ""), query.get("subfolder", ""), query.get("type", "output")
         )
-        files_service.checked_subfolder(acting.user_id, named.subfolder)
+        namespace.checked_subfolder(acting.user_id, named.subfolder)
     except (UnsafePath, NotAllowed):
         raise NotFound(FILE_NOT_FOUND) from None
-    resolver = files_service.Resolver(context.pool, context.sessionmaker, acting.user_id)
+    resolver = namespace.Resolver(context.pool, context.sessionmaker, acting.user_id)
     ref = await resolver.server_ref(named.type, named.subfolder, named.filename)
     if _is_upload(ref, acting):
         upstream = context.pool.choose()
@@ -240,7 +240,7 @@ async def upload(
     except UnsafePath:
         raise BadRequest("The file name must be a plain name, without folders.") from None
     try:
-        subfolder = files_service.server_subfolder(acting.user_id, fields.get("subfolder", ""))
+        subfolder = namespace.server_subfolder(acting.user_id, fields.get("subfolder", ""))
     except NotAllowed:
         raise BadRequest("subfolder must be a plain relative folder path.") from None
     forwarded = {

@@ -35,10 +35,10 @@ from broker.errors import (
     ServiceUnavailable,
     Unprocessable,
 )
-from broker.files import service as files_service
 from broker.keys import service as keys_service
 from broker.keys.crypto import UnsealError
 from broker.keys.service import KeyCustody
+from broker.proxy import namespace
 from broker.proxy.errors import PromptError, node_error
 from broker.proxy.fanout import Owner
 from broker.proxy.pool import Upstream, UpstreamPool
@@ -86,9 +86,7 @@ async def submit_prompt(
 ) -> PromptAnswer:
     _check_idempotency_key(idempotency_key)
     body = parse_prompt_body(raw)
-    body = await files_service.confine_prompt(
-        context.pool, context.sessionmaker, body, acting.user_id
-    )
+    body = await namespace.confine_prompt(context.pool, context.sessionmaker, body, acting.user_id)
     upstream, key_nodes = await _choose_upstream(context, body)
     estimate = context.pricer.estimate(
         body.fields["prompt"], await upstream.object_info.nodes(), key_nodes

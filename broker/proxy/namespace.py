@@ -1,4 +1,4 @@
-"""The per-user file namespace on the request paths: prompts, `/view`, uploads.
+"""The per-user file namespace (broker/files) on the request paths: prompts, `/view`, uploads.
 
 A prompt's file names are checked and mapped before anything is stored or forwarded:
 `[output]`/`[temp]` names to the user's own folder (or to an output ComfyUI recorded for
