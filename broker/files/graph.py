@@ -90,14 +90,18 @@ def inspect(
     policy: FilePolicy,
 ) -> Inspection:
     found = Inspection()
+    names_of: dict[str, frozenset[str]] = {}
     for node_id, node in graph.items():
         class_type = str(node.get("class_type"))
         if policy.denies(class_type):
             found.refused.append(node_id)
         elif not policy.trusts(class_type):
-            names = file_inputs(class_type, definitions.get(class_type))
+            if class_type not in names_of:
+                names_of[class_type] = file_inputs(class_type, definitions.get(class_type))
             try:
-                _inspect_inputs(node_id, node.get("inputs"), names, own_folder, found)
+                _inspect_inputs(
+                    node_id, node.get("inputs"), names_of[class_type], own_folder, found
+                )
             except NotAllowed:
                 found.refused.append(node_id)
     return found
@@ -106,21 +110,39 @@ def inspect(
 def _inspect_inputs(
     node_id: str, inputs: Any, names: frozenset[str], own_folder: str, found: Inspection
 ) -> None:
+    """Hot on big workflows: plain strings, numbers and links take the short paths."""
     if not isinstance(inputs, dict):
         return
     for name, value in inputs.items():
-        where: Location = (node_id, (name,))
-        if name in PREFIX_INPUTS and isinstance(value, str):
-            found.rewrites[where] = to_server(check_path(value, own_folder), own_folder)
-        elif name in names and not _is_link(value):
-            for location, text in _strings(where, value):
-                if text and NOT_FILE_KEYS.isdisjoint(map(str, location[1])):
-                    found.uses.append(FileUse(location, parse_name(text, own_folder)))
-                else:
-                    _inspect_other(location, text, own_folder, found)
-        else:
-            for location, text in _strings(where, value):
+        kind = type(value)
+        if kind is str:
+            if name in names or name in PREFIX_INPUTS:
+                _inspect_input(node_id, name, value, names, own_folder, found)
+            elif MAYBE_A_PATH.search(value) is not None:
+                _inspect_other((node_id, (name,)), value, own_folder, found)
+        elif kind is list and len(value) == 2 and type(value[1]) is int:  # a link
+            source = value[0]
+            if type(source) is str and MAYBE_A_PATH.search(source) is not None:
+                _inspect_other((node_id, (name, 0)), source, own_folder, found)
+        elif kind is list or kind is dict:
+            _inspect_input(node_id, name, value, names, own_folder, found)
+
+
+def _inspect_input(
+    node_id: str, name: str, value: Any, names: frozenset[str], own_folder: str, found: Inspection
+) -> None:
+    where: Location = (node_id, (name,))
+    if name in PREFIX_INPUTS and isinstance(value, str):
+        found.rewrites[where] = to_server(check_path(value, own_folder), own_folder)
+    elif name in names:
+        for location, text in _strings(where, value):
+            if text and NOT_FILE_KEYS.isdisjoint(map(str, location[1])):
+                found.uses.append(FileUse(location, parse_name(text, own_folder)))
+            else:
                 _inspect_other(location, text, own_folder, found)
+    else:
+        for location, text in _strings(where, value):
+            _inspect_other(location, text, own_folder, found)
 
 
 def _inspect_other(location: Location, text: str, own_folder: str, found: Inspection) -> None:
@@ -143,15 +165,6 @@ def _strings(where: Location, value: Any) -> Iterator[tuple[Location, str]]:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _strings((node_id, (*path, index)), item)
-
-
-def _is_link(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], str | int)
-        and isinstance(value[1], int)
-    )
 
 
 def rewritten(graph: dict[str, Any], rewrites: dict[Location, str]) -> dict[str, Any]:
