@@ -26,6 +26,8 @@ from broker.db.wal import WalCheckpointer
 from broker.egress.endpoints import router as egress_router
 from broker.egress.service import Egress
 from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
+from broker.files.names import USER_FOLDER_PREFIX
+from broker.files.policy import FilePolicy
 from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
@@ -38,7 +40,6 @@ from broker.proxy.fanout import Subscribers
 from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
 from broker.proxy.timing import ServerTimingMiddleware
-from broker.proxy.uploads import USER_FOLDER_PREFIX
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import KeyMode, Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
@@ -235,6 +236,7 @@ def _pool(
         refuse_leaky=settings.REFUSE_LEAKY_UPSTREAMS,
         check_interval=settings.UPSTREAM_HEALTH_INTERVAL_SECONDS,
         sealed=settings.KEY_MODE is KeyMode.SEALED,
+        file_policy=FilePolicy.from_settings(settings.FILE_NODES_DENY, settings.FILE_NODES_ALLOW),
     )
 
 

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     MAX_ADMIN_BODY_BYTES: int = Field(default=64 * 1024, gt=0)
     MAX_UPLOAD_BYTES: int = Field(default=32 * 1024 * 1024, gt=0)
     OBJECT_INFO_TTL_SECONDS: float = Field(default=300.0, ge=0)
+    # Node classes refused outright (comma-separated; unset: broker/files/policy.py's
+    # DEFAULT_DENY of custom nodes that read any path), and classes trusted unchecked.
+    FILE_NODES_DENY: str | None = None
+    FILE_NODES_ALLOW: str = ""
     # How long a process trusts a token it has checked, before looking it up again (0: never).
     # Admin API changes clear it at once (on every process, with Redis); POST /prompt
     # checks the token in its admission statement whatever this is.

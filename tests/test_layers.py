@@ -12,7 +12,7 @@ RANKS = {  # the longest matching prefix decides
     "broker.db": 0, "broker.errors": 0, "broker.settings": 0, "broker.logs": 0,
     "broker.ops.metrics": 0, "broker.responses": 0,
     "broker.comfy": 1, "broker.keys": 1, "broker.tenants": 1, "broker.audit": 1,
-    "broker.usage": 1,
+    "broker.usage": 1, "broker.files": 1,
     "broker.prompts": 2,
     "broker.proxy": 3, "broker.admin": 3, "broker.cli": 3, "broker.ops": 3,
     "broker.body_limit": 3, "broker.v2": 3, "broker.egress": 3,

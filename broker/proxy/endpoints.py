@@ -8,9 +8,11 @@ from fastapi import APIRouter, Body, File, Form, Header, Query, Request, UploadF
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from broker.comfy.errors import PromptRejected
 from broker.db.base import utc_now
 from broker.db.session import DbSession
 from broker.errors import error_responses
+from broker.files import present
 from broker.proxy import results
 from broker.proxy import service as proxy_service
 from broker.proxy.dependencies import Proxy
@@ -25,7 +27,7 @@ from broker.proxy.schemas import (
 )
 from broker.proxy.service import PromptAnswer, Timing
 from broker.responses import JSONBody
-from broker.tenants.auth import CurrentUser, OperatorCaller
+from broker.tenants.auth import ActingUser, CurrentUser, OperatorCaller
 from broker.usage import reports
 from broker.usage.schemas import UserUsage
 
@@ -66,13 +68,19 @@ async def post_prompt(
 ) -> Response:
     timing = request.state.timing = Timing()
     raw = await request.body()
-    answer = await proxy_service.submit_prompt(proxy, acting, raw, idempotency_key, timing)
-    return _answer(answer)
+    try:
+        answer = await proxy_service.submit_prompt(proxy, acting, raw, idempotency_key, timing)
+    except PromptRejected as exc:  # ComfyUI's validation, by the user's own file names
+        raise PromptRejected(present.for_user(exc.body(), acting.user_id, errors=True)) from None
+    return _answer(answer, acting)
 
 
-def _answer(answer: PromptAnswer) -> Response:
+def _answer(answer: PromptAnswer, acting: ActingUser) -> Response:
     headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
-    return JSONBody(answer.body, status_code=answer.status_code, headers=headers)
+    body = answer.body
+    if answer.status_code != 200 or body.get("node_errors"):
+        body = present.for_user(body, acting.user_id, errors=True)
+    return JSONBody(body, status_code=answer.status_code, headers=headers)
 
 
 @router.get("/prompt", summary="Queue size")
@@ -163,12 +171,12 @@ async def post_upload_mask(
     subfolder: Annotated[str, Form()] = "",
     overwrite: Annotated[str, Form()] = "false",
 ) -> UploadAnswer:
-    await results.authorize_original(proxy, acting, original_ref)
+    server_ref = await results.authorize_original(proxy, acting, original_ref)
     fields = {
         "type": type,
         "subfolder": subfolder,
         "overwrite": overwrite,
-        "original_ref": original_ref,
+        "original_ref": server_ref,
     }
     answer = await results.upload(proxy, acting, "/upload/mask", image, fields)
     return UploadAnswer.model_validate(answer)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from broker.files import present
+
 log = logging.getLogger("broker.events")
 
 SUBSCRIBER_QUEUE_SIZE = 1_000
@@ -86,6 +88,8 @@ class Subscribers:
         """To the owner's socket with the prompt's clientId, or to all the owner's sockets
         when the prompt named none."""
         by_client = self._by_user.get(owner.user_id, {})
+        if by_client and isinstance(message, str):
+            message = present.event_for_user(message, owner.user_id)
         if owner.client_id is None:
             targets = list(by_client.values())
         else:

@@ -20,6 +20,7 @@ from broker.comfy.client import ComfyClient
 from broker.comfy.object_info import ObjectInfoCache
 from broker.egress.setup_check import setup_problem
 from broker.errors import BrokerError, ServiceUnavailable
+from broker.files.policy import FilePolicy
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
 from broker.proxy.tasks import cancel_and_wait
@@ -73,8 +74,10 @@ class UpstreamPool:
         refuse_leaky: bool,
         check_interval: float = HEALTH_INTERVAL_SECONDS,
         sealed: bool = False,
+        file_policy: FilePolicy | None = None,
     ) -> None:
         self.upstreams = upstreams
+        self.file_policy = file_policy or FilePolicy()
         self.subscribers = subscribers
         self._refuse_leaky = refuse_leaky
         self._sealed = sealed

@@ -21,10 +21,12 @@ from broker.comfy.redaction import redact
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BadRequest, BrokerError, Conflict, NotFound, UpstreamUnavailable
+from broker.files import present
+from broker.files.names import NotAllowed, in_own_folder, user_folder
 from broker.prompts import lifecycle
+from broker.proxy import namespace
 from broker.proxy.pool import Upstream
 from broker.proxy.service import ProxyContext
-from broker.proxy.uploads import UPLOAD_TYPES, is_own_upload, upload_subfolder
 from broker.tenants.auth import ActingUser
 from broker.usage.repository import PromptOutputRepository, PromptRepository
 
@@ -95,16 +97,20 @@ async def _fetch_history(
     for prompt, answer in zip(prompts, answers, strict=True):
         entry = answer.get(str(prompt.id))
         if isinstance(entry, dict):
-            entries[str(prompt.id)] = _present_history_entry(entry, prompt)
-    await _remember_outputs(context, prompts, entries)
-    return entries
+            entries[str(prompt.id)] = entry
+    await _remember_outputs(context, prompts, entries)  # by the server's names
+    by_id = {str(prompt.id): prompt for prompt in prompts}
+    return {key: _present_history_entry(entry, by_id[key]) for key, entry in entries.items()}
 
 
 def _present_history_entry(entry: dict[str, Any], prompt: Prompt) -> dict[str, Any]:
     clean: dict[str, Any] = redact(entry)
     if isinstance(clean.get("prompt"), list):
         clean["prompt"] = present_queue_item(clean["prompt"], prompt)
-    return clean
+    if isinstance(clean.get("status"), dict):
+        clean["status"] = present.for_user(clean["status"], prompt.user_id, errors=True)
+    shown: dict[str, Any] = present.for_user(clean, prompt.user_id)
+    return shown
 
 
 def present_queue_item(item: list[Any], prompt: Prompt) -> list[Any]:
@@ -116,7 +122,8 @@ def present_queue_item(item: list[Any], prompt: Prompt) -> list[Any]:
         if prompt.client_id is not None:
             extra_data["client_id"] = prompt.client_id
         item[3] = extra_data
-    return item
+    shown: list[Any] = present.for_user(item, prompt.user_id)
+    return shown
 
 
 async def _remember_outputs(
@@ -135,18 +142,22 @@ VIEW_OPTIONS = ("preview", "channel")
 async def authorize_view(
     context: ProxyContext, acting: ActingUser, query: dict[str, str]
 ) -> tuple[Upstream, list[tuple[str, str]]]:
-    """Allow a file only if it is the caller's upload or an output of the caller's prompt.
+    """Allow a file only if it is the caller's upload, a shared input, or an output of the
+    caller's prompt, named as the caller sees it (broker/files).
 
     Returns the server to ask (uploads are on every server) and the query to send it:
-    the checked file reference and display options.
+    the server's file reference and display options.
     """
     try:
-        ref = file_ref(
+        named = file_ref(
             query.get("filename", ""), query.get("subfolder", ""), query.get("type", "output")
         )
-    except UnsafePath:
+        namespace.checked_subfolder(acting.user_id, named.subfolder)
+    except (UnsafePath, NotAllowed):
         raise NotFound(FILE_NOT_FOUND) from None
-    if is_own_upload(ref, acting.user_id):
+    resolver = namespace.Resolver(context.pool, context.sessionmaker, acting.user_id)
+    ref = await resolver.server_ref(named.type, named.subfolder, named.filename)
+    if _is_upload(ref, acting):
         upstream = context.pool.choose()
     else:
         url = await _own_output_upstream(context, acting, ref)
@@ -159,8 +170,15 @@ async def authorize_view(
     return upstream, [*file, *options]
 
 
-async def authorize_original(context: ProxyContext, acting: ActingUser, original_ref: str) -> None:
-    """A mask may only be attached to the caller's own image."""
+def _is_upload(ref: FileRef, acting: ActingUser) -> bool:
+    """An input (the caller's or a shared one) or the caller's temp upload."""
+    own_temp = ref.type == "temp" and in_own_folder(ref.subfolder, user_folder(acting.user_id))
+    return ref.type == "input" or own_temp
+
+
+async def authorize_original(context: ProxyContext, acting: ActingUser, original_ref: str) -> str:
+    """A mask may only be attached to the caller's own image (or a shared input). Returns
+    the reference as ComfyUI must get it."""
     try:
         reference = orjson.loads(original_ref)
     except orjson.JSONDecodeError:
@@ -168,7 +186,8 @@ async def authorize_original(context: ProxyContext, acting: ActingUser, original
     if not isinstance(reference, dict):
         raise BadRequest("original_ref must be JSON {filename, subfolder, type}.")
     query = {name: str(reference.get(name) or "") for name in ("filename", "subfolder", "type")}
-    await authorize_view(context, acting, {**query, "type": query["type"] or "input"})
+    _, params = await authorize_view(context, acting, {**query, "type": query["type"] or "input"})
+    return orjson.dumps(dict(params[:3])).decode()
 
 
 async def _own_output_upstream(
@@ -214,15 +233,19 @@ async def upload(
 ) -> dict[str, Any]:
     """Store an upload in the caller's own folder; answer as ComfyUI does."""
     upload_type = fields.get("type") or "input"
-    if upload_type not in UPLOAD_TYPES:
+    if upload_type not in ("input", "temp"):
         raise BadRequest("type must be input or temp.")
     try:
         filename = clean_filename(image.filename or "")
     except UnsafePath:
         raise BadRequest("The file name must be a plain name, without folders.") from None
+    try:
+        subfolder = namespace.server_subfolder(acting.user_id, fields.get("subfolder", ""))
+    except NotAllowed:
+        raise BadRequest("subfolder must be a plain relative folder path.") from None
     forwarded = {
         "type": upload_type,
-        "subfolder": upload_subfolder(acting.user_id, fields.get("subfolder", "")),
+        "subfolder": subfolder,
         "overwrite": fields.get("overwrite", "false"),
     }
     if "original_ref" in fields:
@@ -235,7 +258,8 @@ async def upload(
         for upstream in targets
     ))  # fmt: skip
     answers = [_upstream_json(response) for response in responses]
-    return answers[0]
+    answer: dict[str, Any] = present.for_user(answers[0], acting.user_id)
+    return answer
 
 
 def _healthy(context: ProxyContext) -> list[Upstream]:

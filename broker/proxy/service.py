@@ -45,11 +45,11 @@ from broker.prompts.admission import (
     Replayed,
 )
 from broker.prompts.settlement import Answer, Finish
+from broker.proxy import namespace
 from broker.proxy.errors import PromptError, node_error
 from broker.proxy.fanout import Owner
 from broker.proxy.pool import Upstream, UpstreamPool
 from broker.proxy.prompt_body import PromptBody, parse_prompt_body, upstream_body
-from broker.proxy.uploads import foreign_file_inputs
 from broker.tenants.auth import ActingUser
 from broker.usage.pricing import Estimate, Pricer
 
@@ -91,7 +91,7 @@ async def submit_prompt(
 ) -> PromptAnswer:
     _check_idempotency_key(idempotency_key)
     body = parse_prompt_body(raw)
-    _refuse_foreign_files(body, acting)
+    body = await namespace.confine_prompt(context.pool, context.sessionmaker, body, acting.user_id)
     upstream, key_nodes = await _choose_upstream(context, body)
     estimate = context.pricer.estimate(
         body.fields["prompt"], await upstream.object_info.nodes(), key_nodes
@@ -170,20 +170,6 @@ async def _choose_upstream(context: ProxyContext, body: PromptBody) -> tuple[Ups
             continue
         return upstream, nodes
     raise ServiceUnavailable("No ComfyUI server is available right now.", retry_after=5)
-
-
-def _refuse_foreign_files(body: PromptBody, acting: ActingUser) -> None:
-    foreign = foreign_file_inputs(body.fields["prompt"], acting.user_id)
-    if foreign:
-        message = "This prompt reads files outside your own uploads and the shared inputs."
-        raise PromptError(
-            message,
-            error_type="file_not_allowed",
-            node_errors={
-                node_id: node_error("file_not_allowed", message, body.class_types[node_id])
-                for node_id in foreign
-            },
-        )
 
 
 def _check_idempotency_key(key: str | None) -> None:

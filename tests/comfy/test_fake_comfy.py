@@ -134,7 +134,7 @@ def test_outputs_failed_validation(fake_comfy: FakeComfyUI) -> None:
     assert payload["error"]["type"] == "prompt_outputs_failed_validation"
     errors = payload["node_errors"]
     assert errors["1"]["class_type"] == "LoadImage"
-    assert errors["1"]["errors"][0]["type"] == "value_not_in_list"
+    assert errors["1"]["errors"][0]["type"] == "custom_validation_failed"  # VALIDATE_INPUTS
     assert errors["1"]["dependent_outputs"] == ["2", "3"]  # real quirk: every failed output
     assert errors["2"]["errors"][0]["type"] == "required_input_missing"  # filename_prefix
     assert errors["3"]["errors"][0]["extra_info"] == {"input_name": "images"}

@@ -68,7 +68,9 @@ class TestInjection:
         assert received["extra_data"]["client_id"] == received["client_id"]
         assert "number" not in received
         assert "front" not in received
-        assert received["prompt"] == docs_workflow()
+        expected = docs_workflow()  # outputs go to alice's own folder (broker/files)
+        expected["12"]["inputs"]["filename_prefix"] = f"cbk-{alice.id}/ComfyUI"
+        assert received["prompt"] == expected
         [request] = [r for r in fake_comfy.received if r.path == "/prompt" and r.method == "POST"]
         assert not {"origin", "cookie", "authorization"} & set(request.headers)
         assert key not in response.text

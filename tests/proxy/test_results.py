@@ -102,8 +102,9 @@ class TestView:
         output = await client.get("/view", params=world.output, headers=world.alice.auth)
         assert output.status_code == 200
         assert output.headers["content-type"] == "image/png"
-        saved = Path(fake_comfy.dir("output")) / world.output["filename"]
-        assert output.content == saved.read_bytes()
+        assert world.output["subfolder"] == ""  # as the user sees it; on the server:
+        own = Path(fake_comfy.dir("output")) / f"cbk-{world.alice.id}"
+        assert output.content == (own / world.output["filename"]).read_bytes()
         upload = {
             "filename": world.upload["name"],
             "subfolder": world.upload["subfolder"],
@@ -115,21 +116,17 @@ class TestView:
     async def test_others_cannot_download_them(
         self, client: httpx.AsyncClient, world: World
     ) -> None:
-        upload = {
-            "filename": world.upload["name"],
-            "subfolder": world.upload["subfolder"],
-            "type": "input",
-        }
+        upload = {"filename": world.upload["name"], "subfolder": "", "type": "input"}
+        server_spelling = {**upload, "subfolder": f"cbk-{world.alice.id}"}
         missing = await client.get("/view", params={"filename": "nope.png"}, headers=world.bob.auth)
         for user in others(world):
-            for params in (world.output, upload):
+            for params in (world.output, upload, server_spelling):
                 response = await client.get("/view", params=params, headers=user.auth)
                 assert (response.status_code, error_of(response)) == (404, error_of(missing))
 
     @pytest.mark.parametrize(
         "params",
         [
-            {"filename": "example.png", "type": "input"},  # the operator's shared input
             {"type": "temp", "subfolder": "api_logs", "filename": "LOG"},  # 0.3.64's key log
             {"filename": "../../etc/passwd"},
             {"filename": "passwd", "subfolder": "../../etc"},
@@ -157,6 +154,13 @@ class TestView:
         assert response.status_code == 404
         assert world.alice_key not in response.text
 
+    async def test_shared_inputs_are_readable(
+        self, client: httpx.AsyncClient, world: World
+    ) -> None:
+        params = {"filename": "example.png", "type": "input"}  # the operator's shared input
+        for user in (world.alice, world.bob, world.carol):
+            assert (await client.get("/view", params=params, headers=user.auth)).status_code == 200
+
     async def test_outputs_missed_by_the_event_stream_are_found(
         self,
         client: httpx.AsyncClient,
@@ -177,23 +181,27 @@ class TestView:
 
 class TestUploadsInPrompts:
     async def test_uploads_land_in_the_callers_own_folder(
-        self, client: httpx.AsyncClient, world: World
+        self, client: httpx.AsyncClient, world: World, fake_comfy: FakeComfyUI
     ) -> None:
-        assert world.upload["subfolder"] == f"cbk-{world.alice.id}"
-        sneaky = await client.post(
-            "/upload/image",
-            data={"subfolder": f"../cbk-{world.alice.id}"},
-            files={"image": ("x.png", b"bob", "image/png")},
-            headers=world.bob.auth,
-        )
-        assert sneaky.status_code == 400
+        assert world.upload == {"name": "mine.png", "subfolder": "", "type": "input"}
+        stored = Path(fake_comfy.dir("input")) / f"cbk-{world.alice.id}" / "mine.png"
+        assert stored.read_bytes() == b"\x89PNG alice"
+        for sneaky in (f"../cbk-{world.alice.id}", f"cbk-{world.alice.id}", "/etc", "a\\b"):
+            response = await client.post(
+                "/upload/image",
+                data={"subfolder": sneaky},
+                files={"image": ("x.png", b"bob", "image/png")},
+                headers=world.bob.auth,
+            )
+            assert response.status_code == 400, sneaky
         nested = await client.post(
             "/upload/image",
             data={"subfolder": "masks/2024"},
             files={"image": ("y.png", b"bob", "image/png")},
             headers=world.bob.auth,
         )
-        assert nested.json()["subfolder"] == f"cbk-{world.bob.id}/masks/2024"
+        assert nested.json() == {"name": "y.png", "subfolder": "masks/2024", "type": "input"}
+        assert (Path(fake_comfy.dir("input")) / f"cbk-{world.bob.id}/masks/2024/y.png").exists()
         bad_name = await client.post(
             "/upload/image",
             files={"image": ("../x.png", b"bob", "image/png")},
@@ -204,41 +212,50 @@ class TestUploadsInPrompts:
     async def test_a_prompt_may_read_own_uploads_and_shared_inputs_only(
         self, client: httpx.AsyncClient, world: World, fake_comfy: FakeComfyUI
     ) -> None:
-        alices_file = f"{world.upload['subfolder']}/{world.upload['name']}"
+        server_spelling = f"cbk-{world.alice.id}/{world.upload['name']}"
         for user, image, expected in (
-            (world.alice, alices_file, 200),
+            (world.alice, "mine.png", 200),
+            (world.alice, "mine.png [input]", 200),
+            (world.alice, server_spelling, 200),  # what older versions answered uploads with
             (world.alice, "example.png", 200),
-            (world.bob, alices_file, 400),
-            (world.carol, f"{alices_file} [input]", 400),
+            (world.bob, "example.png", 200),
+            (world.bob, "mine.png", 400),  # bob has no mine.png: ComfyUI's own refusal
+            (world.bob, server_spelling, 400),
+            (world.carol, f"{server_spelling} [input]", 400),
             (world.bob, "../output/secret.png", 400),
         ):
             workflow = docs_workflow()
             workflow["14"]["inputs"]["image"] = image
             response = await client.post("/prompt", json={"prompt": workflow}, headers=user.auth)
             assert response.status_code == expected, (user.external_id, image, response.text)
-            if expected == 400:
+            if expected == 400 and image != "mine.png":
                 assert response.json()["error"]["type"] == "file_not_allowed"
                 assert list(response.json()["node_errors"]) == ["14"]
 
-    async def test_mask_only_for_own_image(self, client: httpx.AsyncClient, world: World) -> None:
+    async def test_mask_only_for_own_image(
+        self, client: httpx.AsyncClient, world: World, fake_comfy: FakeComfyUI
+    ) -> None:
         import json
 
-        original = json.dumps(
-            {
-                "filename": world.upload["name"],
-                "subfolder": world.upload["subfolder"],
-                "type": "input",
-            }
+        original = json.dumps({"filename": "mine.png", "subfolder": "", "type": "input"})
+        server_spelling = json.dumps(
+            {"filename": "mine.png", "subfolder": f"cbk-{world.alice.id}", "type": "input"}
         )
         files = {"image": ("mask.png", b"mask", "image/png")}
         theirs = await client.post(
-            "/upload/mask", data={"original_ref": original}, files=files, headers=world.bob.auth
+            "/upload/mask",
+            data={"original_ref": server_spelling},
+            files=files,
+            headers=world.bob.auth,
         )
         assert theirs.status_code == 404
         mine = await client.post(
             "/upload/mask", data={"original_ref": original}, files=files, headers=world.alice.auth
         )
         assert mine.status_code == 200, mine.text
+        assert mine.json() == {"name": "mask.png", "subfolder": "", "type": "input"}
+        [sent] = [r for r in fake_comfy.received if r.path == "/upload/mask"]
+        assert f'"subfolder":"cbk-{world.alice.id}"'.encode() in sent.body  # the server's ref
 
 
 class TestQueue:

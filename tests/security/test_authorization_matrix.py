@@ -32,6 +32,7 @@ from broker.db.base import utc_now
 from broker.db.models import PromptStatus, TokenKind
 from broker.tenants import service as tenants_service
 from broker.tenants.tokens import generate_token
+from tests.files.spellings import loader_graphs, refused_names
 from tests.fixtures.app import OPERATOR, AdminApi, Tenant, User, bearer, comfy_key
 from tests.fixtures.comfy import FakeComfyUI, Received
 from tests.fixtures.dump import dump_database
@@ -328,7 +329,8 @@ def fresh_name(prefix: str) -> str:
 
 
 def alice_upload_graph(w: World) -> dict[str, Any]:
-    image = f"{w.upload['subfolder']}/{w.upload['name']}"
+    """Alice's upload as the server stores it: hers (an older spelling), refused to others."""
+    image = f"cbk-{w.alice.id}/{w.upload['name']}"
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": image}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "m"}},
@@ -336,7 +338,7 @@ def alice_upload_graph(w: World) -> dict[str, Any]:
 
 
 def alice_upload_ref(w: World) -> dict[str, str]:
-    return {"filename": w.upload["name"], "subfolder": w.upload["subfolder"], "type": "input"}
+    return {"filename": w.upload["name"], "subfolder": f"cbk-{w.alice.id}", "type": "input"}
 
 
 async def delete_alices_key(w: World, caller: Caller) -> Call:
@@ -785,3 +787,42 @@ async def test_a_websocket_token_in_the_query_is_checked_like_the_header(
     junk_header = bearer("not-a-token")
     status = await websocket_handshake(app, "/ws", junk_header, {"token": alice})
     assert status == REFUSED_SOCKET
+
+
+async def test_no_spelling_of_alices_files_reaches_comfyui_for_others(
+    world: World, fake_comfy: FakeComfyUI, admin_api: AdminApi
+) -> None:
+    """B (A's tenant) and another tenant's service acting for its user name A's upload,
+    output and preview in every refused spelling, through every core loader: each is
+    refused as `file_not_allowed` for that node, nothing reaches ComfyUI, nothing of A's
+    comes back. (By the names A was shown, they name their own files: test_file_namespace.)"""
+    w = world
+    entry = (await w.client.get(f"/history/{w.prompt_id}", headers=w.alice.auth)).json()
+    assert entry[w.prompt_id]["outputs"]["12"]["images"][0]["subfolder"] == ""
+    names = {w.upload["name"], w.output["filename"]}
+    spellings = [s for name in names for s in refused_names(f"cbk-{w.alice.id}", name)]
+    dave = await admin_api.user(w.globex, fresh_name("dave"))
+    others = {
+        Caller.OTHER_USER: w.bob.auth,
+        Caller.OTHER_SERVICE: {**w.globex.service, ACT_AS: dave.external_id},  # for its own
+    }
+    before = len(fake_comfy.received)
+    wrong = []
+    for caller, headers in others.items():
+        for name in spellings:
+            for label, graph in loader_graphs(name).items():
+                response = await w.client.post("/prompt", json={"prompt": graph}, headers=headers)
+                body = response.json()
+                error = (response.status_code, body["error"]["type"], list(body["node_errors"]))
+                if error != (400, "file_not_allowed", ["1"]):
+                    wrong.append(f"{caller} {label} {name!r}: {response.status_code}")
+                wrong += [
+                    f"{caller} {label} shows {i!r}" for i in w.identifiers if i in response.text
+                ]
+    assert not wrong, "\n".join(wrong)
+    reached = [
+        f"{r.method} {r.path}"
+        for r in fake_comfy.received[before:]
+        if r.method == "POST" or r.path.removeprefix("/api") == "/view"
+    ]
+    assert reached == []

@@ -1,0 +1,182 @@
+"""Which inputs of a prompt name files, what each names, and the prompt as ComfyUI gets it.
+
+File inputs are the known core loaders' plus every input `/object_info` flags as one
+(`image_upload`, `audio_upload`, `video_upload`, `file_upload`, `upload`, `image_folder`).
+Every other string, at any depth, is checked too: an annotated name (`x [output]`) is a
+file name wherever it appears, and a string that looks like a host path or names another
+user's folder is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.files.names import (
+    ANNOTATION,
+    NotAllowed,
+    UserName,
+    check_path,
+    looks_like_host_path,
+    names_other_user_folder,
+    parse_name,
+    to_server,
+)
+from broker.files.policy import FilePolicy
+
+# Core nodes that read files by name (`folder_paths.get_annotated_filepath`), 0.3.6x–0.38.x.
+KNOWN_FILE_INPUTS: dict[str, frozenset[str]] = {
+    "LoadImage": frozenset({"image"}),
+    "LoadImageMask": frozenset({"image"}),
+    "LoadImageOutput": frozenset({"image"}),
+    "WebcamCapture": frozenset({"image"}),
+    "Load3D": frozenset({"model_file", "image"}),
+    "Load3DAnimation": frozenset({"model_file", "image"}),
+    "LoadAudio": frozenset({"audio"}),
+    "LoadVideo": frozenset({"file"}),
+    "LoadLatent": frozenset({"latent"}),
+    "LoadImageSetFromFolderNode": frozenset({"folder"}),
+    "LoadImageTextSetFromFolderNode": frozenset({"folder"}),
+}
+# Inside a file input's value (Load3D's `image` dict): data, not file names.
+NOT_FILE_KEYS = frozenset({"camera_info"})
+# Save nodes' output path: `folder_paths.get_save_image_path(filename_prefix, …)`.
+PREFIX_INPUTS = frozenset({"filename_prefix"})
+FOLDER_FLAGS = frozenset({"upload", "image_folder"})
+# What every refused or annotated string has at least one of.
+MAYBE_A_PATH = re.compile(r"[/\\\[~:\x00]|\.\.|cbk-", re.IGNORECASE)
+
+Location = tuple[str, tuple[str | int, ...]]  # node id, then keys down to the string
+
+
+@dataclass(frozen=True)
+class FileUse:
+    location: Location
+    name: UserName
+
+
+@dataclass
+class Inspection:
+    refused: list[str] = field(default_factory=list)  # node ids
+    uses: list[FileUse] = field(default_factory=list)  # names to map to server names
+    rewrites: dict[Location, str] = field(default_factory=dict)  # already mapped
+
+
+def file_inputs(class_type: str, definition: Any) -> frozenset[str]:
+    return KNOWN_FILE_INPUTS.get(class_type, frozenset()) | frozenset(_flagged(definition))
+
+
+def _flagged(definition: Any) -> Iterator[str]:
+    inputs = definition.get("input") if isinstance(definition, dict) else None
+    for section in (inputs or {}).values() if isinstance(inputs, dict) else ():
+        for name, spec in section.items() if isinstance(section, dict) else ():
+            options = spec[1] if isinstance(spec, list) and len(spec) > 1 else None
+            if isinstance(options, dict) and _names_files(options):
+                yield name
+
+
+def _names_files(options: dict[str, Any]) -> bool:
+    flagged = any(key.endswith("_upload") and value is True for key, value in options.items())
+    return flagged or not FOLDER_FLAGS.isdisjoint(options)
+
+
+def inspect(
+    graph: dict[str, Any],
+    definitions: dict[str, Any],
+    own_folder: str,
+    policy: FilePolicy,
+) -> Inspection:
+    found = Inspection()
+    names_of: dict[str, frozenset[str]] = {}
+    for node_id, node in graph.items():
+        class_type = str(node.get("class_type"))
+        if policy.denies(class_type):
+            found.refused.append(node_id)
+        elif not policy.trusts(class_type):
+            if class_type not in names_of:
+                names_of[class_type] = file_inputs(class_type, definitions.get(class_type))
+            try:
+                _inspect_inputs(
+                    node_id, node.get("inputs"), names_of[class_type], own_folder, found
+                )
+            except NotAllowed:
+                found.refused.append(node_id)
+    return found
+
+
+def _inspect_inputs(
+    node_id: str, inputs: Any, names: frozenset[str], own_folder: str, found: Inspection
+) -> None:
+    """Hot on big workflows: plain strings, numbers and links take the short paths."""
+    if not isinstance(inputs, dict):
+        return
+    for name, value in inputs.items():
+        kind = type(value)
+        if kind is str:
+            if name in names or name in PREFIX_INPUTS:
+                _inspect_input(node_id, name, value, names, own_folder, found)
+            elif MAYBE_A_PATH.search(value) is not None:
+                _inspect_other((node_id, (name,)), value, own_folder, found)
+        elif kind is list and len(value) == 2 and type(value[1]) is int:  # a link
+            source = value[0]
+            if type(source) is str and MAYBE_A_PATH.search(source) is not None:
+                _inspect_other((node_id, (name, 0)), source, own_folder, found)
+        elif kind is list or kind is dict:
+            _inspect_input(node_id, name, value, names, own_folder, found)
+
+
+def _inspect_input(
+    node_id: str, name: str, value: Any, names: frozenset[str], own_folder: str, found: Inspection
+) -> None:
+    where: Location = (node_id, (name,))
+    if name in PREFIX_INPUTS and isinstance(value, str):
+        found.rewrites[where] = to_server(check_path(value, own_folder), own_folder)
+    elif name in names:
+        for location, text in _strings(where, value):
+            if text and NOT_FILE_KEYS.isdisjoint(map(str, location[1])):
+                found.uses.append(FileUse(location, parse_name(text, own_folder)))
+            else:
+                _inspect_other(location, text, own_folder, found)
+    else:
+        for location, text in _strings(where, value):
+            _inspect_other(location, text, own_folder, found)
+
+
+def _inspect_other(location: Location, text: str, own_folder: str, found: Inspection) -> None:
+    if not MAYBE_A_PATH.search(text):  # most strings: sampler names, plain text
+        return
+    if ANNOTATION.match(text):
+        found.uses.append(FileUse(location, parse_name(text, own_folder)))
+    elif looks_like_host_path(text) or names_other_user_folder(text, own_folder):
+        raise NotAllowed("a host path or another user's folder")
+
+
+def _strings(where: Location, value: Any) -> Iterator[tuple[Location, str]]:
+    """Every string in `value`, at any depth, with the keys that lead to it."""
+    node_id, path = where
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings((node_id, (*path, str(key))), item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings((node_id, (*path, index)), item)
+
+
+def rewritten(graph: dict[str, Any], rewrites: dict[Location, str]) -> dict[str, Any]:
+    """A copy of `graph` with each located string replaced (untouched nodes shared)."""
+    if not rewrites:
+        return graph
+    result = dict(graph)
+    for node_id in {node_id for node_id, _ in rewrites}:
+        result[node_id] = copy.deepcopy(graph[node_id])
+    for (node_id, path), value in rewrites.items():
+        container: Any = result[node_id]["inputs"]
+        for key in path[:-1]:
+            container = container[key]
+        container[path[-1]] = value
+    return result
