@@ -31,7 +31,12 @@ LATENCY_TEXT = (
     "`added` = the target's percentile minus direct's; `ST` = the broker's own `Server-Timing` "
     "(`broker;dur` is its time minus the wait for ComfyUI) over sequential requests."
 )
-RATIO_COLUMNS = (("floor-aiohttp", "×aiohttp"), ("floor-httpx", "×httpx"), ("direct", "×direct"))
+RATIO_COLUMNS = (
+    ("floor-aiohttp", "×aiohttp"),
+    ("floor-httpx", "×httpx"),
+    ("direct", "×direct"),
+    ("peer-comfy-api-proxy", "×peer"),
+)
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def results_table(rows: Sequence[Row], body: str, markdown: bool) -> str:
 
 
 def _target_order(name: str) -> tuple[int, str]:
-    kinds = ("direct", "floor-", "broker-")
+    kinds = ("direct", "floor-", "peer-", "broker-")
     return next(i for i, kind in enumerate(kinds) if name.startswith(kind)), name
 
 

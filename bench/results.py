@@ -18,7 +18,8 @@ from bench.runner import Measurement
 from bench.scenarios import Case
 from bench.server_timing import TimingSample
 
-REFERENCES = ("floor-aiohttp", "floor-httpx", "direct")
+PEER = "peer-comfy-api-proxy"
+REFERENCES = ("floor-aiohttp", "floor-httpx", "direct", PEER)
 GOAL_CONCURRENCY = 16
 GOAL_BODY = "docs"
 
@@ -136,11 +137,13 @@ def checks(
     for target in (t for t in brokers if t.endswith("-w1")):
         found += _throughput_checks(target, table)
         found += _latency_checks(target, added, timings)
+    for target in (t for t in brokers if t.endswith("-w1-budget")):
+        found.append(_budget_check(target, table))
     return found
 
 
-def _throughput_checks(target: str, table: Sequence[Row]) -> list[Check]:
-    row = next(
+def _goal_row(table: Sequence[Row], target: str) -> Row | None:
+    return next(
         (
             r
             for r in table
@@ -150,12 +153,26 @@ def _throughput_checks(target: str, table: Sequence[Row]) -> list[Check]:
         ),
         None,
     )
+
+
+def _budget_check(target: str, table: Sequence[Row]) -> Check:
+    """A tenant with a budget against one without: the same broker, the same run."""
+    budgeted, plain = _goal_row(table, target), _goal_row(table, target.removesuffix("-budget"))
+    ratio = budgeted.rps / plain.rps if budgeted and plain and plain.rps else None
+    what = f"req/s at c={GOAL_CONCURRENCY} with a tenant budget vs without"
+    return _check(target, what, ratio, 0.9, "≥ 0.9×", higher=True)
+
+
+def _throughput_checks(target: str, table: Sequence[Row]) -> list[Check]:
+    row = _goal_row(table, target)
     where = f"req/s at c={GOAL_CONCURRENCY}, {GOAL_BODY} body"
     aiohttp = row.ratios.get("floor-aiohttp") if row else None
     httpx = row.ratios.get("floor-httpx") if row else None
+    peer = row.ratios.get(PEER) if row else None
     return [
         _check(target, f"{where} vs floor-aiohttp", aiohttp, 0.60, "≥ 0.60×", higher=True),
         _check(target, f"{where} vs floor-httpx", httpx, 3.0, "≥ 3×", higher=True),
+        _check(target, f"{where} vs comfy-api-proxy", peer, 0.5, "≥ 0.5×", higher=True),
     ]
 
 

@@ -37,10 +37,11 @@ class Plan:
 
 
 def request_for(target: Target, case: Case, duration_s: int) -> LoadRequest:
+    path, body = target.request(case)
     return LoadRequest(
-        url=target.url + case.path,
+        url=target.url + path,
         method=case.method,
-        body=case.body.content if case.body else None,
+        body=body,
         token=target.token,
         concurrency=case.concurrency,
         duration_s=duration_s,
@@ -63,10 +64,11 @@ def _check_one(target: Target, case: Case) -> None:
     headers = {"Content-Type": "application/json"}
     if target.token:
         headers["Authorization"] = f"Bearer {target.token}"
+    path, body = target.request(case)
     answer = httpx.request(
         case.method,
-        target.url + case.path,
-        content=case.body.content if case.body else None,
+        target.url + path,
+        content=body,
         headers=headers,
         timeout=30,
     )

@@ -5,6 +5,9 @@
 - `broker-{sqlite,pg}-w{1,2}`: the broker, migrated and seeded through its CLI, on a fresh
   SQLite file or a fresh PostgreSQL database (dropped afterwards), with 1 or 2 workers;
   `…-budget`: the same with a monthly tenant budget, so every admission reserves credits.
+- `peer-comfy-api-proxy`: Comfy's official single-user Comfy API v2 proxy (`comfy-api-proxy`,
+  aiohttp) with its durable SQLite job index (`--state-dir`), sent the same workflow as
+  `POST /api/v2/jobs`: one forward to ComfyUI per job, as the broker's `POST /prompt`.
 
 All of them forward to one shared upstream fake ComfyUI.
 """
@@ -22,6 +25,8 @@ from typing import Self
 from bench import broker
 from bench.cpus import CpuPlan
 from bench.processes import PYTHON, Server, free_port, start_server
+from bench.scenarios import Case
+from bench.workloads import v2_job
 
 MULTI_WORKER_SETTLE_SECONDS = 3.0  # the supervisor answers before every worker has imported
 
@@ -29,7 +34,7 @@ MULTI_WORKER_SETTLE_SECONDS = 3.0  # the supervisor answers before every worker 
 @dataclass(frozen=True)
 class TargetSpec:
     name: str
-    kind: str  # "direct", "floor" or "broker"
+    kind: str  # "direct", "floor", "broker" or "peer"
     description: str
     client: str | None = None
     database: str | None = None
@@ -61,6 +66,7 @@ TARGETS = [
         budget=True,
     ),
     TargetSpec("broker-pg-w2", "broker", "broker, PostgreSQL, 2 workers", database="pg", workers=2),
+    TargetSpec("peer-comfy-api-proxy", "peer", "comfy-api-proxy 0.1.6, --state-dir (SQLite)"),
 ]
 TARGETS_BY_NAME = {spec.name: spec for spec in TARGETS}
 
@@ -78,6 +84,13 @@ class Target:
     @property
     def url(self) -> str:
         return self.server.url
+
+    def request(self, case: Case) -> tuple[str, bytes | None]:
+        """The path and body this target is sent for `case`: the peer speaks Comfy API v2."""
+        body = case.body.content if case.body else None
+        if self.spec.kind != "peer" or body is None or case.path != "/prompt":
+            return case.path, body
+        return "/api/v2/jobs", v2_job(body, broker.BENCH_COMFY_KEY)
 
 
 @dataclass
@@ -127,6 +140,8 @@ class Lab:
         if spec.kind == "floor":
             assert spec.client is not None
             return Target(spec, self._floor(spec.name, spec.client, upstream_url))
+        if spec.kind == "peer":
+            return Target(spec, self._peer(spec.name, upstream_url))
         return self._broker(spec, upstream_url)
 
     def _fake(self, name: str, cpus: list[int] | None) -> Server:
@@ -138,6 +153,15 @@ class Lab:
         port = free_port()
         command = [PYTHON, "-m", "bench.floors", client, "--port", str(port)]
         command += ["--upstream", upstream_url]
+        cpus = self.cpus.server
+        return self._keep(start_server(name, command, port=port, cpus=cpus, log_dir=self.work_dir))
+
+    def _peer(self, name: str, upstream_url: str) -> Server:
+        port = free_port()
+        state = self.work_dir / f"{name}-state"
+        state.mkdir(exist_ok=True)
+        command = [str(Path(PYTHON).with_name("comfy-api-proxy")), "run", "--port", str(port)]
+        command += ["--comfyui", upstream_url, "--state-dir", str(state)]
         cpus = self.cpus.server
         return self._keep(start_server(name, command, port=port, cpus=cpus, log_dir=self.work_dir))
 

@@ -104,3 +104,10 @@ BODIES = {"docs": docs_body, "large": large_body}
 
 def body(name: str) -> Body:
     return BODIES[name]()
+
+
+def v2_job(prompt_body: bytes, comfy_key: str) -> bytes:
+    """A `POST /prompt` body as the Comfy API v2's `POST /api/v2/jobs` takes it."""
+    payload = orjson.loads(prompt_body)
+    job = {"workflow": payload["prompt"], "extra_data": {"api_key_comfy_org": comfy_key}}
+    return orjson.dumps(job)
