@@ -232,6 +232,17 @@ def require_tenant_admin(tenant_id: uuid.UUID, caller: AdminCaller) -> Caller:
 TenantAdminCaller = Annotated[Caller, Depends(require_tenant_admin)]
 
 
+def require_operator_of_tenant(caller: TenantAdminCaller) -> Caller:
+    """The operator only, for caps it sets on a tenant (the tenant budget and limits): the
+    tenant's own admin gets 403, another tenant's admin the 404 of a tenant it cannot see."""
+    if not caller.is_operator:
+        raise Forbidden("The tenant's budget and limits are the operator's to set.")
+    return caller
+
+
+TenantOperatorCaller = Annotated[Caller, Depends(require_operator_of_tenant)]
+
+
 def tenant_scope(caller: Caller) -> uuid.UUID | None:
     """The tenant a caller is confined to; None for the operator."""
     return None if caller.is_operator else caller.tenant_id

@@ -18,10 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from broker.comfy.files import output_files
 from broker.db.base import utc_now
-from broker.db.models import Prompt, PromptStatus, Tenant
-from broker.errors import BadRequest
+from broker.db.models import Prompt, PromptStatus
 from broker.ops import metrics
-from broker.usage import budgets, limits
+from broker.usage import budgets, limits, unpriced
 from broker.usage.pricing import MC_PER_CREDIT, Estimate
 from broker.usage.repository import PromptOutputRepository, PromptRepository, SettledPrompt
 
@@ -51,7 +50,7 @@ async def admit_prompt(session: AsyncSession, new: NewPrompt) -> None:
     budgets' savepoint): group commit relies on it (broker/db/group_commit.py)."""
     estimate = new.estimate
     if estimate.unpriced:
-        await _check_unpriced_policy(session, new.tenant_id)
+        await _check_unpriced_policy(session, new.tenant_id, new.user_id)
     now = utc_now()
     # A prompt with unpriced nodes may cost anything: it needs some room left.
     needs_room = bool(estimate.unpriced)
@@ -96,13 +95,11 @@ async def admit_prompt(session: AsyncSession, new: NewPrompt) -> None:
     )
 
 
-async def _check_unpriced_policy(session: AsyncSession, tenant_id: uuid.UUID) -> None:
-    tenant = await session.get(Tenant, tenant_id)
-    if tenant is not None and tenant.unpriced_policy == "refuse":
-        raise BadRequest(
-            "This prompt has API nodes without a known price, and your tenant refuses those.",
-            error_type="unpriced_nodes",
-        )
+async def _check_unpriced_policy(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> None:
+    # issue 15 (helper 15): the policy, with its opt-in under a budget, is in usage/unpriced.py
+    await unpriced.check_policy(session, tenant_id, user_id)
 
 
 Settlement = Callable[[AsyncSession, uuid.UUID], Awaitable[None]]

