@@ -203,3 +203,24 @@ async def test_tenant_admins_cannot_lift_the_operators_caps(
     # What the operator set still holds.
     budget = (await client.get(f"{tenant}/budget", headers=admin)).json()
     assert budget["limit_credits"] == "100.000"
+
+
+# ------------------------------------------------------------- 8. /internal/..%2F…
+
+
+async def test_the_operator_relay_reaches_only_allow_listed_comfyui_routes(
+    client: httpx.AsyncClient, fake_comfy: FakeComfyUI
+) -> None:
+    body = {"prompt": {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}}
+    for method, path in [
+        ("POST", "/internal/..%2Fprompt"),
+        ("POST", "/api/internal/..%2F..%2Fprompt"),
+        ("POST", "/internal/logs/..%2F..%2Fprompt"),
+        ("GET", "/internal/..%2Fhistory"),
+        ("GET", "/internal/%2E%2E/queue"),
+        ("POST", "/internal/logs"),
+    ]:
+        response = await client.request(method, path, json=body, headers=OPERATOR)
+        assert response.status_code == 404, (method, path, response.text)
+    assert [r.path for r in fake_comfy.received if r.method == "POST"] == []
+    assert [r.path for r in fake_comfy.received if r.path.startswith("/history")] == []
