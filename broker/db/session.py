@@ -30,6 +30,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from broker.file_modes import create_private_sqlite_file
+
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 READ_ONLY = "broker_read_only"  # an execution option: see read_scope()
 
@@ -53,6 +55,7 @@ def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
 
 
 def _create_sqlite_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    create_private_sqlite_file(database_url)
     engine = create_async_engine(
         database_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}, **kwargs
     )

@@ -4,14 +4,24 @@ headers) are in test_served.py."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
+import logging
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from alembic import command
 
-from tests.fixtures.app import OPERATOR, AdminApi, User, comfy_key
+from broker.app import create_app
+from broker.cli.db import alembic_config
+from broker.settings import ConfigurationError, Environment, Settings
+from tests.fixtures.app import KEK_1, OPERATOR, AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
 
 # An API node whose price is its `n` widget in USD (1..100), fed by a PrimitiveInt.
@@ -224,3 +234,51 @@ async def test_the_operator_relay_reaches_only_allow_listed_comfyui_routes(
         assert response.status_code == 404, (method, path, response.text)
     assert [r.path for r in fake_comfy.received if r.method == "POST"] == []
     assert [r.path for r in fake_comfy.received if r.path.startswith("/history")] == []
+
+
+# ---------------------------------------------------------------------- 10. file modes
+
+
+def _keyring_file(path: Path, mode: int) -> Path:
+    path.write_text(json.dumps({"primary": "k1", "keys": {"k1": KEK_1}}))
+    path.chmod(mode)
+    return path
+
+
+async def test_a_readable_keyring_file_is_refused_in_production(
+    tmp_path: Path, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    keyring = _keyring_file(tmp_path / "keyring.json", 0o644)
+    production = settings.model_copy(
+        update={"ENV": Environment.PRODUCTION, "KEYRING": None, "KEYRING_FILE": keyring}
+    )
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        create_app(production)
+    with caplog.at_level(logging.WARNING, logger="broker.files"):
+        create_app(production.model_copy(update={"ENV": Environment.DEV}))
+    assert "readable by group or others" in caplog.text
+    keyring.chmod(0o600)
+    create_app(production)
+
+
+async def test_a_new_sqlite_database_is_created_private(
+    tmp_path: Path, settings: Settings, app_factory: AppFactory
+) -> None:
+    (tmp_path / "new").mkdir()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'new' / 'broker.db'}"
+    config = alembic_config(url)
+    config.attributes["configure_logging"] = False
+    previous = os.umask(0o022)
+    try:
+        await asyncio.to_thread(command.upgrade, config, "head")
+        app = await app_factory(settings.model_copy(update={"DATABASE_URL": url}))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as c:
+            assert (await c.post("/admin/tenants", json={"name": "t"}, headers=OPERATOR)).is_success
+    finally:
+        os.umask(previous)
+    files = sorted((tmp_path / "new").iterdir())
+    assert files
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {
+        f.name: "0o600" for f in files
+    }
