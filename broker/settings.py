@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Redis for sharing websocket events between broker processes (replicas, --workers).
     REDIS_URL: SecretStr | None = None
     HOST: str = "127.0.0.1"
+    # Web origins (besides the broker's own) whose pages may call the broker with a user's
+    # browser credentials: "https://app.example.com,https://other.example", or "*" (any).
+    ALLOWED_ORIGINS: str | None = None
     PORT: int = Field(default=8189, ge=1, le=65535)
 
     # Key-encryption keys: "id:base64key,id:base64key" (32-byte keys). The

@@ -5,6 +5,7 @@ headers) are in test_served.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import io
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from alembic import command
 
@@ -23,6 +25,8 @@ from broker.cli.db import alembic_config
 from broker.settings import ConfigurationError, Environment, Settings
 from tests.fixtures.app import KEK_1, OPERATOR, AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
+from tests.proxy.workflows import LOCAL_WORKFLOW
+from tests.security.helpers import websocket_handshake
 
 # An API node whose price is its `n` widget in USD (1..100), fed by a PrimitiveInt.
 PER_IMAGE = "PerImageApiNode"
@@ -282,3 +286,47 @@ async def test_a_new_sqlite_database_is_created_private(
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {
         f.name: "0o600" for f in files
     }
+
+
+# ------------------------------------------------------------ 2. cross-site requests
+
+
+def basic(user: User) -> dict[str, str]:
+    """What a browser replays by itself once a user has logged in with Basic auth."""
+    return {"Authorization": "Basic " + base64.b64encode(f"u:{user.token}".encode()).decode()}
+
+
+async def test_other_web_sites_cannot_use_a_browsers_credentials(
+    app_factory: AppFactory, settings: Settings, fake_comfy: FakeComfyUI
+) -> None:
+    app = await app_factory(settings.model_copy(update={"ALLOWED_ORIGINS": "https://app.example"}))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker.test") as client:
+        alice = await AdminApi(client).user(await AdminApi(client).tenant("acme"), "alice")
+        form = orjson.dumps({"prompt": LOCAL_WORKFLOW})  # a cross-site form posts this
+        evil = {**basic(alice), "Origin": "https://evil.example", "Content-Type": "text/plain"}
+        for origin in ("https://evil.example", "null", "http://broker.test.evil.example"):
+            headers = {**evil, "Origin": origin}
+            refused = await client.post("/prompt", content=form, headers=headers)
+            assert refused.status_code == 403, (origin, refused.text)
+            assert refused.json()["error"]["type"] == "origin_not_allowed"
+        # Without an Origin (an old browser, a plugin), Basic credentials need a JSON body.
+        plain = {**basic(alice), "Content-Type": "text/plain"}
+        assert (await client.post("/prompt", content=form, headers=plain)).status_code == 415
+        assert fake_comfy.prompts_received() == []
+        # The broker's own pages, allowed origins, and clients that send no Origin work.
+        json_type = {"Content-Type": "application/json"}
+        for headers in (
+            {**basic(alice), **json_type, "Origin": "http://broker.test"},
+            {**basic(alice), **json_type, "Origin": "https://app.example"},
+            {**basic(alice), **json_type},
+            {**alice.auth, "Content-Type": "application/x-www-form-urlencoded"},  # urllib
+        ):
+            response = await client.post("/prompt", content=form, headers=headers)
+            assert response.status_code == 200, (headers, response.text)
+        # Websockets: another site may not read the user's events.
+        params = {"clientId": "c1"}
+        for origin, code in [("https://evil.example", 1008), ("http://broker.test", 101),
+                             ("https://app.example", 101)]:  # fmt: skip
+            got = await websocket_handshake(app, "/ws", {**basic(alice), "Origin": origin}, params)
+            assert got == code, origin
