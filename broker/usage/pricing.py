@@ -159,18 +159,8 @@ class Pricer:
         return compiled
 
 
-def badge_context(
-    depends_on: dict[str, Any], inputs: dict[str, Any], info: dict[str, Any]
-) -> dict[str, Any]:
-    """The context for the node's literal inputs; a linked widget takes its default
-    (`badge_contexts` gives every case a link may take)."""
-    contexts = badge_contexts(depends_on, inputs, info, worst_case=False)
-    assert contexts is not None
-    return contexts[0]
-
-
 def badge_contexts(
-    depends_on: dict[str, Any], inputs: dict[str, Any], info: Any, *, worst_case: bool = True
+    depends_on: dict[str, Any], inputs: dict[str, Any], info: Any
 ) -> list[dict[str, Any]] | None:
     """The contexts to price the node under: one for literal widget values (coerced as
     ComfyUI's validation does), and, for widgets fed by a link, one per combination of
@@ -183,10 +173,10 @@ def badge_contexts(
         name, kind = _widget(widget)
         value = inputs.get(name)
         declared = _declared(spec, name)
-        if _is_link(value) and worst_case:
+        if _is_link(value):
             values = link_values(declared, kind)
         else:
-            literal = _default(spec, name) if value is None or _is_link(value) else value
+            literal = _default(spec, name) if value is None else value
             values = [coerce(literal, declared, kind)]
         if values is None or any(v is INVALID for v in values):
             return None
