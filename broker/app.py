@@ -32,6 +32,7 @@ from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
 from broker.ops.health import router as health_router
+from broker.origins import OriginCheck, parse_allowed_origins
 from broker.prompts import lifecycle
 from broker.proxy.bus import EventBus
 from broker.proxy.endpoints import router as proxy_router
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
     app.add_middleware(CredentialsPrecheck, admin_token=admin_token, throttle=throttle)
+    app.add_middleware(OriginCheck, allowed=parse_allowed_origins(settings.ALLOWED_ORIGINS))
     app.add_middleware(ServerTimingMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(AccessMiddleware)

@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     # Redis for sharing websocket events between broker processes (replicas, --workers).
     REDIS_URL: SecretStr | None = None
     HOST: str = "127.0.0.1"
+    # Web origins (besides the broker's own) whose pages may call the broker with a user's
+    # browser credentials: "https://app.example.com,https://other.example", or "*" (any).
+    ALLOWED_ORIGINS: str | None = None
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (the load balancer):
+    # addresses or networks, comma-separated, "*" for any. Empty: none, not even loopback.
+    TRUSTED_PROXIES: str = ""
+    # `comfy-broker serve`: a request's headers must arrive within this many seconds, and a
+    # body must keep arriving at least this often; past MAX_CONNECTIONS open connections a
+    # new one is closed at once (see broker/serving.py).
+    HEADER_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=10)
+    MAX_CONNECTIONS: int = Field(default=1000, ge=1)
     PORT: int = Field(default=8189, ge=1, le=65535)
 
     # Key-encryption keys: "id:base64key,id:base64key" (32-byte keys). The

@@ -1,4 +1,4 @@
-"""SQLite's checkpoints run beside the ledger, not in its commits (broker/db/wal.py).
+"""SQLite's checkpoints run beside the prompt lifecycle's writer, not in its commits (broker/db/wal.py).
 
 On its own SQLite database whatever the suite runs on: the behaviour is SQLite's."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, status
@@ -15,7 +15,7 @@ from broker.db.models import PromptStatus
 from broker.db.session import DbSession
 from broker.errors import Unprocessable
 from broker.tenants import service as tenants_service
-from broker.tenants.auth import TenantAdminCaller
+from broker.tenants.auth import TenantAdminCaller, TenantOperatorCaller
 from broker.tenants.schemas import Page
 from broker.usage import controls, reports
 from broker.usage.budgets import window_start
@@ -37,9 +37,9 @@ CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.put("/budget", summary="Set the tenant's credit budget")
+@router.put("/budget", summary="Set the tenant's credit budget (operator only)")
 async def set_tenant_budget(
-    tenant_id: uuid.UUID, data: BudgetSet, caller: TenantAdminCaller, session: DbSession
+    tenant_id: uuid.UUID, data: BudgetSet, caller: TenantOperatorCaller, session: DbSession
 ) -> BudgetRead:
     return await controls.set_budget(session, caller.actor, tenant_id, None, data)
 
@@ -51,14 +51,21 @@ async def get_tenant_budget(
     return await controls.get_budget(session, tenant_id, None)
 
 
-@router.delete("/budget", status_code=status.HTTP_204_NO_CONTENT, summary="Remove the budget")
+@router.delete(
+    "/budget",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Remove the tenant's budget (operator only)",
+)
 async def delete_tenant_budget(
-    tenant_id: uuid.UUID, caller: TenantAdminCaller, session: DbSession
+    tenant_id: uuid.UUID, caller: TenantOperatorCaller, session: DbSession
 ) -> None:
     await controls.delete_budget(session, caller.actor, tenant_id, None)
 
 
-@router.put(USER + "/budget", summary="Set a user's credit budget")
+@router.put(
+    USER + "/budget",
+    summary="Set a user's credit budget (a tenant admin: at most the tenant budget's limit)",
+)
 async def set_user_budget(
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
@@ -66,7 +73,10 @@ async def set_user_budget(
     caller: TenantAdminCaller,
     session: DbSession,
 ) -> BudgetRead:
-    return await controls.set_budget(session, caller.actor, tenant_id, user_id, data)
+    within_tenant = not caller.is_operator
+    return await controls.set_budget(
+        session, caller.actor, tenant_id, user_id, data, within_tenant=within_tenant
+    )
 
 
 @router.get(USER + "/budget", summary="A user's budget and what is left of it")
@@ -85,14 +95,19 @@ async def delete_user_budget(
     await controls.delete_budget(session, caller.actor, tenant_id, user_id)
 
 
-@router.patch("/limits", summary="Rate limits and the unpriced-node policy of a tenant")
+@router.patch(
+    "/limits", summary="Rate limits and the unpriced-node policy of a tenant (operator only)"
+)
 async def set_tenant_limits(
-    tenant_id: uuid.UUID, data: TenantLimitsSet, caller: TenantAdminCaller, session: DbSession
+    tenant_id: uuid.UUID, data: TenantLimitsSet, caller: TenantOperatorCaller, session: DbSession
 ) -> LimitsRead:
     return await controls.set_tenant_limits(session, caller.actor, tenant_id, data)
 
 
-@router.patch(USER + "/limits", summary="Rate limits of one user (override the tenant's)")
+@router.patch(
+    USER + "/limits",
+    summary="Rate limits of one user (override the tenant's; a tenant admin: within them)",
+)
 async def set_user_limits(
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
@@ -100,7 +115,10 @@ async def set_user_limits(
     caller: TenantAdminCaller,
     session: DbSession,
 ) -> LimitsRead:
-    return await controls.set_user_limits(session, caller.actor, tenant_id, user_id, data)
+    within_tenant = not caller.is_operator
+    return await controls.set_user_limits(
+        session, caller.actor, tenant_id, user_id, data, within_tenant=within_tenant
+    )
 
 
 @router.get(
@@ -147,8 +165,8 @@ async def list_prompts(
 ) -> Response:
     await tenants_service.get_tenant(session, tenant_id)
     records, total = await reports.list_prompts(
-        session, tenant_id, user_id=user_id, status=prompt_status, start=_aware(start),
-        end=_aware(end), limit=page.limit, offset=page.offset,
+        session, tenant_id, user_id=user_id, status=prompt_status,
+        start=_aware(start, "from"), end=_aware(end, "to"), limit=page.limit, offset=page.offset,
     )  # fmt: skip
     if _wants_csv(accept):
         return Response(reports.as_csv(records), media_type=CSV)
@@ -158,18 +176,24 @@ async def list_prompts(
 
 def _range(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
     now = utc_now()
-    start = _aware(start) or window_start("month", now)
-    end = _aware(end) or now + timedelta(seconds=1)
+    start = _aware(start, "from") or window_start("month", now)
+    end = _aware(end, "to") or now + timedelta(seconds=1)
     if end <= start:
         raise Unprocessable("'to' must be after 'from'.")
     return start, end
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    """Times without a zone are UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=utc_now().tzinfo)
+def _aware(value: datetime | None, name: str) -> datetime | None:
+    """The time in UTC; times without a zone are UTC. A time whose UTC falls outside the
+    years 1-9999 (0001-01-01T00:00+14:00) is a 422, not an overflow."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise Unprocessable(f"'{name}' is out of range once converted to UTC.") from None
 
 
 def _wants_csv(accept: str | None) -> bool:

@@ -7,6 +7,7 @@ import uvicorn
 
 from broker.cli import db, keys, tenants, tokens, usage, users
 from broker.cli.context import settings
+from broker.serving import uvicorn_options
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,
@@ -39,4 +40,5 @@ def serve(
         log_config=None,  # the broker configures logging: redacted, JSON lines
         access_log=False,  # the broker writes its own access line, without query strings
         timeout_graceful_shutdown=30,
+        **uvicorn_options(current),  # slow clients, connection cap, trusted proxies
     )

@@ -30,6 +30,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from broker.file_modes import create_private_sqlite_file
+
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 READ_ONLY = "broker_read_only"  # an execution option: see read_scope()
 
@@ -53,6 +55,7 @@ def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
 
 
 def _create_sqlite_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    create_private_sqlite_file(database_url)
     engine = create_async_engine(
         database_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}, **kwargs
     )
@@ -70,7 +73,7 @@ def _create_sqlite_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
 
 
 def configure_sqlite(dbapi_connection: Any) -> None:
-    """Every SQLite connection of the broker's (SQLAlchemy's and the ledger's)."""
+    """Every SQLite connection of the broker's (SQLAlchemy's and the prompt lifecycle's)."""
     # Let the broker, not the driver, decide when transactions begin.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()

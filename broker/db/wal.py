@@ -2,8 +2,8 @@
 
 By default SQLite copies the write-ahead log back into the database file (a checkpoint,
 with its own fsyncs) inside whichever commit makes the log pass 1,000 pages. Under load
-that is the ledger's commit (broker/db/raw.py), and every prompt waiting on it waited
-about 100 ms each time, every couple of seconds. So the ledger's connection does not
+that is the prompt lifecycle's commit (broker/db/raw.py), and every prompt waiting on it waited
+about 100 ms each time, every couple of seconds. So the lifecycle's connection does not
 checkpoint, and this task does it every second on another connection: in WAL mode a
 checkpoint runs beside the writer, which goes on appending to the log meanwhile.
 """

@@ -26,7 +26,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.settings import ConfigurationError, Settings, decode_key_material
+from broker.file_modes import FileModeError, check_private
+from broker.settings import ConfigurationError, Environment, Settings, decode_key_material
 
 NONCE_BYTES = 12
 AAD_VERSION = b"comfy-broker/v1"
@@ -141,6 +142,11 @@ def load_keyring(settings: Settings) -> Keyring:
     if settings.KEYRING is not None:
         return _keyring_from_setting(settings.KEYRING.get_secret_value(), settings.KEYRING_PRIMARY)
     if settings.KEYRING_FILE is not None:
+        production = settings.ENV is Environment.PRODUCTION
+        try:
+            check_private(settings.KEYRING_FILE, "BROKER_KEYRING_FILE", refuse=production)
+        except FileModeError as exc:
+            raise ConfigurationError(str(exc)) from None
         return _keyring_from_file(settings.KEYRING_FILE, settings.KEYRING_PRIMARY)
     raise ConfigurationError("no keyring: set BROKER_KEYRING or BROKER_KEYRING_FILE")
 

@@ -23,9 +23,9 @@ from typing import Any
 from sqlalchemy import Uuid, bindparam, insert, select
 
 from broker.db.base import utc_now
-from broker.db.models import Prompt, PromptStatus, Tenant
+from broker.db.models import Prompt, PromptStatus
 from broker.db.tx import Tx
-from broker.errors import BadRequest, BrokerError, Conflict, Unprocessable
+from broker.errors import BrokerError, Conflict, Unprocessable
 from broker.keys.service import (
     KeyCustody,
     KeyUnreadable,
@@ -34,7 +34,7 @@ from broker.keys.service import (
     unseal_for_prompts,
 )
 from broker.ops import metrics
-from broker.usage import budgets, limits
+from broker.usage import budgets, limits, unpriced
 from broker.usage.budgets import Hold, Reservation
 from broker.usage.pricing import MC_PER_CREDIT, Estimate
 
@@ -97,9 +97,6 @@ EARLIER = select(
     Prompt.status, Prompt.number,
 ).where(Prompt.user_id == _USER, Prompt.idempotency_key == bindparam("key"))  # fmt: skip
 TAKEN = select(Prompt.id).where(Prompt.id == bindparam("proposed", type_=Uuid()))
-UNPRICED_POLICY = select(Tenant.unpriced_policy).where(
-    Tenant.id == bindparam("for_tenant", type_=Uuid())
-)
 INSERTED = (
     "id", "tenant_id", "user_id", "token_id", "upstream", "client_id", "status", "api_nodes",
     "body_bytes", "idempotency_key", "request_hash", "estimated_min_mc", "estimated_max_mc",
@@ -189,12 +186,7 @@ async def _precheck(tx: Tx, item: Admit, key: object) -> BrokerError | None:
     if new.proposed_id and await tx.fetch(TAKEN, {"proposed": new.prompt_id}):
         return Conflict("This prompt_id is already in use.", error_type="prompt_id_in_use")
     if new.estimate.unpriced:
-        policy = await tx.fetch(UNPRICED_POLICY, {"for_tenant": new.tenant_id})
-        if policy and policy[0][0] == "refuse":
-            return BadRequest(
-                "This prompt has API nodes without a known price, and your tenant refuses those.",
-                error_type="unpriced_nodes",
-            )
+        return await unpriced.refusal(tx, new.tenant_id, new.user_id)
     return None
 
 

@@ -16,6 +16,7 @@ from broker.files import present
 from broker.proxy import results
 from broker.proxy import service as proxy_service
 from broker.proxy.dependencies import Proxy
+from broker.proxy.operator_routes import relayed_path
 from broker.proxy.schemas import (
     ComfyError,
     InterruptRequest,
@@ -224,7 +225,7 @@ OPERATOR_ROUTES = [
 
 
 async def relay_for_operator(request: Request, caller: OperatorCaller, proxy: Proxy) -> Response:
-    path = request.url.path.removeprefix("/api")
+    path = relayed_path(request.method, request.url.path.removeprefix("/api"))
     status, answer = await results.relay_to_operator(
         proxy, request.method, path, await request.body()
     )

@@ -12,6 +12,7 @@ from broker.errors import BrokerError
 from broker.proxy.fanout import Subscriber, Subscribers
 from broker.proxy.prompt_body import CONTROL_CHARACTERS, MAX_CLIENT_ID_LENGTH
 from broker.proxy.service import ProxyContext
+from broker.proxy.socket_watch import watch_credentials
 from broker.tenants.auth import authenticate_websocket
 
 router = APIRouter()
@@ -35,7 +36,11 @@ async def user_events(websocket: WebSocket) -> None:
     subscribers = context.pool.subscribers
     await websocket.accept()
     subscriber = subscribers.subscribe(acting.user_id, client_id)
-    await _relay(websocket, subscribers, subscriber)
+    watch = watch_credentials(websocket, acting)  # closed once its token is revoked
+    try:
+        await _relay(websocket, subscribers, subscriber)
+    finally:
+        watch.cancel()
 
 
 async def _relay(websocket: WebSocket, subscribers: Subscribers, subscriber: Subscriber) -> None:

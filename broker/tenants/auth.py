@@ -29,7 +29,15 @@ from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import Token, TokenKind
 from broker.db.session import read_scope
-from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized, render_error
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    Forbidden,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    render_error,
+)
 from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.throttle import FailedAuthThrottle
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
@@ -117,13 +125,13 @@ class Authenticator:
         known = self._tokens.get(token_hash) if self._tokens is not None else None
         if known is not None and (known.expires_at is None or known.expires_at > utc_now()):
             return known.caller
-        self._throttle.check(client)
+        self._throttle.check(client, raw)
         try:
             if kind_of(raw) is None:
                 raise Unauthorized(INVALID_TOKEN)
             return (await self._look_up(token_hash)).caller
         except Unauthorized:
-            self._throttle.failed(client)
+            self._throttle.failed(client, raw)
             raise
 
     async def _look_up(self, token_hash: str) -> _KnownToken:
@@ -232,6 +240,17 @@ def require_tenant_admin(tenant_id: uuid.UUID, caller: AdminCaller) -> Caller:
 TenantAdminCaller = Annotated[Caller, Depends(require_tenant_admin)]
 
 
+def require_operator_of_tenant(caller: TenantAdminCaller) -> Caller:
+    """The operator only, for caps it sets on a tenant (the tenant budget and limits): the
+    tenant's own admin gets 403, another tenant's admin the 404 of a tenant it cannot see."""
+    if not caller.is_operator:
+        raise Forbidden("The tenant's budget and limits are the operator's to set.")
+    return caller
+
+
+TenantOperatorCaller = Annotated[Caller, Depends(require_operator_of_tenant)]
+
+
 def tenant_scope(caller: Caller) -> uuid.UUID | None:
     """The tenant a caller is confined to; None for the operator."""
     return None if caller.is_operator else caller.tenant_id
@@ -313,13 +332,20 @@ class CredentialsPrecheck:
             await self.app(scope, receive, send)
             return
         authorization = Headers(scope=scope).get("authorization")
+        client = scope["client"][0] if scope.get("client") else None
         try:
             self._check(authorization)
         except Unauthorized as error:
+            failure: BrokerError = error
             if authorization:  # bad credentials count; none at all do not
-                self._throttle.failed(scope["client"][0] if scope.get("client") else None)
+                credentials = _throttled_as(authorization)
+                try:
+                    self._throttle.check(client, credentials)
+                    self._throttle.failed(client, credentials)
+                except TooManyRequests as throttled:
+                    failure = throttled
             request_id = scope.get("state", {}).get("request_id")
-            await render_error(scope["path"], error, request_id)(scope, receive, send)
+            await render_error(scope["path"], failure, request_id)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -329,3 +355,12 @@ class CredentialsPrecheck:
             self._admin_token_hash and hmac.compare_digest(hash_token(raw), self._admin_token_hash)
         ):
             raise Unauthorized(INVALID_TOKEN)
+
+
+def _throttled_as(authorization: str) -> str:
+    """The token the throttle counts a malformed header's failure against: the one the
+    authenticator would see, else the raw credentials."""
+    try:
+        return token_from_header(authorization)
+    except Unauthorized:
+        return authorization.partition(" ")[2]

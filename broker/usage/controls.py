@@ -14,7 +14,7 @@ from broker.audit.service import Actor
 from broker.db.base import utc_now
 from broker.db.models import Budget, BudgetDay, Tenant, User
 from broker.db.tx import SessionTx
-from broker.errors import NotFound
+from broker.errors import Forbidden, NotFound
 from broker.tenants import service as tenants_service
 from broker.usage.budgets import recorded_spend, rolling_counters, rolling_start, window_start
 from broker.usage.pricing import credits_to_mc, mc_to_credits
@@ -31,10 +31,15 @@ async def set_budget(
     tenant_id: uuid.UUID,
     user_id: uuid.UUID | None,
     data: BudgetSet,
+    *,
+    within_tenant: bool = False,
 ) -> BudgetRead:
     """Create or change a budget. A new budget, or one given another period, starts from
-    what the scope's prompts were already charged in its current window (budgets.py)."""
+    what the scope's prompts were already charged in its current window (budgets.py).
+    `within_tenant` (a tenant admin's change): a user's limit may not pass the tenant's."""
     await _check_owner(session, tenant_id, user_id)
+    if within_tenant and user_id is not None:
+        await _check_within_tenant_budget(session, tenant_id, data)
     scope = budget_scope(tenant_id, user_id)
     budget = await _get(session, scope)
     now = utc_now()
@@ -155,12 +160,44 @@ async def set_user_limits(
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
     data: UserLimitsSet,
+    *,
+    within_tenant: bool = False,
 ) -> LimitsRead:
+    """`within_tenant` (a tenant admin's change): a user's override may tighten the
+    tenant's limits (which the operator sets), never lift or clear them."""
     user = await tenants_service.get_user(session, tenant_id, user_id)
+    if within_tenant:
+        _check_within_tenant_limits(await tenants_service.get_tenant(session, tenant_id), data)
     await _apply(session, user, data)
     audit.record(session, actor, "user.limits", object_type="user", object_id=user_id,
                  tenant_id=tenant_id, details=data.model_dump(exclude_unset=True))  # fmt: skip
     return LimitsRead.model_validate(user)
+
+
+async def _check_within_tenant_budget(
+    session: AsyncSession, tenant_id: uuid.UUID, data: BudgetSet
+) -> None:
+    tenant_budget = await _get(session, budget_scope(tenant_id, None))
+    if tenant_budget is None:
+        return
+    for name, value in (("limit_credits", data.limit_credits),
+                        ("soft_limit_credits", data.soft_limit_credits)):  # fmt: skip
+        if value is not None and credits_to_mc(value) > tenant_budget.limit_mc:
+            raise Forbidden(
+                f"{name} may not exceed the tenant budget's limit "
+                f"({mc_to_credits(tenant_budget.limit_mc)} credits), which the operator sets.",
+                error_type="over_tenant_cap",
+            )
+
+
+def _check_within_tenant_limits(tenant: Tenant, data: UserLimitsSet) -> None:
+    for name, value in data.model_dump(exclude_unset=True).items():
+        cap = getattr(tenant, name)
+        if cap is not None and (value is None or value > cap):
+            raise Forbidden(
+                f"{name} may not exceed the tenant's limit ({cap}), which the operator sets.",
+                error_type="over_tenant_cap",
+            )
 
 
 async def _apply(session: AsyncSession, target: Tenant | User, data: BaseModel) -> None:

@@ -8,8 +8,11 @@ actual inputs, with the frontend's rules (see ../shared/design/CREDITS.md):
     context = {"widgets": {name: value}, "inputs": {name: {"connected": bool}},
                "inputGroups": {group: connected count}}
 
-Combo and string values are trimmed and lowercased; a widget fed by a link has
-no literal value, so the node's default is used. Results are USD: `usd`,
+Widget values are coerced as ComfyUI's validation does (`"100"` is the INT 100,
+held to the declared min/max); combo and string values are trimmed and lowercased.
+A widget fed by a link has no literal value: the node is priced over every value
+the link may carry (both ends of the declared range, each choice), and is unpriced
+when that range is open. A price past MAX_PRICE_USD is no price (unpriced). Results are USD: `usd`,
 `range_usd`, `list_usd` (pick one: min..max) or `text` (unpriced); a suffix may
 carry a multiplier (" x 4/Run") or a per-second rate with unknown duration
 (priced at the longest duration). Credits = USD x 211. Amounts are integer
@@ -22,6 +25,7 @@ Nodes without a usable badge fall back to the operator's price table
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
@@ -120,17 +124,30 @@ class Pricer:
     def _badge_bounds(
         self, badge: dict[str, Any], node: dict[str, Any], info: dict[str, Any]
     ) -> tuple[int, int] | None:
+        """The lowest and highest price over every context the node may run under."""
         expression = badge.get("expr")
         if badge.get("engine", "jsonata") != "jsonata" or not isinstance(expression, str):
             return None
-        context = badge_context(badge.get("depends_on") or {}, node.get("inputs") or {}, info)
+        contexts = badge_contexts(badge.get("depends_on") or {}, node.get("inputs") or {}, info)
+        if contexts is None:
+            return None
+        lows, highs = [], []
+        for context in contexts:
+            bounds = self._evaluate(expression, context, node["class_type"])
+            if bounds is None:
+                return None
+            lows.append(bounds[0])
+            highs.append(bounds[1])
+        return min(lows), max(highs)
+
+    def _evaluate(
+        self, expression: str, context: dict[str, Any], class_type: str
+    ) -> tuple[int, int] | None:
         try:
             result = self._compile(expression).evaluate(context)
         except Exception as exc:  # noqa: BLE001  a broken badge only makes the node unpriced
             log.warning(
-                "pricing.badge_failed class_type=%s error=%s",
-                node["class_type"],
-                type(exc).__name__,
+                "pricing.badge_failed class_type=%s error=%s", class_type, type(exc).__name__
             )
             return None
         return result_bounds(result)
@@ -142,16 +159,33 @@ class Pricer:
         return compiled
 
 
-def badge_context(
-    depends_on: dict[str, Any], inputs: dict[str, Any], info: dict[str, Any]
-) -> dict[str, Any]:
-    widgets: dict[str, Any] = {}
+def badge_contexts(
+    depends_on: dict[str, Any], inputs: dict[str, Any], info: Any
+) -> list[dict[str, Any]] | None:
+    """The contexts to price the node under: one for literal widget values (coerced as
+    ComfyUI's validation does), and, for widgets fed by a link, one per combination of
+    the values the link may carry (the ends of the declared range, every choice).
+    None when that cannot be known: a value ComfyUI would refuse, or a link into a
+    widget whose range is open or too large to enumerate."""
+    spec = info if isinstance(info, dict) else {}
+    candidates: dict[str, list[Any]] = {}
     for widget in depends_on.get("widgets") or []:
         name, kind = _widget(widget)
         value = inputs.get(name)
-        if value is None or _is_link(value):
-            value = _default(info, name)
-        widgets[name] = _normalize(value, kind)
+        declared = _declared(spec, name)
+        if _is_link(value):
+            values = link_values(declared, kind)
+        else:
+            literal = _default(spec, name) if value is None else value
+            values = [coerce(literal, declared, kind)]
+        if values is None or any(v is INVALID for v in values):
+            return None
+        candidates[name] = [_normalize(v, kind) for v in values]
+    combinations: list[dict[str, Any]] = [{}]
+    for name, values in candidates.items():
+        combinations = [{**known, name: value} for known in combinations for value in values]
+        if len(combinations) > MAX_COMBINATIONS:
+            return None
     connected = {
         name: {"connected": _is_link(inputs.get(name))} for name in depends_on.get("inputs") or []
     }
@@ -160,7 +194,69 @@ def badge_context(
                    if key.startswith(f"{group}.") and _is_link(value))
         for group in depends_on.get("input_groups") or []
     }  # fmt: skip
-    return {"widgets": widgets, "inputs": connected, "inputGroups": groups}
+    return [
+        {"widgets": widgets, "inputs": connected, "inputGroups": groups} for widgets in combinations
+    ]
+
+
+INVALID = object()  # a value ComfyUI's validation refuses
+MAX_COMBINATIONS = 64
+MAX_CHOICES = 32
+# Past this (~10^12 credits) a price is not a price: the node is unpriced, never stored.
+MAX_PRICE_USD = Decimal(5 * 10**9)
+
+
+def coerce(value: Any, declared: tuple[str | None, dict[str, Any]], kind: Any) -> Any:
+    """A literal widget value as ComfyUI's `validate_inputs` sees it: INT and FLOAT
+    converted (`"100"` is 100) and held to the declared min/max; INVALID when ComfyUI
+    would refuse it."""
+    input_type, options = declared
+    kind = input_type if input_type in ("INT", "FLOAT") else kind
+    if kind not in ("INT", "FLOAT") or value is None:
+        return value
+    try:
+        number: int | float = int(value) if kind == "INT" else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return INVALID
+    if isinstance(number, float) and not math.isfinite(number):
+        return INVALID
+    low, high = options.get("min"), options.get("max")
+    too_low = isinstance(low, int | float) and number < low
+    too_high = isinstance(high, int | float) and number > high
+    return INVALID if too_low or too_high else number
+
+
+def link_values(declared: tuple[str | None, dict[str, Any]], kind: Any) -> list[Any] | None:
+    """Every value a widget fed by a link may take that can change its price: the ends
+    of a numeric range, both booleans, each choice of a combo; None when open."""
+    input_type, options = declared
+    if input_type in ("INT", "FLOAT") or kind in ("INT", "FLOAT"):
+        low, high = options.get("min"), options.get("max")
+        if not (_is_number(low) and _is_number(high)):
+            return None
+        return [low, high]
+    if input_type == "BOOLEAN" or kind == "BOOLEAN":
+        return [False, True]
+    choices = options.get("options") if input_type == "COMBO" else options.get("__choices__")
+    if isinstance(choices, list) and 0 < len(choices) <= MAX_CHOICES:
+        return list(choices)
+    return None
+
+
+def _declared(info: dict[str, Any], name: str) -> tuple[str | None, dict[str, Any]]:
+    """An input's declared type and options from `/object_info`: `["INT", {...}]`,
+    `[[choices], {...}]` (a combo, choices kept under `__choices__`) or `["COMBO",
+    {"options": [...]}]`."""
+    spec = info.get("input")
+    for section in ("required", "optional"):
+        entry = spec.get(section, {}).get(name) if isinstance(spec, dict) else None
+        if not isinstance(entry, list) or not entry:
+            continue
+        options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        if isinstance(entry[0], list):
+            return "COMBO_LIST", {**options, "__choices__": entry[0]}
+        return (str(entry[0]) if isinstance(entry[0], str) else None), options
+    return None, {}
 
 
 def _widget(declared: Any) -> tuple[str, str | None]:
@@ -191,9 +287,12 @@ def result_bounds(result: Any) -> tuple[int, int] | None:
     else:
         return None
     factor = _suffix_factor(result.get("format"))
-    if factor is None:
+    if factor is None or not all(_is_finite(value) for value in (low, high)):
         return None
-    return usd_to_mc(Decimal(str(low)) * factor), usd_to_mc(Decimal(str(high)) * factor)
+    low_usd, high_usd = (Decimal(str(value)) * factor for value in (low, high))
+    if max(abs(low_usd), abs(high_usd)) > MAX_PRICE_USD:
+        return None
+    return max(0, usd_to_mc(low_usd)), max(0, usd_to_mc(high_usd))
 
 
 def _suffix_factor(format_: Any) -> int | None:
@@ -229,6 +328,10 @@ def _default(info: dict[str, Any], name: str) -> Any:
 
 def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _is_finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _is_number(value: Any) -> bool:

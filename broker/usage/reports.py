@@ -166,12 +166,23 @@ def usage_csv(report: UsageReport) -> str:
     writer = csv.writer(buffer)
     writer.writerow([report.group_by, "prompts", "estimated_credits", "actual_credits"])
     for row in [*report.rows, report.total]:
-        writer.writerow([row.key, row.prompts, row.estimated_credits, row.actual_credits])
+        writer.writerow([_defused(row.key), row.prompts, row.estimated_credits, row.actual_credits])
     return buffer.getvalue()
 
 
 def _cell(value: Any) -> Any:
-    return ";".join(map(str, value)) if isinstance(value, list) else value
+    return _defused(";".join(map(str, value)) if isinstance(value, list) else value)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _defused(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula gets a leading quote (OWASP CSV
+    injection): node ids and keys are chosen by users, and admins open these files."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 async def user_usage(

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from broker.tenants.schemas import RequestModel, ResponseModel
+from broker.usage.unpriced import UnpricedPolicy
 
 Credits = Annotated[Decimal, Field(ge=0, le=Decimal("1e12"), decimal_places=3)]
 Count = Annotated[int, Field(ge=1, le=1_000_000)]
@@ -45,15 +46,19 @@ class BudgetRead(ResponseModel):
 class TenantLimitsSet(RequestModel):
     max_prompts_per_minute: Count | None = None
     max_active_prompts: Count | None = Field(None, description="Queued and running at once.")
-    unpriced_policy: Literal["allow", "refuse"] | None = Field(
-        None, description="API nodes without a known price: allow (flagged) or refuse."
+    unpriced_policy: UnpricedPolicy | None = Field(
+        None,
+        description="API nodes without a known price: allow (flagged; refused while a "
+        "budget applies), allow_always (also under a budget) or refuse.",
     )
 
     @field_validator("unpriced_policy", mode="before")
     @classmethod
     def _no_null_policy(cls, value: object) -> object:
         if value is None:
-            raise ValueError("must be allow or refuse (leave it out to keep the current one)")
+            raise ValueError(
+                "must be allow, allow_always or refuse (leave it out to keep the current one)"
+            )
         return value
 
 

@@ -54,7 +54,7 @@ class TestInjection:
                 "front": True,
                 "extra_data": {"extra_pnginfo": {"workflow": {"x": 1}}},
             },
-            headers={**alice.auth, "Origin": "https://evil.example", "Cookie": "session=abc"},
+            headers={**alice.auth, "Origin": "http://broker.test", "Cookie": "session=abc"},
         )
         assert response.status_code == 200, response.text
         answer = response.json()

@@ -119,6 +119,13 @@ def admin_row(ok: int, *, other_admin: int = 404) -> Row:
     }
 
 
+def tenant_cap_row(ok: int) -> Row:
+    """A cap the operator sets on A's tenant: A's own admin is refused (403), another
+    tenant's admin still gets the 404 of a tenant it cannot see."""
+    _role, expected = admin_row(ok)
+    return Role.OPERATOR, {**expected, Caller.TENANT_ADMIN: 403}
+
+
 def user_row(ok: int, *, other_user: int) -> Row:
     """The ComfyUI surface: user A, or A's tenant's service naming A. User B gets
     `other_user` (404 for A's objects); another tenant's service naming A gets 404 (no such
@@ -147,13 +154,14 @@ ADMIN_ROWS: dict[Route, Row] = {
     ("POST", "/admin/tenants/{tenant_id}/users/{user_id}/tokens"): admin_row(201),
     ("PUT", "/admin/tenants/{tenant_id}/users/{user_id}/comfy-key"): admin_row(200),
     ("DELETE", "/admin/tenants/{tenant_id}/users/{user_id}/comfy-key"): admin_row(204),
-    ("PUT", "/admin/tenants/{tenant_id}/budget"): admin_row(200),
+    # The tenant budget and limits are the operator's (issue 15): A's own admin gets 403.
+    ("PUT", "/admin/tenants/{tenant_id}/budget"): tenant_cap_row(200),
     ("GET", "/admin/tenants/{tenant_id}/budget"): admin_row(200),
-    ("DELETE", "/admin/tenants/{tenant_id}/budget"): admin_row(204),
+    ("DELETE", "/admin/tenants/{tenant_id}/budget"): tenant_cap_row(204),
     ("PUT", "/admin/tenants/{tenant_id}/users/{user_id}/budget"): admin_row(200),
     ("GET", "/admin/tenants/{tenant_id}/users/{user_id}/budget"): admin_row(200),
     ("DELETE", "/admin/tenants/{tenant_id}/users/{user_id}/budget"): admin_row(204),
-    ("PATCH", "/admin/tenants/{tenant_id}/limits"): admin_row(200),
+    ("PATCH", "/admin/tenants/{tenant_id}/limits"): tenant_cap_row(200),
     ("PATCH", "/admin/tenants/{tenant_id}/users/{user_id}/limits"): admin_row(200),
     ("GET", "/admin/tenants/{tenant_id}/usage"): admin_row(200),
     ("GET", "/admin/tenants/{tenant_id}/prompts"): admin_row(200),

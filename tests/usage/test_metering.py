@@ -39,7 +39,8 @@ async def set_budget(
     client: httpx.AsyncClient, user: User, body: dict[str, object], *, tenant: bool = False
 ) -> None:
     path = f"/admin/tenants/{user.tenant.id}" + ("" if tenant else f"/users/{user.id}")
-    response = await client.put(f"{path}/budget", json=body, headers=user.tenant.admin)
+    headers = OPERATOR if tenant else user.tenant.admin  # the tenant budget is the operator's
+    response = await client.put(f"{path}/budget", json=body, headers=headers)
     assert response.status_code == 200, response.text
 
 
@@ -320,7 +321,7 @@ class TestRateLimits:
         limits = await client.patch(
             f"/admin/tenants/{alice.tenant.id}/limits",
             json={"max_active_prompts": 2},
-            headers=alice.tenant.admin,
+            headers=OPERATOR,
         )
         assert limits.json()["max_active_prompts"] == 2
         first = await submit(client, alice, prompt=docs_workflow(1))
@@ -346,7 +347,7 @@ class TestRateLimits:
         await client.patch(
             f"/admin/tenants/{alice.tenant.id}/limits",
             json={"max_prompts_per_minute": 100},
-            headers=alice.tenant.admin,
+            headers=OPERATOR,
         )
         override = await client.patch(
             f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/limits",
@@ -382,7 +383,7 @@ class TestUnpricedPolicy:
         await client.patch(
             f"/admin/tenants/{alice.tenant.id}/limits",
             json={"unpriced_policy": "refuse"},
-            headers=alice.tenant.admin,
+            headers=OPERATOR,
         )
         refused = await client.post("/prompt", json={"prompt": workflow}, headers=alice.auth)
         assert refused.status_code == 400
@@ -551,5 +552,12 @@ async def test_unpriced_prompts_need_room_in_the_budget(
     workflow = {"1": {"class_type": "OpenAIDalle3", "inputs": dalle},
                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "d"}}}  # fmt: skip
     await set_budget(client, alice, {"period": "month", "limit_credits": "0"})
+    # Opted in (tests/security/test_attack_run.py: without it, refused as unpriced).
+    response = await client.patch(
+        f"/admin/tenants/{alice.tenant.id}/limits",
+        json={"unpriced_policy": "allow_always"},
+        headers=OPERATOR,
+    )
+    assert response.status_code == 200, response.text
     refused = await client.post("/prompt", json={"prompt": workflow}, headers=alice.auth)
     assert refused.status_code == 402

@@ -130,7 +130,6 @@ def test_flux_ultra_is_12_66_credits() -> None:
         ({"width": 2048, "height": 2048}, ("15.825", "15.825")),  # 4 MP: 0.03 + 3 x 0.015
         ({"width": 1025, "height": 1024}, ("9.495", "9.495")),  # just over 1 MP rounds up: 2 MP
         ({"width": 2048, "height": 2048, "images": ["5", 0]}, ("18.990", "41.145")),  # refs: range
-        ({"width": ["7", 0], "height": 768}, ("6.330", "6.330")),  # linked width: the default
     ],
 )
 def test_flux2_depends_on_megapixels_and_references(
@@ -158,6 +157,39 @@ def test_range_node_and_suffix_multiplier() -> None:
     assert credits(one) == ("28.274", "50.640")
     four = estimate("OpenAIGPTImage1", {"quality": "high", "n": 4, "model": "gpt-image-1.5"})
     assert credits(four) == ("113.096", "202.560")
+
+
+def test_widget_values_are_coerced_as_comfyui_validates_them() -> None:
+    """A number sent as a string is that number (ComfyUI's `int("4")`), not unpriced."""
+    as_string = estimate("OpenAIGPTImage1", {"quality": "high", "n": "4", "model": "gpt-image-1.5"})
+    assert credits(as_string) == ("113.096", "202.560")
+    for refused in ("four", "1e400", "3.5"):
+        node = estimate(
+            "OpenAIGPTImage1", {"quality": "high", "n": refused, "model": "gpt-image-1"}
+        )
+        assert node.unpriced == ["1"], refused
+
+
+def test_a_linked_widget_is_priced_at_the_worst_case_of_its_range() -> None:
+    ranged = {**FLUX2_PRO, "input": {"required": {
+        "width": ["INT", {"default": 1024, "min": 256, "max": 2048}],
+        "height": ["INT", {"default": 768, "min": 256, "max": 2048}]}}}  # fmt: skip
+    graph = {"1": {"class_type": "Flux2", "inputs": {"width": ["7", 0], "height": 2048}}}
+    priced = Pricer({}).estimate(graph, {"Flux2": ranged}, ["Flux2"])
+    assert credits(priced) == ("6.330", "15.825")  # 256 x 2048 (1 MP) .. 2048 x 2048 (4 MP)
+    # Without a declared range, a link may carry anything: the node is unpriced.
+    linked = estimate("Flux2ProImageNode", {"width": ["7", 0], "height": 768})
+    assert linked.unpriced == ["1"]
+    # A linked combo takes each of its choices.
+    combo = estimate("OpenAIGPTImage1", {"quality": ["3", 0], "n": 1, "model": "gpt-image-1.5"})
+    assert credits(combo) == ("1.899", "50.640")
+
+
+def test_extreme_widget_values_are_unpriced_not_stored() -> None:
+    for n in (10**30, -5, 1e30):
+        node = estimate("OpenAIGPTImage1", {"quality": "high", "n": n, "model": "gpt-image-1"})
+        assert node.max_mc <= 10**15, n
+        assert node.min_mc >= 0, n
 
 
 def test_without_badge_the_price_table_then_unpriced() -> None:
