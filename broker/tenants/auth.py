@@ -30,6 +30,7 @@ from broker.db.group_commit import GroupCommitter
 from broker.db.models import Token, TokenKind
 from broker.db.session import read_scope
 from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized, render_error
+from broker.logs import QUERY_TOKEN_PARAMETERS
 from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.throttle import FailedAuthThrottle
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
@@ -276,7 +277,8 @@ async def authenticate_websocket(websocket: WebSocket) -> ActingUser:
     websocket. The query string is never logged (see broker/logs.py)."""
     authenticator: Authenticator = websocket.app.state.authenticator
     header = websocket.headers.get("authorization")
-    query_token = websocket.query_params.get("token")
+    params = websocket.query_params
+    query_token = next((params[name] for name in QUERY_TOKEN_PARAMETERS if name in params), None)
     raw = _bounded(query_token) if query_token and not header else token_from_header(header)
     client = websocket.client.host if websocket.client else None
     caller = await authenticator.authenticate(raw, client)
