@@ -73,6 +73,8 @@ class UsageRow(ResponseModel):
     prompts: int
     estimated_credits: Decimal = Field(description="Sum of the estimates' upper bounds.")
     actual_credits: Decimal = Field(description="Sum of settled charges.")
+    external_id: str | None = Field(None, description="By user: the user's external id.")
+    name: str | None = Field(None, description="By user: the user's display name.")
 
 
 class UsageReport(ResponseModel):
