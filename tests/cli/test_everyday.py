@@ -12,7 +12,10 @@ import pytest
 
 from broker import __version__
 from broker.cli import app
-from tests.cli.test_cli import cli_env, invoke, runner  # noqa: F401  (the fixture)
+from tests.cli import test_cli
+from tests.cli.test_cli import invoke, runner
+
+cli_env = test_cli.cli_env
 
 
 def token_id_of(stderr: str) -> str:
@@ -109,7 +112,7 @@ def test_the_command_line_starts_without_the_application() -> None:
         "print(sorted(m for m in ('fastapi', 'sqlalchemy', 'uvicorn', 'alembic', 'httpx') "
         "if m in sys.modules))"
     )
-    loaded = subprocess.run(
+    loaded = subprocess.run(  # noqa: S603
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert loaded.stdout.strip() == "[]"
