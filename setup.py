@@ -4,8 +4,13 @@ installed broker can migrate its database (see broker/db/migrations.py)."""
 
 from setuptools import find_packages, setup
 
+MIGRATIONS = {
+    "broker.migrations": "migrations",
+    "broker.migrations.versions": "migrations/versions",
+}
+
 setup(
-    packages=[*find_packages(include=["broker", "broker.*"]), "broker.migrations"],
-    package_dir={"broker.migrations": "migrations"},
-    package_data={"broker.migrations": ["script.py.mako", "versions/*.py"]},
+    packages=[*find_packages(include=["broker", "broker.*"]), *MIGRATIONS],
+    package_dir=MIGRATIONS,
+    package_data={"broker.migrations": ["script.py.mako"]},
 )

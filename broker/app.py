@@ -28,6 +28,7 @@ from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
 from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
+from broker.ops.docs import add_offline_docs
 from broker.ops.health import router as health_router
 from broker.proxy.bus import EventBus
 from broker.proxy.endpoints import router as proxy_router
@@ -125,8 +126,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
             await engine.dispose()
 
     app = FastAPI(
-        title="Comfy key broker", version=__version__, description=DESCRIPTION, lifespan=lifespan
-    )
+        title="Comfy key broker", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served from the package below: no CDN
+    )  # fmt: skip
+    add_offline_docs(app)
     app.state.settings = settings
     app.state.custody = custody
     add_exception_handlers(app)

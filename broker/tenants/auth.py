@@ -31,6 +31,7 @@ from broker.db.models import Token, TokenKind
 from broker.db.session import read_scope
 from broker.errors import BadRequest, Forbidden, NotFound, Unauthorized, render_error
 from broker.logs import QUERY_TOKEN_PARAMETERS
+from broker.ops.docs import ASSET_PATHS as DOCS_ASSET_PATHS
 from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.throttle import FailedAuthThrottle
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
@@ -289,7 +290,7 @@ CurrentUser = Annotated[ActingUser, Depends(get_acting_user)]
 
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",
-                          "/openapi.json"})  # fmt: skip
+                          "/openapi.json"}) | DOCS_ASSET_PATHS  # fmt: skip
 
 
 class CredentialsPrecheck:
