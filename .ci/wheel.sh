@@ -9,7 +9,9 @@ trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 .venv/bin/python -m build --sdist --wheel --outdir "$work/dist" . >/dev/null
 
+port=18989
 for artifact in "$work"/dist/*.whl "$work"/dist/*.tar.gz; do
+  port=$((port + 1))
   [ -e "$artifact" ] || continue
   echo "== $(basename "$artifact")"
   venv="$work/venv-$(basename "$artifact")"
@@ -23,14 +25,14 @@ for artifact in "$work"/dist/*.whl "$work"/dist/*.tar.gz; do
   if "$venv/bin/comfy-broker" serve 2>serve.err; then exit 1; fi
   grep -q "run \`comfy-broker db upgrade\`" serve.err
   "$venv/bin/comfy-broker" db upgrade >/dev/null 2>&1
-  BROKER_PORT=18989 "$venv/bin/comfy-broker" serve 2>serve.log &
+  BROKER_PORT=$port "$venv/bin/comfy-broker" serve 2>serve.log &
   server=$!
-  for _ in $(seq 1 60); do
-    curl -sf http://127.0.0.1:18989/healthz >/dev/null && break
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
     sleep 0.5
   done
-  curl -sf http://127.0.0.1:18989/healthz
-  curl -sf http://127.0.0.1:18989/docs | grep -q swagger
+  curl -sf "http://127.0.0.1:$port/healthz" || { cat serve.log; exit 1; }
+  curl -sf "http://127.0.0.1:$port/docs/swagger-ui-bundle.js" >/dev/null  # offline docs
   echo
   kill "$server"; wait "$server" 2>/dev/null || true
   cd - >/dev/null

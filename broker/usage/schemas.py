@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from broker.tenants.schemas import RequestModel, ResponseModel
 
@@ -45,7 +46,8 @@ class BudgetRead(ResponseModel):
 class TenantLimitsSet(RequestModel):
     max_prompts_per_minute: Count | None = None
     max_active_prompts: Count | None = Field(None, description="Queued and running at once.")
-    unpriced_policy: Literal["allow", "refuse"] | None = Field(
+    # Not nullable in the schema: null is refused (leave the field out to keep the policy).
+    unpriced_policy: Literal["allow", "refuse"] | SkipJsonSchema[None] = Field(
         None, description="API nodes without a known price: allow (flagged) or refuse."
     )
 
