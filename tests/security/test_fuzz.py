@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import pytest
 import requests
 import schemathesis
 from fastapi import FastAPI
@@ -189,6 +190,8 @@ def destroys_known_objects(operation: Any) -> int:
     return 0
 
 
+# Schemathesis' own negative header strategies may use `random` (hypothesis warns).
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 async def test_user_api_conforms_to_its_schema(app: FastAPI, admin_api: AdminApi) -> None:
     alice = await admin_api.user(await admin_api.tenant("acme"), "alice", comfy_key())
     ops = list(operations(app_schema(app), is_user_api))
