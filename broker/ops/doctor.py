@@ -138,7 +138,8 @@ async def _stored_keys(engine: Any, custody: KeyCustody) -> list[Finding]:
     """Every stored Comfy key must name a KEK the keyring has."""
     statement = select(ComfyKey.kek_id, func.count()).group_by(ComfyKey.kek_id)
     async with engine.connect() as connection:
-        counts: dict[str, int] = dict((await connection.execute(statement)).tuples().all())
+        rows = (await connection.execute(statement)).all()
+    counts: dict[str, int] = {kek_id: count for kek_id, count in rows}  # noqa: C416
     keyring = custody.keyring
     missing = {kek: n for kek, n in counts.items() if kek not in keyring.key_ids}
     if missing:
