@@ -3,16 +3,25 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make run & make test` on a fresh clone: both want to create the venv. The install runs
+# under an exclusive lock (fcntl: released by the kernel even if make is killed), and the
+# second make, once it gets the lock, finds the stamp up to date and installs nothing.
+LOCK := $(VENV).lock
+LOCKED = $(PYTHON) -c 'import fcntl, subprocess, sys; lock = open(sys.argv[1], "w"); \
+	fcntl.flock(lock, fcntl.LOCK_EX); sys.exit(subprocess.call(sys.argv[2:]))' $(LOCK)
 
-.PHONY: install run test lint format bench clean
+.PHONY: install locked-install run test lint format bench clean
+
+install:
+	@$(LOCKED) $(MAKE) --no-print-directory locked-install
+
+locked-install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
-
-install: $(STAMP)
 
 ## Start the broker on SQLite with dev defaults (migrates first).
 run: install
@@ -38,4 +47,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(LOCK) .mypy_cache .ruff_cache .pytest_cache *.egg-info

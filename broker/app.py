@@ -31,7 +31,10 @@ from broker.files.policy import FilePolicy
 from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
+from broker.ops.allow import AllowEveryMethod
+from broker.ops.docs import add_offline_docs
 from broker.ops.health import router as health_router
+from broker.ops.openapi import install_openapi
 from broker.origins import OriginCheck, parse_allowed_origins
 from broker.prompts import lifecycle
 from broker.proxy.bus import EventBus
@@ -135,12 +138,16 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
             await engine.dispose()
 
     app = FastAPI(
-        title="Comfy key broker", version=__version__, description=DESCRIPTION, lifespan=lifespan
-    )
+        title="Comfy key broker", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served from the package below: no CDN
+    )  # fmt: skip
+    add_offline_docs(app)
+    install_openapi(app)
     app.state.settings = settings
     app.state.custody = custody
     add_exception_handlers(app)
     app.add_middleware(ForgetCachesOnAdminChanges)
+    app.add_middleware(AllowEveryMethod)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
     app.add_middleware(CredentialsPrecheck, admin_token=admin_token, throttle=throttle)

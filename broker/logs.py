@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+from urllib.parse import unquote_plus
 
 SECRET_PATTERNS = (
     re.compile(r"comfyui-[A-Za-z0-9_\-]{8,}"),
     re.compile(r"cbk_(?:op|adm|svc|usr|cap)_[A-Za-z0-9_\-]{8,}"),
     re.compile(r"(?<=[?&]token=)[^&\s\"']+"),
 )
+# Every query parameter a token is accepted under (the websocket's `?token=`).
+QUERY_TOKEN_PARAMETERS = frozenset({"token"})
+# A query parameter as it appears in a logged URL, name still percent-encoded.
+QUERY_PARAMETER = re.compile(r"(?P<name>(?<=[?&])[^=&\s\"'#?]+)=(?P<value>[^&\s\"'#]*)")
 REDACTED = "[redacted]"
 LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
 _traceback_formatter = logging.Formatter()
@@ -24,9 +29,19 @@ _literal_secrets: set[str] = set()
 def redact_text(text: str) -> str:
     for pattern in SECRET_PATTERNS:
         text = pattern.sub(REDACTED, text)
+    if "=" in text:
+        text = QUERY_PARAMETER.sub(_redact_token_parameter, text)
     for secret in _literal_secrets:
         text = text.replace(secret, REDACTED)
     return text
+
+
+def _redact_token_parameter(match: re.Match[str]) -> str:
+    """The server decodes parameter names (`?%74oken=` is `?token=`), so decide on the
+    decoded name."""
+    if unquote_plus(match["name"]) in QUERY_TOKEN_PARAMETERS:
+        return f"{match['name']}={REDACTED}"
+    return match[0]
 
 
 def redact_literally(secret: str) -> None:

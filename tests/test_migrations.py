@@ -11,8 +11,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
-from broker.cli.db import alembic_config
 from broker.db.base import Base
+from broker.db.migrations import alembic_config
 from broker.db.session import create_engine
 
 

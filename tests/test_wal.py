@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from alembic import command
 
-from broker.cli.db import alembic_config
 from broker.db.base import utc_now
+from broker.db.migrations import alembic_config
 from broker.db.raw import RawConnections, RawTransaction
 from broker.db.session import create_engine
 from broker.db.wal import WalCheckpointer

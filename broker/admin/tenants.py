@@ -45,6 +45,17 @@ async def get_tenant(
     return TenantRead.model_validate(await tenants_service.get_tenant(session, tenant_id))
 
 
+@router.delete(
+    "/tenants/{tenant_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a tenant with its users, keys, tokens, budgets and prompts",
+    description="Refused (409 `prompts_unfinished`) while one of its prompts is unfinished. "
+    "The audit trail is kept.",
+)
+async def delete_tenant(tenant_id: uuid.UUID, caller: OperatorCaller, session: DbSession) -> None:
+    await tenants_service.delete_tenant(session, caller.actor, tenant_id)
+
+
 @router.post(
     "/tenants/{tenant_id}/tokens",
     status_code=status.HTTP_201_CREATED,

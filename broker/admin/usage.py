@@ -16,7 +16,7 @@ from broker.db.session import DbSession
 from broker.errors import Unprocessable
 from broker.tenants import service as tenants_service
 from broker.tenants.auth import TenantAdminCaller, TenantOperatorCaller
-from broker.tenants.schemas import Page
+from broker.tenants.schemas import IsoDateTime, Page
 from broker.usage import controls, reports
 from broker.usage.budgets import window_start
 from broker.usage.schemas import (
@@ -132,9 +132,9 @@ async def get_usage(
     caller: TenantAdminCaller,
     session: DbSession,
     start: Annotated[
-        datetime | None, Query(alias="from", description="Default: month start")
+        IsoDateTime | None, Query(alias="from", description="Default: month start")
     ] = None,
-    end: Annotated[datetime | None, Query(alias="to", description="Default: now")] = None,
+    end: Annotated[IsoDateTime | None, Query(alias="to", description="Default: now")] = None,
     group_by: reports.GroupBy = "user",
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -159,8 +159,8 @@ async def list_prompts(
     page: Pagination,
     user_id: uuid.UUID | None = None,
     prompt_status: Annotated[PromptStatus | None, Query(alias="status")] = None,
-    start: Annotated[datetime | None, Query(alias="from")] = None,
-    end: Annotated[datetime | None, Query(alias="to")] = None,
+    start: Annotated[IsoDateTime | None, Query(alias="from")] = None,
+    end: Annotated[IsoDateTime | None, Query(alias="to")] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     await tenants_service.get_tenant(session, tenant_id)

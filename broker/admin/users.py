@@ -31,6 +31,19 @@ async def list_users(
     )
 
 
+@router.delete(
+    "/{user_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a user with their key, tokens, budget and prompts",
+    description="Refused (409 `prompts_unfinished`) while one of their prompts is unfinished. "
+    "The audit trail is kept.",
+)
+async def delete_user(
+    tenant_id: uuid.UUID, user_id: uuid.UUID, caller: TenantAdminCaller, session: DbSession
+) -> None:
+    await tenants_service.delete_user(session, caller.actor, tenant_id, user_id)
+
+
 @router.post(
     "/{user_id}/tokens",
     status_code=status.HTTP_201_CREATED,

@@ -1,12 +1,16 @@
-"""`comfy-broker`: run the broker and manage it from the shell (same services as the admin API)."""
+"""`comfy-broker`: run the broker and manage it from the shell (same services as the admin API).
+
+Commands import what they need when they run (see broker/cli/context.py), so that the
+command line answers at once.
+"""
 
 from __future__ import annotations
 
 import typer
-import uvicorn
 
-from broker.cli import db, keys, tenants, tokens, usage, users
-from broker.cli.context import settings
+from broker import __version__
+from broker.cli import db, doctor, keys, tenants, tokens, usage, users
+from broker.cli.context import errors, run, settings
 from broker.serving import uvicorn_options
 
 app = typer.Typer(
@@ -20,6 +24,22 @@ app.add_typer(users.app, name="users")
 app.add_typer(keys.app, name="keys")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(usage.app, name="usage")
+app.command("doctor")(doctor.doctor)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"comfy-broker {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Comfy key broker: per-user Comfy.org keys in front of ComfyUI."""
 
 
 @app.command("serve")
@@ -29,7 +49,15 @@ def serve(
     workers: int = typer.Option(1, min=1, help="Worker processes."),
 ) -> None:
     """Serve the broker's HTTP API."""
+    import uvicorn
+
+    from broker.db.migrations import schema_problem
+
     current = settings()
+    problem = run(schema_problem(current.DATABASE_URL))
+    if problem is not None:  # one line, before anything starts (no traceback)
+        errors.print(f"[red]error:[/red] {problem}")
+        raise typer.Exit(1)
     uvicorn.run(
         "broker.app:create_served_app",
         factory=True,

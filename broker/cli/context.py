@@ -1,4 +1,8 @@
-"""What every CLI command shares: settings, a database session, friendly lookups."""
+"""What every CLI command shares: settings, a database session, friendly lookups.
+
+The CLI imports lazily: a command loads SQLAlchemy, the models and the services when it
+runs, not when `comfy-broker` starts (`--help` and `--version` stay well under a second).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,16 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.db.models import Tenant, User
-from broker.db.session import create_engine, create_sessionmaker, session_scope
-from broker.errors import BrokerError, NotFound
-from broker.settings import ConfigurationError, Settings, get_settings
-from broker.tenants import service as tenants_service
-from broker.tenants.repository import TenantRepository
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from broker.db.models import Tenant, User
+    from broker.settings import Settings
 
 T = TypeVar("T")
 console = Console()
@@ -27,11 +27,19 @@ errors = Console(stderr=True)
 
 
 def settings() -> Settings:
+    from broker.settings import get_settings
+
     return get_settings()
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a command's async body; expected failures exit 1 with a one-line message."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from broker.errors import BrokerError
+    from broker.settings import ConfigurationError
+
     try:
         return asyncio.run(coroutine)
     except (BrokerError, ConfigurationError) as exc:
@@ -50,8 +58,19 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(2) from exc
 
 
+def confirm(question: str, yes: bool) -> None:
+    """Ask before destroying something, unless --yes; exit 1 on no."""
+    if yes:
+        return
+    if not typer.confirm(question, default=False, err=True):
+        errors.print("cancelled")
+        raise typer.Exit(1)
+
+
 @asynccontextmanager
 async def database() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    from broker.db.session import create_engine, create_sessionmaker
+
     engine = create_engine(settings().DATABASE_URL)
     try:
         yield create_sessionmaker(engine)
@@ -61,12 +80,18 @@ async def database() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
 
 @asynccontextmanager
 async def transaction() -> AsyncIterator[AsyncSession]:
+    from broker.db.session import session_scope
+
     async with database() as sessionmaker, session_scope(sessionmaker) as session:
         yield session
 
 
 async def find_tenant(session: AsyncSession, reference: str) -> Tenant:
     """A tenant by id or by name."""
+    from broker.errors import NotFound
+    from broker.tenants import service as tenants_service
+    from broker.tenants.repository import TenantRepository
+
     tenant_id = _as_uuid(reference)
     if tenant_id is not None:
         return await tenants_service.get_tenant(session, tenant_id)
@@ -78,6 +103,8 @@ async def find_tenant(session: AsyncSession, reference: str) -> Tenant:
 
 async def find_user(session: AsyncSession, tenant: Tenant, reference: str) -> User:
     """A tenant's user by broker id or by external_id."""
+    from broker.tenants import service as tenants_service
+
     user_id = _as_uuid(reference)
     if user_id is not None:
         return await tenants_service.get_user(session, tenant.id, user_id)

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import typer
-from pydantic import SecretStr
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from broker.audit.service import CLI_ACTOR
 from broker.cli.context import (
     console,
     database,
@@ -17,10 +15,12 @@ from broker.cli.context import (
     settings,
     transaction,
 )
-from broker.keys import service as keys_service
-from broker.keys.schemas import ComfyKeySet
-from broker.keys.service import KeyCustody, RewrapReport
-from broker.tenants.schemas import ComfyKeyInfo
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+    from broker.keys.service import RewrapReport
+    from broker.tenants.schemas import ComfyKeyInfo
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,
@@ -34,6 +34,8 @@ UserOption = typer.Option(..., "--user", "-u", help="User id or external id.")
 @app.command("set")
 def set_(tenant: str = TenantOption, user: str = UserOption) -> None:
     """Store a user's Comfy key, read from standard input (never from the command line)."""
+    from pydantic import SecretStr
+
     if sys.stdin.isatty():
         raw = typer.prompt("Comfy API key", hide_input=True)
     else:
@@ -43,6 +45,11 @@ def set_(tenant: str = TenantOption, user: str = UserOption) -> None:
 
 
 async def _set(tenant_ref: str, user_ref: str, api_key: SecretStr) -> ComfyKeyInfo:
+    from broker.audit.service import CLI_ACTOR
+    from broker.keys import service as keys_service
+    from broker.keys.schemas import ComfyKeySet
+    from broker.keys.service import KeyCustody
+
     data = ComfyKeySet(api_key=api_key)
     custody = KeyCustody.from_settings(settings())
     async with transaction() as session:
@@ -61,6 +68,9 @@ def delete(tenant: str = TenantOption, user: str = UserOption) -> None:
 
 
 async def _delete(tenant_ref: str, user_ref: str) -> None:
+    from broker.audit.service import CLI_ACTOR
+    from broker.keys import service as keys_service
+
     async with transaction() as session:
         tenant = await find_tenant(session, tenant_ref)
         user = await find_user(session, tenant, user_ref)
@@ -69,7 +79,9 @@ async def _delete(tenant_ref: str, user_ref: str) -> None:
 
 @app.command("rewrap")
 def rewrap(
-    batch_size: int = typer.Option(keys_service.REWRAP_BATCH_SIZE, min=1, max=10_000),
+    batch_size: int | None = typer.Option(
+        None, min=1, max=10_000, help="Keys per transaction (default 200)."
+    ),
 ) -> None:
     """Re-wrap every stored key under the keyring's primary KEK (after a KEK rotation).
 
@@ -86,7 +98,13 @@ def rewrap(
         raise typer.Exit(1)
 
 
-async def _rewrap(batch_size: int) -> RewrapReport:
+async def _rewrap(batch_size: int | None) -> RewrapReport:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from broker.audit.service import CLI_ACTOR
+    from broker.keys import service as keys_service
+    from broker.keys.service import KeyCustody
+
     custody = KeyCustody.from_settings(settings())
     async with database() as sessionmaker:
         async with sessionmaker() as session:
@@ -98,6 +116,6 @@ async def _rewrap(batch_size: int) -> RewrapReport:
                 sessionmaker,
                 custody,
                 CLI_ACTOR,
-                batch_size=batch_size,
+                batch_size=batch_size or keys_service.REWRAP_BATCH_SIZE,
                 on_progress=lambda done: progress.advance(task, done),
             )

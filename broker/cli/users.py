@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-import typer
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from broker.audit.service import CLI_ACTOR
-from broker.cli.context import console, find_tenant, run, transaction
-from broker.tenants import service as tenants_service
-from broker.tenants.schemas import Page, UserCreate, UserRead
+import typer
+
+from broker.cli.context import confirm, console, errors, find_tenant, find_user, run, transaction
+
+if TYPE_CHECKING:
+    from broker.tenants.schemas import Page, UserRead
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False, help="A tenant's users.", no_args_is_help=True
@@ -26,6 +27,10 @@ def create(
 
 
 async def _create(tenant_ref: str, external_id: str, name: str | None) -> UserRead:
+    from broker.audit.service import CLI_ACTOR
+    from broker.tenants import service as tenants_service
+    from broker.tenants.schemas import UserCreate
+
     async with transaction() as session:
         tenant = await find_tenant(session, tenant_ref)
         data = UserCreate(external_id=external_id, name=name)
@@ -39,6 +44,8 @@ def list_(
     offset: int = typer.Option(0, min=0),
 ) -> None:
     """List a tenant's users and their key fingerprints."""
+    from rich.table import Table
+
     page = run(_list(tenant, limit, offset))
     table = Table("id", "external id", "name", "comfy key", title=f"users ({page.total})")
     for user in page.items:
@@ -48,6 +55,32 @@ def list_(
 
 
 async def _list(tenant_ref: str, limit: int, offset: int) -> Page[UserRead]:
+    from broker.tenants import service as tenants_service
+
     async with transaction() as session:
         tenant = await find_tenant(session, tenant_ref)
         return await tenants_service.list_users(session, tenant.id, limit=limit, offset=offset)
+
+
+@app.command("delete")
+def delete(
+    user: str = typer.Argument(..., help="User id or external id."),
+    tenant: str = TenantOption,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a user with their Comfy key, tokens, budget and prompts (the audit trail
+    stays). Refused while one of their prompts is unfinished."""
+    confirm(f"Delete user {user!r} of {tenant!r}, with their key, tokens and prompts?", yes)
+    external_id = run(_delete(tenant, user))
+    errors.print(f"deleted user {external_id}")
+
+
+async def _delete(tenant_ref: str, user_ref: str) -> str:
+    from broker.audit.service import CLI_ACTOR
+    from broker.tenants import service as tenants_service
+
+    async with transaction() as session:
+        tenant = await find_tenant(session, tenant_ref)
+        found = await find_user(session, tenant, user_ref)
+        await tenants_service.delete_user(session, CLI_ACTOR, tenant.id, found.id)
+        return found.external_id

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from broker.settings import ConfigurationError, Environment, Settings, decode_ke
 
 NONCE_BYTES = 12
 AAD_VERSION = b"comfy-broker/v1"
+log = logging.getLogger("broker.keys")
 
 
 class UnsealError(Exception):
@@ -92,23 +94,44 @@ class Keyring:
         return SealedKey(self.primary_id, self._wrap(data_key, aad), ciphertext)
 
     def unseal(self, sealed: SealedKey, context: KeyContext) -> str:
-        aad = context.associated_data()
-        data_key = self._unwrap(sealed, aad)
         try:
-            return _decrypt(data_key, sealed.ciphertext, aad).decode("utf-8")
-        except (InvalidTag, ValueError, UnicodeDecodeError) as exc:
+            return self._open(sealed, context.associated_data()).decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise UnsealError("the sealed key does not open in this context") from exc
+        except UnsealError as exc:
+            self._log_failure(sealed, context, exc)
+            raise
 
     def rewrap(self, sealed: SealedKey, context: KeyContext) -> SealedKey:
         """Re-wrap the data key under the primary KEK; the secret's ciphertext is kept."""
         aad = context.associated_data()
-        data_key = self._unwrap(sealed, aad)
-        # Prove the whole seal opens before replacing anything.
         try:
-            _decrypt(data_key, sealed.ciphertext, aad)
-        except (InvalidTag, ValueError) as exc:
-            raise UnsealError("the sealed key does not open in this context") from exc
+            data_key = self._unwrap(sealed, aad)
+            # Prove the whole seal opens before replacing anything.
+            _decrypt_or_raise(data_key, sealed.ciphertext, aad)
+        except UnsealError as exc:
+            self._log_failure(sealed, context, exc)
+            raise
         return SealedKey(self.primary_id, self._wrap(data_key, aad), sealed.ciphertext)
+
+    def _open(self, sealed: SealedKey, aad: bytes) -> bytes:
+        return _decrypt_or_raise(self._unwrap(sealed, aad), sealed.ciphertext, aad)
+
+    def _log_failure(self, sealed: SealedKey, context: KeyContext, error: UnsealError) -> None:
+        """Name the KEK: after a rotation, a process started before the new key was added
+        (or a keyring missing an old key) is the usual cause, and the id says which."""
+        if sealed.kek_id in self._keys:
+            hint = "the KEK is in the keyring but does not open this key (damaged or moved row)"
+        else:
+            hint = (
+                f"KEK {sealed.kek_id!r} is not in this process's keyring "
+                f"(it has {', '.join(self.key_ids)}): add it to BROKER_KEYRING / "
+                "BROKER_KEYRING_FILE and restart every broker process"
+            )
+        log.error(
+            "keys.unseal_failed kek_id=%s comfy_key_id=%s user_id=%s: %s (%s)",
+            sealed.kek_id, context.credential_id, context.user_id, hint, error,
+        )  # fmt: skip
 
     def _wrap(self, data_key: bytes, aad: bytes) -> bytes:
         return _encrypt(self._keys[self.primary_id], data_key, aad)
@@ -130,6 +153,13 @@ def _encrypt(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
 
 def _decrypt(key: bytes, blob: bytes, aad: bytes) -> bytes:
     return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+
+
+def _decrypt_or_raise(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    try:
+        return _decrypt(key, blob, aad)
+    except (InvalidTag, ValueError) as exc:
+        raise UnsealError("the sealed key does not open in this context") from exc
 
 
 def fingerprint(secret: str, fingerprint_key: bytes) -> str:

@@ -177,8 +177,7 @@ async def unseal_for_prompts(
                 keys[user_id] = custody.keyring.unseal(
                     SealedKey(kek_id, wrapped, ciphertext), KeyContext(tenant_id, user_id, key_id)
                 )
-            except UnsealError:
-                log.error("keys.unreadable user_id=%s kek_id=%s", user_id, kek_id)
+            except UnsealError:  # the keyring logged which KEK and what to do
                 keys[user_id] = KeyUnreadable(kek_id)
     return keys
 

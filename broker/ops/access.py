@@ -1,5 +1,7 @@
-"""Per request: an id (X-Request-ID, echoed or minted), one structured access log line,
-and the request metrics. The path is logged without its query string (`?token=`)."""
+"""Per request: an id (X-Request-ID, echoed or minted), one access log line, and the
+request metrics. The line reads on its own in text logs (`GET /prompt 200 12.3ms
+id=…`) and carries the same as fields in JSON lines. The path is logged without its
+query string (`?token=`); health probes are logged at DEBUG."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from broker.ops import metrics
 
 log = logging.getLogger("broker.access")
 REQUEST_ID_HEADER = "X-Request-ID"
+PROBES = frozenset({"/healthz", "/readyz"})  # polled every few seconds by load balancers
 CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -64,15 +67,22 @@ def _observe(scope: Scope, status: int, seconds: float) -> None:
     if upstream:
         metrics.UPSTREAM_LATENCY.labels(route).observe(upstream)
     caller = state.get("caller")
-    log.info(
-        "request",
+    duration_ms = round(seconds * 1000, 2)
+    log.log(
+        logging.DEBUG if scope["path"] in PROBES else logging.INFO,
+        "%s %s %d %.1fms id=%s",
+        scope["method"],
+        scope["path"],
+        status,
+        duration_ms,
+        state.get("request_id"),
         extra={
             "request_id": state.get("request_id"),
             "method": scope["method"],
             "route": route,
             "path": scope["path"],
             "status": status,
-            "duration_ms": round(seconds * 1000, 2),
+            "duration_ms": duration_ms,
             "upstream_ms": round(upstream * 1000, 2),
             "tenant_id": str(getattr(caller, "tenant_id", None) or "") or None,
             "token_id": str(getattr(caller, "token_id", None) or "") or None,

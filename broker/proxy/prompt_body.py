@@ -46,7 +46,7 @@ def parse_prompt_body(raw: bytes) -> PromptBody:
     extra_data = body.get("extra_data", {})
     if not isinstance(extra_data, dict):
         raise _invalid("extra_data must be an object.")
-    _refuse_credentials(body, extra_data)
+    _refuse_credentials(raw, body)
     return PromptBody(
         fields=_without_broker_fields(body),
         class_types=_class_types(body.get("prompt")),
@@ -127,13 +127,35 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _refuse_credentials(body: dict[str, Any], extra_data: dict[str, Any]) -> None:
-    sent = sorted(SENSITIVE_KEYS & (body.keys() | extra_data.keys()))
+def _refuse_credentials(raw: bytes, body: dict[str, Any]) -> None:
+    """Refuse a credential-named key anywhere: at the top, in `extra_data`, as a node
+    input (a node declaring the hidden input would otherwise get the client's value),
+    or deeper. Most bodies name none of them and use no `\\u` escape, which is decided on
+    the raw bytes without walking the parsed body."""
+    if b"\\u" not in raw and not any(key.encode() in raw for key in SENSITIVE_KEYS):
+        return
+    sent = sorted(_keys_named(body, SENSITIVE_KEYS))
     if sent:
         raise _invalid(
             f"Do not send {', '.join(sent)}: the broker adds your Comfy key itself.",
             error_type="credentials_not_allowed",
         )
+
+
+def _keys_named(value: Any, names: frozenset[str]) -> set[str]:
+    """Which of `names` are keys of some object inside `value` (iterative: the body's depth
+    is already bounded, but no recursion is needed)."""
+    found: set[str] = set()
+    pending: list[Any] = [value]
+    while pending:
+        container = pending.pop()
+        if isinstance(container, dict):
+            found |= names & container.keys()
+            children = container.values()
+        else:
+            children = container
+        pending.extend(child for child in children if isinstance(child, dict | list))
+    return found
 
 
 def _without_broker_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 
 class PromptRequest(BaseModel):
@@ -48,7 +48,7 @@ class QueueChange(BaseModel):
     """ComfyUI's `POST /queue` body; only the caller's pending prompts are affected."""
 
     delete: list[str] | None = None
-    clear: bool | None = None
+    clear: StrictBool | None = None  # as documented: true or false, not 0 or "yes"
 
 
 class InterruptRequest(BaseModel):

@@ -38,6 +38,7 @@ from broker.errors import (
     Unauthorized,
     render_error,
 )
+from broker.logs import QUERY_TOKEN_PARAMETERS
 from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.throttle import FailedAuthThrottle
 from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
@@ -295,7 +296,8 @@ async def authenticate_websocket(websocket: WebSocket) -> ActingUser:
     websocket. The query string is never logged (see broker/logs.py)."""
     authenticator: Authenticator = websocket.app.state.authenticator
     header = websocket.headers.get("authorization")
-    query_token = websocket.query_params.get("token")
+    params = websocket.query_params
+    query_token = next((params[name] for name in QUERY_TOKEN_PARAMETERS if name in params), None)
     raw = _bounded(query_token) if query_token and not header else token_from_header(header)
     client = websocket.client.host if websocket.client else None
     caller = await authenticator.authenticate(raw, client)
@@ -307,6 +309,11 @@ CurrentUser = Annotated[ActingUser, Depends(get_acting_user)]
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",
                           "/openapi.json", "/api/v2/health"})  # fmt: skip
+PUBLIC_PREFIXES = ("/docs/",)  # the offline docs' assets (broker/ops/docs.py)
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 def _is_egress(scope: Scope) -> bool:
@@ -328,7 +335,7 @@ class CredentialsPrecheck:
         self._throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or _is_egress(scope):
+        if scope["type"] != "http" or _is_public(scope["path"]) or _is_egress(scope):
             await self.app(scope, receive, send)
             return
         authorization = Headers(scope=scope).get("authorization")

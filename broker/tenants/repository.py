@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 
-from broker.db.models import ComfyKey, Tenant, Token, User
+from broker.db.models import ComfyKey, Prompt, PromptStatus, Tenant, Token, User
 from broker.db.repository import Repository
 
 
@@ -30,6 +30,10 @@ class TenantRepository(Repository):
         self.session.add(tenant)
         await self.session.flush()
         return tenant
+
+    async def delete(self, tenant_id: uuid.UUID) -> None:
+        """Its users, keys, tokens, budgets and prompts go with it (ON DELETE CASCADE)."""
+        await self.session.execute(delete(Tenant).where(Tenant.id == tenant_id))
 
 
 class UserRepository(Repository):
@@ -63,6 +67,23 @@ class UserRepository(Repository):
         await self.session.flush()
         return user
 
+    async def delete(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """Its key, tokens, budget and prompts go with it (ON DELETE CASCADE)."""
+        await self.session.execute(
+            delete(User).where(User.tenant_id == tenant_id, User.id == user_id)
+        )
+
+    async def count_unfinished_prompts(
+        self, tenant_id: uuid.UUID, user_id: uuid.UUID | None
+    ) -> int:
+        unfinished = (PromptStatus.PENDING, PromptStatus.QUEUED, PromptStatus.RUNNING)
+        statement = select(func.count()).where(
+            Prompt.tenant_id == tenant_id, Prompt.status.in_(unfinished)
+        )
+        if user_id is not None:
+            statement = statement.where(Prompt.user_id == user_id)
+        return await self.session.scalar(statement) or 0
+
 
 class TokenRepository(Repository):
     async def get(self, token_id: uuid.UUID, *, tenant_id: uuid.UUID | None) -> Token | None:
@@ -76,9 +97,12 @@ class TokenRepository(Repository):
         return await self.session.scalar(select(Token).where(Token.token_hash == token_hash))
 
     async def list_page(
-        self, tenant_id: uuid.UUID, *, user_id: uuid.UUID | None, limit: int, offset: int
+        self, tenant_id: uuid.UUID | None, *, user_id: uuid.UUID | None, limit: int, offset: int
     ) -> tuple[list[Token], int]:
-        statement = select(Token).where(Token.tenant_id == tenant_id)
+        """A tenant's tokens; with `tenant_id` None, the operator tokens."""
+        statement = select(Token).where(
+            Token.tenant_id == tenant_id if tenant_id is not None else Token.tenant_id.is_(None)
+        )
         if user_id is not None:
             statement = statement.where(Token.user_id == user_id)
         statement = statement.order_by(Token.created_at, Token.id)

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 from broker.db.base import utc_now
 from broker.db.models import TokenKind
@@ -30,7 +38,16 @@ def _in_the_future(value: datetime | None) -> datetime | None:
     return value
 
 
-Expiry = Annotated[datetime | None, AfterValidator(_in_the_future)]
+def _not_a_number(value: object) -> object:
+    """Pydantic would read a number as seconds since 1970: the API's dates are ISO 8601."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("must be an ISO 8601 date, e.g. 2030-01-01T00:00:00Z, not a number")
+    return value
+
+
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+IsoDateTime = Annotated[datetime, BeforeValidator(_not_a_number)]
+Expiry = Annotated[IsoDateTime | None, AfterValidator(_in_the_future)]
 
 
 class RequestModel(BaseModel):

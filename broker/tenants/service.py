@@ -76,6 +76,45 @@ async def list_tenants(
     return Page(items=items, total=total, limit=limit, offset=offset)
 
 
+async def delete_tenant(session: AsyncSession, actor: Actor, tenant_id: uuid.UUID) -> None:
+    """Delete a tenant with everything in it: users, keys, tokens, budgets, prompts (the
+    audit trail stays). Refused while any of its prompts is unfinished."""
+    tenant = await get_tenant(session, tenant_id)
+    await _refuse_unfinished_prompts(session, tenant_id, None, f"Tenant {tenant.name!r}")
+    await TenantRepository.from_session(session).delete(tenant_id)
+    audit.record(
+        session, actor, "tenant.delete", object_type="tenant", object_id=tenant_id,
+        tenant_id=tenant_id, details={"name": tenant.name},
+    )  # fmt: skip
+
+
+async def delete_user(
+    session: AsyncSession, actor: Actor, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> None:
+    """Delete a user with their key, tokens, budget and prompts (the audit trail stays).
+    Refused while one of their prompts is unfinished."""
+    user = await get_user(session, tenant_id, user_id)
+    await _refuse_unfinished_prompts(session, tenant_id, user_id, f"User {user.external_id!r}")
+    await UserRepository.from_session(session).delete(tenant_id, user_id)
+    audit.record(
+        session, actor, "user.delete", object_type="user", object_id=user_id,
+        tenant_id=tenant_id, details={"external_id": user.external_id},
+    )  # fmt: skip
+
+
+async def _refuse_unfinished_prompts(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID | None, who: str
+) -> None:
+    """A prompt still running would settle its credits on rows that no longer exist."""
+    repository = UserRepository.from_session(session)
+    unfinished = await repository.count_unfinished_prompts(tenant_id, user_id)
+    if unfinished:
+        raise Conflict(
+            f"{who} has {unfinished} unfinished prompt(s): interrupt them or wait, then retry.",
+            error_type="prompts_unfinished",
+        )
+
+
 async def create_user(
     session: AsyncSession, actor: Actor, tenant_id: uuid.UUID, data: UserCreate
 ) -> UserRead:
@@ -203,6 +242,16 @@ async def list_tokens(
     await get_tenant(session, tenant_id)
     rows, total = await TokenRepository.from_session(session).list_page(
         tenant_id, user_id=user_id, limit=limit, offset=offset
+    )
+    items = [TokenRead.model_validate(row) for row in rows]
+    return Page(items=items, total=total, limit=limit, offset=offset)
+
+
+async def list_operator_tokens(
+    session: AsyncSession, *, limit: int, offset: int
+) -> Page[TokenRead]:
+    rows, total = await TokenRepository.from_session(session).list_page(
+        None, user_id=None, limit=limit, offset=offset
     )
     items = [TokenRead.model_validate(row) for row in rows]
     return Page(items=items, total=total, limit=limit, offset=offset)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from broker.db.models import Prompt, PromptStatus
+from broker.db.models import Prompt, PromptStatus, User
 from broker.usage import controls
 from broker.usage.budgets import window_start
 from broker.usage.pricing import mc_to_credits
@@ -39,7 +39,22 @@ async def usage_report(
         key = Prompt.user_id if group_by == "user" else _day(session)
         rows = await _grouped(session, in_range, key)
         total = _sum(rows)
+        if group_by == "user":
+            await _name_users(session, tenant_id, rows)
     return UsageReport(group_by=group_by, start=start, end=end, rows=rows, total=total)
+
+
+async def _name_users(session: AsyncSession, tenant_id: uuid.UUID, rows: list[UsageRow]) -> None:
+    """Rows keyed by user id get the user's external id and name (what people read)."""
+    ids = [uuid.UUID(row.key) for row in rows]
+    statement = select(User.id, User.external_id, User.name).where(
+        User.tenant_id == tenant_id, User.id.in_(ids)
+    )
+    names = {
+        str(id_): (external_id, name) for id_, external_id, name in await session.execute(statement)
+    }
+    for row in rows:
+        row.external_id, row.name = names.get(row.key, (None, None))
 
 
 def _sum(rows: list[UsageRow]) -> UsageRow:
@@ -164,9 +179,13 @@ def as_csv(records: list[PromptRecord]) -> str:
 def usage_csv(report: UsageReport) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([report.group_by, "prompts", "estimated_credits", "actual_credits"])
+    by_user = report.group_by == "user"
+    names = ["external_id", "name"] if by_user else []
+    writer.writerow([report.group_by, *names, "prompts", "estimated_credits", "actual_credits"])
     for row in [*report.rows, report.total]:
-        writer.writerow([_defused(row.key), row.prompts, row.estimated_credits, row.actual_credits])
+        labels = [_cell(row.external_id), _cell(row.name)] if by_user else []
+        row_key = _defused(row.key)
+        writer.writerow([row_key, *labels, row.prompts, row.estimated_credits, row.actual_credits])
     return buffer.getvalue()
 
 

@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from broker.tenants.schemas import RequestModel, ResponseModel
 from broker.usage.unpriced import UnpricedPolicy
@@ -46,7 +47,8 @@ class BudgetRead(ResponseModel):
 class TenantLimitsSet(RequestModel):
     max_prompts_per_minute: Count | None = None
     max_active_prompts: Count | None = Field(None, description="Queued and running at once.")
-    unpriced_policy: UnpricedPolicy | None = Field(
+    # Not nullable in the schema: null is refused (leave the field out to keep the policy).
+    unpriced_policy: UnpricedPolicy | SkipJsonSchema[None] = Field(
         None,
         description="API nodes without a known price: allow (flagged; refused while a "
         "budget applies), allow_always (also under a budget) or refuse.",
@@ -78,6 +80,8 @@ class UsageRow(ResponseModel):
     prompts: int
     estimated_credits: Decimal = Field(description="Sum of the estimates' upper bounds.")
     actual_credits: Decimal = Field(description="Sum of settled charges.")
+    external_id: str | None = Field(None, description="By user: the user's external id.")
+    name: str | None = Field(None, description="By user: the user's display name.")
 
 
 class UsageReport(ResponseModel):

@@ -41,6 +41,7 @@ def requests_on_acme(w: World) -> dict[tuple[str, str], tuple[str, dict[str, obj
         ("DELETE", "/admin/tokens/{token_id}"): (f"/admin/tokens/{w.token_id}", None),
         ("POST", "/admin/tenants/{tenant_id}/users"): (users, {"external_id": "mallory"}),
         ("GET", "/admin/tenants/{tenant_id}/users"): (users, None),
+        ("DELETE", "/admin/tenants/{tenant_id}/users/{user_id}"): (f"{users}/{w.alice.id}", None),
         ("POST", "/admin/tenants/{tenant_id}/users/{user_id}/tokens"): (
             f"{users}/{w.alice.id}/tokens",
             {},
@@ -82,7 +83,14 @@ def requests_on_acme(w: World) -> dict[tuple[str, str], tuple[str, dict[str, obj
 
 
 BUDGET: dict[str, object] = {"period": "month", "limit_credits": "100"}
-OPERATOR_ONLY = {("POST", "/admin/tenants"), ("GET", "/admin/tenants")}
+OPERATOR_ONLY = {
+    ("POST", "/admin/tenants"),
+    ("GET", "/admin/tenants"),
+    (
+        "DELETE",
+        "/admin/tenants/{tenant_id}",
+    ),  # a tenant admin gets 403 (tests/admin/test_delete.py)
+}
 
 
 def admin_routes(app: FastAPI) -> set[tuple[str, str]]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import uuid
 
@@ -61,6 +62,16 @@ class TestSealing:
         sealed = Keyring({"k1": kek()}, "k1").seal(SECRET, where := context())
         with pytest.raises(UnsealError, match="k1"):
             Keyring({"k2": kek()}, "k2").unseal(sealed, where)
+
+    def test_a_missing_kek_is_logged_by_its_id(self, caplog: pytest.LogCaptureFixture) -> None:
+        sealed = Keyring({"k1": kek()}, "k1").seal(SECRET, where := context())
+        with pytest.raises(UnsealError), caplog.at_level(logging.ERROR, "broker.keys"):
+            Keyring({"k2": kek()}, "k2").unseal(sealed, where)
+        (line,) = [record.getMessage() for record in caplog.records]
+        assert "kek_id=k1" in line
+        assert "'k1' is not in this process's keyring (it has k2)" in line
+        assert str(where.user_id) in line
+        assert SECRET not in line
 
     def test_same_id_with_another_key_does_not_open(self) -> None:
         sealed = Keyring({"k1": kek()}, "k1").seal(SECRET, where := context())

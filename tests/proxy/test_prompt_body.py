@@ -87,3 +87,41 @@ def test_a_large_real_workflow_is_well_under_the_value_limit() -> None:
     outcome, peak = peak_while_parsing(orjson.dumps({"prompt": graph}))
     assert outcome == "accepted"
     assert peak < 32
+
+
+# credentials the client must not send -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": {"1": {"class_type": "X", "inputs": {}}}, "api_key_comfy_org": "k"},
+        {
+            "prompt": {"1": {"class_type": "X", "inputs": {}}},
+            "extra_data": {"auth_token_comfy_org": "k"},
+        },
+        {"prompt": {"1": {"class_type": "X", "inputs": {"api_key_comfy_org": "comfyui-k"}}}},
+        {"prompt": {"1": {"class_type": "X", "inputs": {"deep": [{"auth_token_comfy_org": "k"}]}}}},
+        {
+            "prompt": {"1": {"class_type": "X", "inputs": {}}},
+            "extra_data": {"x": {"api_key_comfy_org": 1}},
+        },
+    ],
+    ids=["top", "extra_data", "node input", "nested in an input", "nested in extra_data"],
+)
+def test_a_credential_named_key_is_refused_wherever_it_is(body: dict[str, object]) -> None:
+    with pytest.raises(PromptError) as refused:
+        parse_prompt_body(orjson.dumps(body))
+    assert refused.value.type == "credentials_not_allowed"
+
+
+def test_a_credential_name_hidden_behind_a_json_escape_is_refused() -> None:
+    raw = b'{"prompt": {"1": {"class_type": "X", "inputs": {"api\\u005fkey_comfy_org": "k"}}}}'
+    with pytest.raises(PromptError) as refused:
+        parse_prompt_body(raw)
+    assert refused.value.type == "credentials_not_allowed"
+
+
+def test_the_name_as_a_value_is_not_a_credential() -> None:
+    body = {"prompt": {"1": {"class_type": "X", "inputs": {"text": "api_key_comfy_org"}}}}
+    assert parse_prompt_body(orjson.dumps(body)).class_types == {"1": "X"}

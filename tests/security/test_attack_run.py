@@ -21,7 +21,7 @@ import pytest
 from alembic import command
 
 from broker.app import create_app
-from broker.cli.db import alembic_config
+from broker.db.migrations import alembic_config
 from broker.settings import ConfigurationError, Environment, Settings
 from tests.fixtures.app import KEK_1, OPERATOR, AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import FakeComfyUI

@@ -146,6 +146,8 @@ ADMIN_ROWS: dict[Route, Row] = {
     ("POST", "/admin/tenants"): operator_row(201),
     ("GET", "/admin/tenants"): admin_row(200, other_admin=200),  # lists only its own tenant
     ("GET", "/admin/tenants/{tenant_id}"): admin_row(200),
+    ("DELETE", "/admin/tenants/{tenant_id}"): operator_row(204),
+    ("DELETE", "/admin/tenants/{tenant_id}/users/{user_id}"): admin_row(204),
     ("POST", "/admin/tenants/{tenant_id}/tokens"): admin_row(201),
     ("GET", "/admin/tenants/{tenant_id}/tokens"): admin_row(200),
     ("DELETE", "/admin/tokens/{token_id}"): admin_row(204),
@@ -408,6 +410,28 @@ def alice_asset_graph(w: World) -> dict[str, Any]:
     }
 
 
+async def delete_a_tenant(w: World, caller: Caller) -> Call:
+    # Attackers aim at acme; each legitimate caller deletes a tenant of its own making.
+    if caller not in LEGITIMATE:
+        return Call("DELETE", f"/admin/tenants/{w.acme.id}")
+    created = await w.client.post(
+        "/admin/tenants", json={"name": fresh_name("doomed")}, headers=OPERATOR
+    )
+    assert created.status_code == 201, created.text
+    return Call("DELETE", f"/admin/tenants/{created.json()['id']}")
+
+
+async def delete_a_user(w: World, caller: Caller) -> Call:
+    # Attackers aim at alice; each legitimate caller deletes a fresh user of acme.
+    if caller not in LEGITIMATE:
+        return Call("DELETE", f"{w.users}/{w.alice.id}")
+    created = await w.client.post(
+        w.users, json={"external_id": fresh_name("doomed")}, headers=OPERATOR
+    )
+    assert created.status_code == 201, created.text
+    return Call("DELETE", f"{w.users}/{created.json()['id']}")
+
+
 def plain(build: Callable[[World], Call]) -> Builder:
     async def builder(w: World, caller: Caller) -> Call:
         return build(w)
@@ -426,6 +450,8 @@ CALLS: dict[Route, Builder] = {
     ("GET", "/admin/tenants/{tenant_id}"): plain(
         lambda w: Call("GET", f"/admin/tenants/{w.acme.id}")
     ),
+    ("DELETE", "/admin/tenants/{tenant_id}"): delete_a_tenant,
+    ("DELETE", "/admin/tenants/{tenant_id}/users/{user_id}"): delete_a_user,
     ("POST", "/admin/tenants/{tenant_id}/tokens"): plain(
         lambda w: Call("POST", f"/admin/tenants/{w.acme.id}/tokens", json={"kind": "service"})
     ),

@@ -413,10 +413,9 @@ class TestReports:
             if by_user["total"]["actual_credits"] == "25.320":
                 break
             await asyncio.sleep(0.02)
-        assert {row["key"]: row["actual_credits"] for row in by_user["rows"]} == {
-            alice.id: "12.660",
-            bob.id: "12.660",
-        }
+        assert {
+            row["key"]: (row["external_id"], row["actual_credits"]) for row in by_user["rows"]
+        } == {alice.id: ("alice", "12.660"), bob.id: ("bob", "12.660")}
         by_node = (
             await client.get(f"{base}/usage?group_by=node", headers=alice.tenant.admin)
         ).json()
@@ -426,6 +425,8 @@ class TestReports:
                 "prompts": 2,
                 "estimated_credits": "25.320",
                 "actual_credits": "25.320",
+                "external_id": None,
+                "name": None,
             }
         ]
         by_day = (await client.get(f"{base}/usage?group_by=day", headers=OPERATOR)).json()
@@ -435,7 +436,9 @@ class TestReports:
             f"{base}/usage?group_by=user", headers={**alice.tenant.admin, "Accept": "text/csv"}
         )
         assert csv.headers["content-type"].startswith("text/csv")
-        assert csv.text.splitlines()[0] == "user,prompts,estimated_credits,actual_credits"
+        lines = csv.text.splitlines()
+        assert lines[0] == "user,external_id,name,prompts,estimated_credits,actual_credits"
+        assert f"{bob.id},bob,,1," in csv.text
         listed = (
             await client.get(
                 f"{base}/prompts?user_id={bob.id}&status=success", headers=alice.tenant.admin
