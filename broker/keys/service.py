@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from broker.settings import Settings
 from broker.tenants import service as tenants_service
 from broker.tenants.schemas import ComfyKeyInfo
 
-log = logging.getLogger("broker.keys")
 REWRAP_BATCH_SIZE = 200
 
 
