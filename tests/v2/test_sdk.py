@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.base import utc_now
 from broker.db.models import Prompt, PromptStatus
+from broker.files.names import user_folder
 from tests.fixtures.app import AdminApi, User, bearer, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
 from tests.proxy.workflows import LOCAL_WORKFLOW, docs_workflow
@@ -65,8 +66,10 @@ def local_workflow() -> dict[str, Any]:
     return copy.deepcopy(LOCAL_WORKFLOW)  # the SDK edits the graph it is given
 
 
-def output_file(fake: FakeComfyUI, name: str) -> bytes:
-    with open(os.path.join(fake.dir("output"), name), "rb") as f:
+def output_file(fake: FakeComfyUI, user: User, name: str) -> bytes:
+    """The file as ComfyUI wrote it: in the user's own folder (broker/files)."""
+    folder = user_folder(uuid.UUID(user.id))
+    with open(os.path.join(fake.dir("output"), folder, name), "rb") as f:
         return f.read()
 
 
@@ -85,7 +88,7 @@ async def test_run_with_a_user_token_is_the_users_own_metered_prompt(
     assert output.type == "image"
     assert output.job_id == job.id
     data = await asyncio.to_thread(output.to_bytes)
-    assert data == output_file(fake_comfy, output.name)
+    assert data == output_file(fake_comfy, alice, output.name)
     assert await asyncio.to_thread(output.to_bytes, range=(0, 4)) == data[:5]
     async with db() as session:
         prompt = await session.get(Prompt, uuid.UUID(job.id))
@@ -103,7 +106,7 @@ async def test_async_client_runs_and_downloads(
     async with AsyncComfy(api_key=alice.token) as client:
         job = await client.run(client.workflows.from_json(local_workflow()))
         [output] = job.get_outputs("2")
-        assert await output.to_bytes() == output_file(fake_comfy, output.name)
+        assert await output.to_bytes() == output_file(fake_comfy, alice, output.name)
         workflow = await job.get_workflow()
     assert workflow.format == "api"
     assert workflow.graph == local_workflow()
@@ -293,7 +296,7 @@ async def test_outputs_outlive_comfyuis_history(
     assert again.status == "succeeded"
     [kept] = again.get_outputs("2")
     assert (kept.id, kept.type, kept.name) == (output.id, "image", output.name)
-    assert await asyncio.to_thread(kept.to_bytes) == output_file(fake_comfy, output.name)
+    assert await asyncio.to_thread(kept.to_bytes) == output_file(fake_comfy, alice, output.name)
 
 
 async def test_cancelling_a_running_job_interrupts_it(
