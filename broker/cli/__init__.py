@@ -11,7 +11,6 @@ import typer
 from broker import __version__
 from broker.cli import db, doctor, keys, tenants, tokens, usage, users
 from broker.cli.context import errors, run, settings
-from broker.serving import uvicorn_options
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,
@@ -52,6 +51,7 @@ def serve(
     import uvicorn
 
     from broker.db.migrations import schema_problem
+    from broker.serving import uvicorn_options  # imports uvicorn: only when serving
 
     current = settings()
     problem = run(schema_problem(current.DATABASE_URL))
