@@ -33,6 +33,7 @@ from broker.proxy.bus import EventBus
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
+from broker.proxy.jobs_endpoints import router as jobs_router
 from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
 from broker.proxy.timing import ServerTimingMiddleware
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(admin_router)
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
+    app.include_router(jobs_router, tags=["comfyui jobs"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
     return app

@@ -166,7 +166,7 @@ COMFY_ROWS: dict[Route, Row] = {
     ("GET", "/object_info/{node_class}"): user_row(200, other_user=200),
     ("GET", "/usage"): user_row(200, other_user=200),  # B's own usage
     ("GET", "/history"): user_row(200, other_user=200),  # B's own (empty) history
-    ("GET", "/history/{prompt_id}"): user_row(200, other_user=404),
+    ("GET", "/history/{prompt_id}"): user_row(200, other_user=200),  # {}, as ComfyUI
     ("GET", "/view"): user_row(200, other_user=404),
     ("POST", "/upload/image"): user_row(200, other_user=200),  # into B's own folder
     ("POST", "/upload/mask"): user_row(200, other_user=404),  # a mask for A's image
@@ -174,12 +174,20 @@ COMFY_ROWS: dict[Route, Row] = {
     ("POST", "/queue"): user_row(200, other_user=200),  # deleting A's prompt: a no-op
     # A's prompt has finished: A gets 409 not_running, B the 404 of someone else's prompt.
     ("POST", "/interrupt"): user_row(409, other_user=404),
-    ("POST", "/history"): operator_row(200),
+    ("POST", "/history"): user_row(200, other_user=200),  # deleting A's items: a no-op
     ("POST", "/free"): operator_row(200),
     ("GET", "/system_stats"): operator_row(200),
     # The fake serves no /internal routes: its 404 comes back as 502 on GET, as is on POST.
     ("GET", "/internal/{path}"): operator_row(502),
     ("POST", "/internal/{path}"): operator_row(404),
+}
+
+# Current ComfyUI's jobs routes exist under /api only, as in ComfyUI.
+JOBS_ROWS: dict[Route, Row] = {
+    ("GET", "/api/jobs"): user_row(200, other_user=200),  # B's own (empty) list
+    ("GET", "/api/jobs/{job_id}"): user_row(200, other_user=404),
+    ("POST", "/api/jobs/{job_id}/cancel"): user_row(200, other_user=404),  # A's has finished
+    ("POST", "/api/jobs/cancel"): user_row(200, other_user=200),  # A's ids: no-ops
 }
 
 WS_ROW: Row = (
@@ -207,6 +215,7 @@ EXPECTED: dict[Route, Row] = {
     **ADMIN_ROWS,
     **COMFY_ROWS,
     **{(method, "/api" + path): row for (method, path), row in COMFY_ROWS.items()},
+    **JOBS_ROWS,
     ("WS", "/ws"): WS_ROW,
     ("WS", "/api/ws"): WS_ROW,
 }
@@ -450,6 +459,12 @@ CALLS: dict[Route, Builder] = {
     ),
     ("POST", "/free"): plain(lambda w: Call("POST", "/free", json={"free_memory": True})),
     ("GET", "/system_stats"): plain(lambda w: Call("GET", "/system_stats")),
+    ("GET", "/jobs"): plain(lambda w: Call("GET", "/jobs")),
+    ("GET", "/jobs/{job_id}"): plain(lambda w: Call("GET", f"/jobs/{w.prompt_id}")),
+    ("POST", "/jobs/{job_id}/cancel"): plain(lambda w: Call("POST", f"/jobs/{w.prompt_id}/cancel")),
+    ("POST", "/jobs/cancel"): plain(
+        lambda w: Call("POST", "/jobs/cancel", json={"job_ids": [w.prompt_id]})
+    ),
     ("GET", "/internal/{path}"): plain(lambda w: Call("GET", "/internal/logs")),
     ("POST", "/internal/{path}"): plain(lambda w: Call("POST", "/internal/logs", json={})),
     ("WS", "/ws"): plain(lambda w: Call("WS", "/ws", params={"clientId": w.client_id})),

@@ -4,6 +4,7 @@ from broker.db.models.audit_event import AuditEvent
 from broker.db.models.budget import Budget
 from broker.db.models.budget_day import BudgetDay
 from broker.db.models.comfy_key import ComfyKey
+from broker.db.models.history_deletion import HistoryDeletion
 from broker.db.models.prompt import Prompt, PromptStatus
 from broker.db.models.prompt_output import PromptOutput
 from broker.db.models.tenant import Tenant
@@ -16,6 +17,7 @@ __all__ = [
     "Budget",
     "BudgetDay",
     "ComfyKey",
+    "HistoryDeletion",
     "Prompt",
     "PromptOutput",
     "PromptStatus",
