@@ -30,6 +30,8 @@ from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
 from broker.ops.health import router as health_router
 from broker.proxy.bus import EventBus
+from broker.proxy.catalog import CatalogCache
+from broker.proxy.catalog_endpoints import router as catalog_router
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
@@ -130,6 +132,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     )
     app.state.settings = settings
     app.state.custody = custody
+    app.state.catalog = CatalogCache(settings.OBJECT_INFO_TTL_SECONDS)
     add_exception_handlers(app)
     app.add_middleware(ForgetCachesOnAdminChanges)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
@@ -143,6 +146,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
     app.include_router(jobs_router, tags=["comfyui jobs"])
+    app.include_router(catalog_router, tags=["comfyui catalogs"])
+    app.include_router(catalog_router, prefix="/api", tags=["comfyui catalogs under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
     return app

@@ -14,6 +14,7 @@ from broker.errors import error_responses
 from broker.proxy import results
 from broker.proxy import service as proxy_service
 from broker.proxy.dependencies import Proxy
+from broker.proxy.prompt_body import with_usage_source
 from broker.proxy.schemas import (
     ComfyError,
     HistoryChange,
@@ -69,6 +70,8 @@ async def post_prompt(
 ) -> Response:
     timing = request.state.timing = Timing()
     raw = await request.body()
+    if usage_source := request.headers.get("comfy-usage-source"):
+        raw = with_usage_source(raw, usage_source)
     answer = await proxy_service.submit_prompt(proxy, acting, raw, idempotency_key, timing)
     return _answer(answer)
 
@@ -237,7 +240,6 @@ async def post_interrupt(
 
 OPERATOR_ROUTES = [
     ("POST", "/free", "Free memory (operator only)"),
-    ("GET", "/system_stats", "Server statistics (operator only)"),
     ("GET", "/internal/{path:path}", "ComfyUI internal routes (operator only)"),
     ("POST", "/internal/{path:path}", "ComfyUI internal routes (operator only)"),
 ]

@@ -176,7 +176,16 @@ COMFY_ROWS: dict[Route, Row] = {
     ("POST", "/interrupt"): user_row(409, other_user=404),
     ("POST", "/history"): user_row(200, other_user=200),  # deleting A's items: a no-op
     ("POST", "/free"): operator_row(200),
-    ("GET", "/system_stats"): operator_row(200),
+    # The same catalogs for every user; the operator sees the host details as well.
+    ("GET", "/system_stats"): (
+        Role.USER,
+        {**user_row(200, other_user=200)[1], Caller.OPERATOR: 200},
+    ),
+    ("GET", "/embeddings"): user_row(200, other_user=200),
+    ("GET", "/models"): user_row(200, other_user=200),
+    ("GET", "/models/{folder}"): user_row(200, other_user=200),
+    ("GET", "/extensions"): user_row(200, other_user=200),
+    ("GET", "/features"): user_row(200, other_user=200),
     # The fake serves no /internal routes: its 404 comes back as 502 on GET, as is on POST.
     ("GET", "/internal/{path}"): operator_row(502),
     ("POST", "/internal/{path}"): operator_row(404),
@@ -233,7 +242,6 @@ NEVER_FORWARDED_FOR_ATTACKERS = {
     ("POST", "/history"),
     ("POST", "/upload/mask"),
     ("GET", "/view"),
-    ("GET", "/system_stats"),
 }
 
 
@@ -459,6 +467,11 @@ CALLS: dict[Route, Builder] = {
     ),
     ("POST", "/free"): plain(lambda w: Call("POST", "/free", json={"free_memory": True})),
     ("GET", "/system_stats"): plain(lambda w: Call("GET", "/system_stats")),
+    ("GET", "/embeddings"): plain(lambda w: Call("GET", "/embeddings")),
+    ("GET", "/models"): plain(lambda w: Call("GET", "/models")),
+    ("GET", "/models/{folder}"): plain(lambda w: Call("GET", "/models/checkpoints")),
+    ("GET", "/extensions"): plain(lambda w: Call("GET", "/extensions")),
+    ("GET", "/features"): plain(lambda w: Call("GET", "/features")),
     ("GET", "/jobs"): plain(lambda w: Call("GET", "/jobs")),
     ("GET", "/jobs/{job_id}"): plain(lambda w: Call("GET", f"/jobs/{w.prompt_id}")),
     ("POST", "/jobs/{job_id}/cancel"): plain(lambda w: Call("POST", f"/jobs/{w.prompt_id}/cancel")),
