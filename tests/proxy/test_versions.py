@@ -3,16 +3,19 @@ speaking 0.38.x (tests/fixtures/comfy_versions.py). A client sees the same broke
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from websockets.asyncio.client import connect
 
 from broker.db.models import PromptStatus
 from tests.fixtures.app import OPERATOR, AdminApi, User, comfy_key
-from tests.fixtures.comfy import FakeComfyUI
+from tests.fixtures.comfy import FEATURE_FLAGS, FakeComfyUI
 from tests.fixtures.comfy_versions import (
     EMBEDDINGS,
     EXTENSIONS,
@@ -21,6 +24,7 @@ from tests.fixtures.comfy_versions import (
     fake_of_version,
 )
 from tests.proxy.helpers import submit, wait_for_status
+from tests.proxy.test_websocket import drain, events_until_done
 from tests.proxy.workflows import docs_workflow
 
 
@@ -123,3 +127,24 @@ async def test_the_usage_source_reaches_comfyui(
     await fake_comfy.await_idle()
     sources = [p["extra_data"].get("comfy_usage_source") for p in fake_comfy.prompts_received()]
     assert sources == ["my-app", "mine"]  # as ComfyUI: extra_data wins over the header
+
+
+async def test_websocket_negotiates_flags_and_relays_progress_state_to_its_owner_only(
+    admin_api: AdminApi, alice: User, live: httpx.AsyncClient, fake_comfy: FakeComfyUI
+) -> None:
+    bob = await admin_api.user(await admin_api.tenant("globex"), "bob", comfy_key())
+    base = str(live.base_url).replace("http://", "ws://").rstrip("/")
+    async with (
+        connect(f"{base}/ws?clientId=tab-a", additional_headers=alice.auth) as mine,
+        connect(f"{base}/ws?clientId=tab-b", additional_headers=bob.auth) as theirs,
+    ):
+        assert json.loads(await mine.recv())["type"] == "status"
+        await mine.send(json.dumps({"type": "feature_flags", "data": {"x": True}}))
+        flags = json.loads(await asyncio.wait_for(mine.recv(), 5))
+        assert flags == {"type": "feature_flags", "data": FEATURE_FLAGS}
+        prompt_id = await submit(live, alice, client_id="tab-a")
+        events = await events_until_done(mine, prompt_id)
+        states = [e for e in events if isinstance(e, dict) and e["type"] == "progress_state"]
+        assert states
+        assert {state["data"]["prompt_id"] for state in states} == {prompt_id}
+        assert prompt_id not in json.dumps([e for e in await drain(theirs) if isinstance(e, dict)])
