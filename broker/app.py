@@ -31,6 +31,7 @@ from broker.ops.access import AccessMiddleware
 from broker.ops.health import router as health_router
 from broker.proxy.bus import EventBus
 from broker.proxy.catalog import CatalogCache
+from broker.proxy.catalog_endpoints import assets_router
 from broker.proxy.catalog_endpoints import router as catalog_router
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
@@ -40,6 +41,8 @@ from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
 from broker.proxy.timing import ServerTimingMiddleware
 from broker.proxy.uploads import USER_FOLDER_PREFIX
+from broker.proxy.userdata import ComfyUsers
+from broker.proxy.userdata_endpoints import router as userdata_router
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
@@ -133,6 +136,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.state.settings = settings
     app.state.custody = custody
     app.state.catalog = CatalogCache(settings.OBJECT_INFO_TTL_SECONDS)
+    app.state.comfy_users = ComfyUsers()
     add_exception_handlers(app)
     app.add_middleware(ForgetCachesOnAdminChanges)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
@@ -148,6 +152,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(jobs_router, tags=["comfyui jobs"])
     app.include_router(catalog_router, tags=["comfyui catalogs"])
     app.include_router(catalog_router, prefix="/api", tags=["comfyui catalogs under /api"])
+    app.include_router(assets_router)
+    app.include_router(userdata_router, tags=["comfyui user data"])
+    app.include_router(userdata_router, prefix="/api", tags=["comfyui user data under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
     return app

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from broker.errors import error_responses
 from broker.proxy import catalog
 from broker.proxy.dependencies import Proxy
-from broker.tenants.auth import CurrentCaller, CurrentUser, get_acting_user
+from broker.tenants.auth import CurrentCaller, CurrentUser, OperatorCaller, get_acting_user
 
 router = APIRouter(responses=error_responses(401, 403, 404, 502, 503))
 
@@ -58,3 +58,32 @@ async def get_system_stats(request: Request, caller: CurrentCaller, proxy: Proxy
     if not caller.is_operator:
         await get_acting_user(request, caller)  # a user, or a service naming one
     return await catalog.system_stats(proxy, for_operator=caller.is_operator)
+
+
+# ComfyUI's asset API lists and serves every file of the server, whoever made it: only the
+# operator reaches it. A user's own upload still answers with its `asset` object.
+assets_router = APIRouter(prefix="/api/assets", tags=["operator"])
+
+
+async def relay_assets(request: Request, caller: OperatorCaller, proxy: Proxy) -> Response:
+    upstream = proxy.pool.choose().comfy
+    answer = await upstream.request(
+        request.method,
+        request.url.path,
+        params=list(request.query_params.multi_items()),
+        content=await request.body(),
+        headers={"content-type": request.headers.get("content-type", "application/json")},
+    )
+    media_type = answer.headers.get("content-type")
+    return Response(answer.content, status_code=answer.status_code, media_type=media_type)
+
+
+for _path, _methods in (("", ("GET", "POST")), ("/{path:path}", ("GET", "POST", "PUT", "DELETE"))):
+    for _method in _methods:
+        assets_router.add_api_route(
+            _path,
+            relay_assets,
+            methods=[_method],
+            summary="ComfyUI's asset routes (operator only)",
+            response_class=Response,
+        )

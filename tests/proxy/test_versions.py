@@ -148,3 +148,11 @@ async def test_websocket_negotiates_flags_and_relays_progress_state_to_its_owner
         assert states
         assert {state["data"]["prompt_id"] for state in states} == {prompt_id}
         assert prompt_id not in json.dumps([e for e in await drain(theirs) if isinstance(e, dict)])
+
+
+async def test_the_operator_reaches_the_asset_api_where_there_is_one(
+    client: httpx.AsyncClient, alice: User, comfy_version: Version
+) -> None:
+    assert (await client.get("/api/assets", headers=alice.auth)).status_code == 403
+    answer = await client.get("/api/assets", headers=OPERATOR)
+    assert answer.status_code == (200 if comfy_version.assets else 404)

@@ -186,6 +186,13 @@ COMFY_ROWS: dict[Route, Row] = {
     ("GET", "/models/{folder}"): user_row(200, other_user=200),
     ("GET", "/extensions"): user_row(200, other_user=200),
     ("GET", "/features"): user_row(200, other_user=200),
+    # User data: each user's own ComfyUI user (B has no such file, nor folder).
+    ("GET", "/users"): user_row(200, other_user=200),
+    ("GET", "/userdata"): user_row(200, other_user=404),
+    ("GET", "/v2/userdata"): user_row(200, other_user=200),  # B's own (empty) folder
+    ("GET", "/userdata/{file}"): user_row(200, other_user=404),
+    ("POST", "/userdata/{file}"): user_row(200, other_user=200),  # into B's own folder
+    ("DELETE", "/userdata/{file}"): user_row(204, other_user=404),
     # The fake serves no /internal routes: its 404 comes back as 502 on GET, as is on POST.
     ("GET", "/internal/{path}"): operator_row(502),
     ("POST", "/internal/{path}"): operator_row(404),
@@ -198,6 +205,14 @@ JOBS_ROWS: dict[Route, Row] = {
     ("POST", "/api/jobs/{job_id}/cancel"): user_row(200, other_user=404),  # A's has finished
     ("POST", "/api/jobs/cancel"): user_row(200, other_user=200),  # A's ids: no-ops
 }
+# ComfyUI's asset API lists the whole server's files: the operator's. (The fake, 0.3.64,
+# has none: its 404 comes back.)
+ASSET_ROWS: dict[Route, Row] = {
+    (method, path): operator_row(404)
+    for path, methods in (("/api/assets", ("GET", "POST")),
+                          ("/api/assets/{path}", ("GET", "POST", "PUT", "DELETE")))
+    for method in methods
+}  # fmt: skip
 
 WS_ROW: Row = (
     Role.USER,
@@ -225,6 +240,7 @@ EXPECTED: dict[Route, Row] = {
     **COMFY_ROWS,
     **{(method, "/api" + path): row for (method, path), row in COMFY_ROWS.items()},
     **JOBS_ROWS,
+    **ASSET_ROWS,
     ("WS", "/ws"): WS_ROW,
     ("WS", "/api/ws"): WS_ROW,
 }
@@ -369,6 +385,22 @@ async def revoke_an_acme_token(w: World, caller: Caller) -> Call:
     return Call("DELETE", f"/admin/tokens/{token_id}")
 
 
+USER_FILE = "workflows%2Fmatrix.json"
+
+
+def alices_user_file(method: str, path: str, params: dict[str, str] | None = None) -> Builder:
+    """A call on alice's user-data file; each legitimate call first makes sure it exists
+    (done as alice, before the call, so attackers find nothing of hers to create)."""
+
+    async def builder(w: World, caller: Caller) -> Call:
+        if caller in LEGITIMATE:
+            saved = await w.client.post(f"/userdata/{USER_FILE}", json={}, headers=w.alice.auth)
+            assert saved.status_code == 200, saved.text
+        return Call(method, path, params=params)
+
+    return builder
+
+
 def plain(build: Callable[[World], Call]) -> Builder:
     async def builder(w: World, caller: Caller) -> Call:
         return build(w)
@@ -478,6 +510,18 @@ CALLS: dict[Route, Builder] = {
     ("POST", "/jobs/cancel"): plain(
         lambda w: Call("POST", "/jobs/cancel", json={"job_ids": [w.prompt_id]})
     ),
+    ("GET", "/users"): plain(lambda w: Call("GET", "/users")),
+    ("GET", "/userdata"): alices_user_file("GET", "/userdata", {"dir": "workflows"}),
+    ("GET", "/v2/userdata"): plain(lambda w: Call("GET", "/v2/userdata")),
+    ("GET", "/userdata/{file}"): alices_user_file("GET", f"/userdata/{USER_FILE}"),
+    ("POST", "/userdata/{file}"): plain(lambda w: Call("POST", f"/userdata/{USER_FILE}", json={})),
+    ("DELETE", "/userdata/{file}"): alices_user_file("DELETE", f"/userdata/{USER_FILE}"),
+    ("GET", "/assets"): plain(lambda w: Call("GET", "/assets")),
+    ("POST", "/assets"): plain(lambda w: Call("POST", "/assets", json={})),
+    ("GET", "/assets/{path}"): plain(lambda w: Call("GET", "/assets/some-id")),
+    ("POST", "/assets/{path}"): plain(lambda w: Call("POST", "/assets/some-id", json={})),
+    ("PUT", "/assets/{path}"): plain(lambda w: Call("PUT", "/assets/some-id", json={})),
+    ("DELETE", "/assets/{path}"): plain(lambda w: Call("DELETE", "/assets/some-id")),
     ("GET", "/internal/{path}"): plain(lambda w: Call("GET", "/internal/logs")),
     ("POST", "/internal/{path}"): plain(lambda w: Call("POST", "/internal/logs", json={})),
     ("WS", "/ws"): plain(lambda w: Call("WS", "/ws", params={"clientId": w.client_id})),
