@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from broker.errors import error_responses
+from broker.errors import NotFound, error_responses
 from broker.proxy import catalog
 from broker.proxy.dependencies import Proxy
 from broker.tenants.auth import CurrentCaller, CurrentUser, OperatorCaller, get_acting_user
 
+# ComfyUI's folder names (`folder_paths`): "checkpoints", "diffusion_models", "LLM", …
+MODEL_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 router = APIRouter(responses=error_responses(401, 403, 404, 502, 503))
 
 
@@ -37,6 +40,8 @@ async def get_model_types(request: Request, acting: CurrentUser, proxy: Proxy) -
 
 @router.get("/models/{folder}", summary="The model files of one folder (cached)")
 async def get_models(folder: str, request: Request, acting: CurrentUser, proxy: Proxy) -> Response:
+    if not MODEL_FOLDER.fullmatch(folder):
+        raise NotFound(f"ComfyUI has no model folder {folder[:100]!r}.")
     return await _cached(request, proxy, f"/models/{folder}")
 
 

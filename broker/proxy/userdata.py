@@ -15,7 +15,15 @@ from typing import Any
 import httpx
 import orjson
 
-from broker.errors import NotFound, ServiceUnavailable, UpstreamUnavailable
+from broker.errors import (
+    BadRequest,
+    BrokerError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    UpstreamUnavailable,
+)
 from broker.proxy.pool import RETRY_AFTER_SECONDS, Upstream
 from broker.proxy.service import ProxyContext
 from broker.proxy.uploads import USER_FOLDER_PREFIX
@@ -91,5 +99,26 @@ async def relay(
     if method != "GET":
         arguments["content"] = body
     response: httpx.Response = await upstream.comfy.request(method, path, **arguments)
+    if response.status_code >= 400:
+        raise _refusal(response)
     passed = {name: response.headers[name] for name in PASSED_HEADERS if name in response.headers}
     return response.status_code, response.content, passed
+
+
+def _refusal(response: httpx.Response) -> BrokerError:
+    """ComfyUI's refusal as the broker's JSON error (its short text kept as the message)."""
+    status = response.status_code
+    text = (
+        response.text.strip()[:200]
+        if "text/plain" in response.headers.get("content-type", "")
+        else ""
+    )
+    if status >= 500:
+        return UpstreamUnavailable(f"ComfyUI answered {status}.")
+    if status == 404:
+        return NotFound(text or "No such user-data file.")
+    if status == 403:
+        return Forbidden(text or "That path is outside your user data.")
+    if status == 409:
+        return Conflict(text or "That file exists already.")
+    return BadRequest(text or f"ComfyUI refused the request ({status}).")

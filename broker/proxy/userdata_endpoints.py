@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
@@ -14,6 +14,10 @@ from broker.proxy.dependencies import Proxy
 from broker.tenants.auth import CurrentUser
 
 router = APIRouter(responses=error_responses(401, 403, 404, 502, 503))
+LIST_ANSWER: dict[str, Any] = {
+    "description": "ComfyUI's listing",
+    "content": {"application/json": {"schema": {"type": "array", "items": {}}}},
+}
 MOVE = "/move/"
 
 
@@ -42,14 +46,24 @@ async def _relay(
     return Response(body, status_code=status, headers=headers)
 
 
-@router.get("/userdata", summary="List the caller's own user-data files")
+@router.get(
+    "/userdata",
+    summary="List the caller's own user-data files",
+    responses={**error_responses(400), 200: LIST_ANSWER},
+    response_class=Response,
+)
 async def list_userdata(
     request: Request, acting: CurrentUser, proxy: Proxy, users: ComfyUsers
 ) -> Response:
     return await _relay(request, acting, proxy, users, "/userdata")
 
 
-@router.get("/v2/userdata", summary="List the caller's own user-data files and folders")
+@router.get(
+    "/v2/userdata",
+    summary="List the caller's own user-data files and folders",
+    responses={**error_responses(400), 200: LIST_ANSWER},
+    response_class=Response,
+)
 async def list_userdata_v2(
     request: Request, acting: CurrentUser, proxy: Proxy, users: ComfyUsers
 ) -> Response:
@@ -67,6 +81,12 @@ async def userdata_file(
     return await _relay(request, acting, proxy, users, path)
 
 
+FILE_ANSWERS: dict[str, dict[int | str, dict[str, Any]]] = {
+    "GET": {200: {"description": "The file", "content": {"application/octet-stream": {}}}},
+    "POST": {200: {"description": "Its path (JSON)", "content": {"application/json": {}}},
+             **error_responses(400, 409)},
+    "DELETE": {204: {"description": "Deleted"}},
+}  # fmt: skip
 for _method, _summary in (
     ("GET", "Read one of the caller's own user-data files"),
     ("POST", "Write (or move: POST …/move/{dest}) one of the caller's own user-data files"),
@@ -78,4 +98,5 @@ for _method, _summary in (
         methods=[_method],
         summary=_summary,
         response_class=Response,
+        responses=FILE_ANSWERS[_method],
     )
