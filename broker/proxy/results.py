@@ -405,7 +405,7 @@ def _expect_ok(response: httpx.Response) -> None:
 async def relay_to_operator(
     context: ProxyContext, method: str, path: str, body: bytes
 ) -> tuple[int, Any]:
-    """Operator-only routes (`/free`, `POST /history`, `/system_stats`, `/internal/*`)."""
+    """Operator-only routes (`/free`, `/internal/*`)."""
     comfy = context.pool.choose().comfy
     if method == "GET":
         return 200, redact(await comfy.get_json(path))
