@@ -38,12 +38,18 @@ from broker.ops.openapi import install_openapi
 from broker.origins import OriginCheck, parse_allowed_origins
 from broker.prompts import lifecycle
 from broker.proxy.bus import EventBus
+from broker.proxy.catalog import CatalogCache
+from broker.proxy.catalog_endpoints import assets_router
+from broker.proxy.catalog_endpoints import router as catalog_router
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
+from broker.proxy.jobs_endpoints import router as jobs_router
 from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
 from broker.proxy.timing import ServerTimingMiddleware
+from broker.proxy.userdata import ComfyUsers
+from broker.proxy.userdata_endpoints import router as userdata_router
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import KeyMode, Settings, get_settings
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
@@ -145,6 +151,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     install_openapi(app)
     app.state.settings = settings
     app.state.custody = custody
+    app.state.catalog = CatalogCache(settings.OBJECT_INFO_TTL_SECONDS)
+    app.state.comfy_users = ComfyUsers()
     add_exception_handlers(app)
     app.add_middleware(ForgetCachesOnAdminChanges)
     app.add_middleware(AllowEveryMethod)
@@ -161,6 +169,12 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(v2_router)
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
+    app.include_router(jobs_router, tags=["comfyui jobs"])
+    app.include_router(catalog_router, tags=["comfyui catalogs"])
+    app.include_router(catalog_router, prefix="/api", tags=["comfyui catalogs under /api"])
+    app.include_router(assets_router)
+    app.include_router(userdata_router, tags=["comfyui user data"])
+    app.include_router(userdata_router, prefix="/api", tags=["comfyui user data under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
     if settings.KEY_MODE is KeyMode.SEALED:

@@ -218,11 +218,20 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONBody:
     return JSONBody(with_v2_code(path, body), status_code=422)
 
 
+NO_ROUTE = (
+    "The broker does not serve {method} {path}: see the README's table of the ComfyUI "
+    "routes it serves, filters or keeps for the operator."
+)
+
+
 async def handle_http_exception(request: Request, exc: Exception) -> JSONBody:
     assert isinstance(exc, StarletteHTTPException)
     error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":  # no such route
+        message = NO_ROUTE.format(method=request.method, path=request.url.path[:200])
     return JSONBody(
-        with_v2_code(request.url.path, {"error": {"type": error_type, "message": str(exc.detail)}}),
+        with_v2_code(request.url.path, {"error": {"type": error_type, "message": message}}),
         status_code=exc.status_code,
         headers=exc.headers,
     )

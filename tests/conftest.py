@@ -7,4 +7,9 @@ import os
 
 os.environ["BROKER_ENV"] = "test"
 
-pytest_plugins = ["tests.fixtures.database", "tests.fixtures.app", "tests.fixtures.comfy"]
+pytest_plugins = [
+    "tests.fixtures.database",
+    "tests.fixtures.app",
+    "tests.fixtures.comfy_versions",  # before comfy, which imports it
+    "tests.fixtures.comfy",
+]

@@ -74,6 +74,10 @@ class ComfyClient:
     async def get_json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         return _expect_json_object(await self._send("GET", path, params=params))
 
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Any request (httpx arguments), answered as ComfyUI answers it, status included."""
+        return await self._send(method, path, **kwargs)
+
     async def post_json(self, path: str, body: Any) -> httpx.Response:
         """POST a JSON body and return ComfyUI's answer as it is (status included)."""
         return await self.post_raw(path, orjson.dumps(body))

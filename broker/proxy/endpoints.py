@@ -17,8 +17,10 @@ from broker.proxy import results
 from broker.proxy import service as proxy_service
 from broker.proxy.dependencies import Proxy
 from broker.proxy.operator_routes import relayed_path
+from broker.proxy.prompt_body import with_usage_source
 from broker.proxy.schemas import (
     ComfyError,
+    HistoryChange,
     InterruptRequest,
     PromptAccepted,
     PromptRequest,
@@ -33,6 +35,8 @@ from broker.usage import reports
 from broker.usage.schemas import UserUsage
 
 router = APIRouter(responses=error_responses(400, 401, 403, 404, 502, 503, 504))
+HISTORY_QUERY_BOUND = 2**31 - 1
+MAX_HISTORY_ITEMS = 1000
 EMPTY_OK: dict[int | str, dict[str, Any]] = {
     200: {"description": "Done (an empty body, as ComfyUI)"}
 }
@@ -69,6 +73,8 @@ async def post_prompt(
 ) -> Response:
     timing = request.state.timing = Timing()
     raw = await request.body()
+    if usage_source := request.headers.get("comfy-usage-source"):
+        raw = with_usage_source(raw, usage_source)
     try:
         answer = await proxy_service.submit_prompt(proxy, acting, raw, idempotency_key, timing)
     except PromptRejected as exc:  # ComfyUI's validation, by the user's own file names
@@ -104,19 +110,43 @@ async def get_usage(acting: CurrentUser, session: DbSession) -> UserUsage:
     return await reports.user_usage(session, acting.tenant_id, acting.user_id, utc_now())
 
 
-@router.get("/history", summary="The caller's prompts' history, newest first")
+@router.get("/history", summary="The caller's prompts' history, oldest first (as ComfyUI)")
 async def get_history(
     acting: CurrentUser,
     proxy: Proxy,
-    max_items: Annotated[int | None, Query(ge=1, le=1000)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    max_items: Annotated[
+        int | None,
+        Query(ge=0, le=HISTORY_QUERY_BOUND, description=f"At most {MAX_HISTORY_ITEMS} are sent."),
+    ] = None,
+    offset: Annotated[
+        int | None,
+        Query(
+            ge=-HISTORY_QUERY_BOUND,
+            le=HISTORY_QUERY_BOUND,
+            description="From the oldest; absent or negative: the last max_items.",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
-    return await results.history(proxy, acting, max_items, offset)
+    limit = None if max_items is None else min(max_items, MAX_HISTORY_ITEMS)
+    return await results.history(proxy, acting, limit, offset)
 
 
-@router.get("/history/{prompt_id}", summary="One of the caller's prompts; 404 otherwise")
+@router.get(
+    "/history/{prompt_id}", summary="One of the caller's prompts; {} otherwise (as ComfyUI)"
+)
 async def get_history_entry(prompt_id: str, acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
     return await results.history_entry(proxy, acting, prompt_id)
+
+
+@router.post(
+    "/history",
+    summary="Delete the caller's own history items, or clear the caller's history",
+    response_class=Response,
+    responses=EMPTY_OK,
+)
+async def post_history(change: HistoryChange, acting: CurrentUser, proxy: Proxy) -> Response:
+    await results.delete_history(proxy, acting, change.model_dump(exclude_none=True))
+    return Response(status_code=200)
 
 
 @router.get(
@@ -144,6 +174,7 @@ async def get_view(request: Request, acting: CurrentUser, proxy: Proxy) -> Strea
     "/upload/image",
     summary="Upload into the caller's own input folder",
     responses=error_responses(400, 413),
+    response_model_exclude_none=True,
 )
 async def post_upload_image(
     acting: CurrentUser,
@@ -162,6 +193,7 @@ async def post_upload_image(
     "/upload/mask",
     summary="Upload a mask for one of the caller's own images",
     responses=error_responses(400, 413),
+    response_model_exclude_none=True,
 )
 async def post_upload_mask(
     acting: CurrentUser,
@@ -217,8 +249,6 @@ async def post_interrupt(
 
 OPERATOR_ROUTES = [
     ("POST", "/free", "Free memory (operator only)"),
-    ("POST", "/history", "Clear or delete history (operator only)"),
-    ("GET", "/system_stats", "Server statistics (operator only)"),
     ("GET", "/internal/{path:path}", "ComfyUI internal routes (operator only)"),
     ("POST", "/internal/{path:path}", "ComfyUI internal routes (operator only)"),
 ]

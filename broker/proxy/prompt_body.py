@@ -79,6 +79,22 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return _load_object(raw)
 
 
+def with_usage_source(raw: bytes, source: str) -> bytes:
+    """The body with ComfyUI's `Comfy-Usage-Source` header folded into
+    `extra_data.comfy_usage_source`, as ComfyUI does (a value in the body wins). Bodies
+    that are not a JSON object with an object `extra_data` are left to the checks."""
+    if not 0 < len(source) <= MAX_CLIENT_ID_LENGTH or CONTROL_CHARACTERS.search(source):
+        return raw
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+    extra_data = body.get("extra_data", {}) if isinstance(body, dict) else None
+    if not isinstance(extra_data, dict) or "comfy_usage_source" in extra_data:
+        return raw
+    return orjson.dumps({**body, "extra_data": {**extra_data, "comfy_usage_source": source}})
+
+
 def _load_object(raw: bytes) -> dict[str, Any]:
     _refuse_too_many_values(raw)
     try:

@@ -9,6 +9,7 @@ body as something that does not exist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -26,6 +27,7 @@ from broker.files.names import NotAllowed, in_own_folder, user_folder
 from broker.prompts import lifecycle
 from broker.proxy import namespace
 from broker.proxy.pool import Upstream
+from broker.proxy.repository import OwnPromptRepository
 from broker.proxy.service import ProxyContext
 from broker.tenants.auth import ActingUser
 from broker.usage.repository import PromptOutputRepository, PromptRepository
@@ -51,26 +53,63 @@ def parse_prompt_id(value: str) -> uuid.UUID:
 
 
 async def history_entry(context: ProxyContext, acting: ActingUser, value: str) -> dict[str, Any]:
-    prompt_id = parse_prompt_id(value)
+    """`{id: entry}`, or `{}` as ComfyUI answers for an id it does not have: another
+    user's prompt, one deleted from the history, one not finished yet."""
+    try:
+        prompt_id = uuid.UUID(value)
+    except ValueError:
+        return {}
     async with session_scope(context.sessionmaker) as session:
-        prompt = await PromptRepository.from_session(session).get_owned(acting.user_id, prompt_id)
-    if prompt is None:
-        raise NotFound(PROMPT_NOT_FOUND)
-    return await _fetch_history(context, [prompt], tolerant=False)
+        visible = await OwnPromptRepository.from_session(session).history_window(
+            acting.user_id, HISTORY_STATUSES, offset=0, limit=1, only=prompt_id
+        )
+    return await _fetch_history(context, visible, tolerant=False) if visible else {}
 
 
 async def history(
-    context: ProxyContext, acting: ActingUser, max_items: int | None, offset: int
+    context: ProxyContext, acting: ActingUser, max_items: int | None, offset: int | None
 ) -> dict[str, Any]:
-    """The caller's prompts only, newest first, in ComfyUI's `/history` shape."""
+    """The caller's prompts only, oldest first, in ComfyUI's `/history` shape and window:
+    `offset` counts from the oldest; without one, the last `max_items` are listed."""
     async with session_scope(context.sessionmaker) as session:
-        prompts = await PromptRepository.from_session(session).recent_for_user(
-            acting.user_id,
-            statuses=HISTORY_STATUSES,
-            limit=max_items or DEFAULT_HISTORY_ITEMS,
-            offset=offset,
+        repository = OwnPromptRepository.from_session(session)
+        start = offset if offset is not None and offset >= 0 else None
+        limit = DEFAULT_HISTORY_ITEMS if max_items is None else max_items
+        if start is None:
+            total = await repository.history_count(acting.user_id, HISTORY_STATUSES)
+            start = max(0, total - limit)
+        prompts = await repository.history_window(
+            acting.user_id, HISTORY_STATUSES, offset=start, limit=limit
         )
     return await _fetch_history(context, prompts, tolerant=True)
+
+
+async def delete_history(context: ProxyContext, acting: ActingUser, body: dict[str, Any]) -> None:
+    """`{"delete": [ids]}` and/or `{"clear": true}`, for the caller's own finished prompts:
+    gone from their `/history` and jobs, and from the ComfyUI that ran them."""
+    requested = body.get("delete")
+    clear = body.get("clear") is True
+    if not clear and not isinstance(requested, list):
+        raise BadRequest('Send {"delete": [prompt ids]} or {"clear": true}.')
+    ids = None if clear else _uuids(requested or [])
+    async with session_scope(context.sessionmaker) as session:
+        marked = await OwnPromptRepository.from_session(session).forget_history(acting.user_id, ids)
+    by_server: dict[str, list[str]] = {}
+    for prompt_id, url in marked:
+        by_server.setdefault(url, []).append(str(prompt_id))
+    for url, doomed in by_server.items():
+        upstream = context.pool.for_url(url)
+        if upstream is not None:
+            with contextlib.suppress(BrokerError):  # the broker's view is already right
+                await upstream.comfy.post_json("/history", {"delete": doomed})
+
+
+def _uuids(values: list[Any]) -> list[uuid.UUID]:
+    found = []
+    for value in values:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            found.append(uuid.UUID(str(value)))
+    return found
 
 
 async def _fetch_history(
@@ -101,6 +140,11 @@ async def _fetch_history(
     await _remember_outputs(context, prompts, entries)  # by the server's names
     by_id = {str(prompt.id): prompt for prompt in prompts}
     return {key: _present_history_entry(entry, by_id[key]) for key, entry in entries.items()}
+
+
+async def history_entries(context: ProxyContext, prompts: list[Prompt]) -> dict[str, Any]:
+    """The presented history entries of `prompts` (the caller's own), those ComfyUI has."""
+    return await _fetch_history(context, prompts, tolerant=True)
 
 
 def _present_history_entry(entry: dict[str, Any], prompt: Prompt) -> dict[str, Any]:
@@ -383,7 +427,7 @@ def _expect_ok(response: httpx.Response) -> None:
 async def relay_to_operator(
     context: ProxyContext, method: str, path: str, body: bytes
 ) -> tuple[int, Any]:
-    """Operator-only routes (`/free`, `POST /history`, `/system_stats`, `/internal/*`)."""
+    """Operator-only routes (`/free`, `/internal/*`)."""
     comfy = context.pool.choose().comfy
     if method == "GET":
         return 200, redact(await comfy.get_json(path))

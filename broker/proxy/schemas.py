@@ -51,6 +51,13 @@ class QueueChange(BaseModel):
     clear: StrictBool | None = None  # as documented: true or false, not 0 or "yes"
 
 
+class HistoryChange(BaseModel):
+    """ComfyUI's `POST /history` body; only the caller's own finished prompts are affected."""
+
+    delete: list[str] | None = None
+    clear: bool | None = None
+
+
 class InterruptRequest(BaseModel):
     prompt_id: str | None = Field(None, description="Default: the caller's running prompt.")
 
@@ -59,3 +66,6 @@ class UploadAnswer(BaseModel):
     name: str
     subfolder: str
     type: str
+    asset: dict[str, Any] | None = Field(
+        None, description="Newer ComfyUI: the stored asset (ids of the caller's own only)."
+    )

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import uuid
 
+import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from broker.errors import BrokerError
+from broker.proxy import service as proxy_service
 from broker.proxy.fanout import Subscriber, Subscribers
 from broker.proxy.prompt_body import CONTROL_CHARACTERS, MAX_CLIENT_ID_LENGTH
 from broker.proxy.service import ProxyContext
@@ -43,13 +45,28 @@ async def user_events(websocket: WebSocket) -> None:
         watch.cancel()
 
 
+async def _first_status(context: ProxyContext, subscribers: Subscribers, client_id: str) -> str:
+    """ComfyUI's first message counts the queue as it is now: clients that connect after
+    submitting wait for a count of 0, so a count the events have not updated yet would
+    end their wait before their prompt ran."""
+    try:
+        info = await proxy_service.queue_info(context)
+    except BrokerError:
+        return subscribers.status_message(client_id)
+    return orjson.dumps({"type": "status", "data": {"status": info, "sid": client_id}}).decode()
+
+
 async def _relay(websocket: WebSocket, subscribers: Subscribers, subscriber: Subscriber) -> None:
     sender = asyncio.create_task(_send_events(websocket, subscribers, subscriber))
+    first = True
     try:
-        while True:  # ComfyUI clients may send (feature flags); nothing to act on
+        while True:  # ComfyUI clients may open with their feature flags
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect" or sender.done():
                 break
+            if first and _is_feature_flags(message.get("text")):
+                subscriber.deliver(await _server_feature_flags(websocket))
+            first = False
     except WebSocketDisconnect:
         pass
     finally:
@@ -59,10 +76,29 @@ async def _relay(websocket: WebSocket, subscribers: Subscribers, subscriber: Sub
             await sender
 
 
+def _is_feature_flags(text: str | None) -> bool:
+    try:
+        message = orjson.loads(text or "")
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "feature_flags"
+
+
+async def _server_feature_flags(websocket: WebSocket) -> str:
+    """ComfyUI answers a client's feature flags with its own (those of `/features`)."""
+    context: ProxyContext = websocket.app.state.proxy
+    try:
+        flags = orjson.loads(await websocket.app.state.catalog.get(context, "/features"))
+    except BrokerError:
+        flags = {}
+    return orjson.dumps({"type": "feature_flags", "data": flags}).decode()
+
+
 async def _send_events(
     websocket: WebSocket, subscribers: Subscribers, subscriber: Subscriber
 ) -> None:
-    await websocket.send_text(subscribers.status_message(subscriber.client_id))
+    context: ProxyContext = websocket.app.state.proxy
+    await websocket.send_text(await _first_status(context, subscribers, subscriber.client_id))
     while (message := await subscriber.outbox.get()) is not None:
         if isinstance(message, bytes):
             await websocket.send_bytes(message)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import re
 
-PRICE_TEXT = re.compile(r"Price:\s*\$?\s*([0-9]+(?:\.[0-9]+)?)\s*(credits?)?", re.IGNORECASE)
+# "Price: 12.66 credits" (current), "Price: 0.06$" (0.3.64) or "Price: $0.06"; a number
+# without a unit is credits, as current versions report.
+PRICE_TEXT = re.compile(
+    r"Price:\s*(?P<before>\$)?\s*(?P<amount>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>\$|credits?)?",
+    re.IGNORECASE,
+)
 
 ERROR_CLASSES = (
     ("insufficient_credits", ("payment required", "insufficient credits", "insufficientfunds")),
@@ -36,9 +41,9 @@ def classify_execution_error(message: str | None) -> str:
 
 
 def price_in_progress_text(text: str) -> tuple[str, bool] | None:
-    """The amount in "Price: 12.66 credits" (or an older "Price: $0.06"), and whether
-    it is in credits (else USD)."""
+    """The amount in an API node's price text, and whether it is in credits (else USD)."""
     match = PRICE_TEXT.search(text)
     if match is None:
         return None
-    return match.group(1), bool(match.group(2)) or "$" not in match.group(0)
+    in_dollars = match["before"] == "$" or match["unit"] == "$"
+    return match["amount"], not in_dollars

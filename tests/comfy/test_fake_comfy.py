@@ -185,6 +185,7 @@ async def test_events_of_a_prompt(fake_comfy: FakeComfyUI) -> None:
             "executing",
             "progress",
             "progress",
+            "progress_state",
             "executing",
             "executed",
             "execution_success",

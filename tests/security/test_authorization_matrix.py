@@ -177,7 +177,7 @@ COMFY_ROWS: dict[Route, Row] = {
     ("GET", "/object_info/{node_class}"): user_row(200, other_user=200),
     ("GET", "/usage"): user_row(200, other_user=200),  # B's own usage
     ("GET", "/history"): user_row(200, other_user=200),  # B's own (empty) history
-    ("GET", "/history/{prompt_id}"): user_row(200, other_user=404),
+    ("GET", "/history/{prompt_id}"): user_row(200, other_user=200),  # {}, as ComfyUI
     ("GET", "/view"): user_row(200, other_user=404),
     ("POST", "/upload/image"): user_row(200, other_user=200),  # into B's own folder
     ("POST", "/upload/mask"): user_row(200, other_user=404),  # a mask for A's image
@@ -185,9 +185,25 @@ COMFY_ROWS: dict[Route, Row] = {
     ("POST", "/queue"): user_row(200, other_user=200),  # deleting A's prompt: a no-op
     # A's prompt has finished: A gets 409 not_running, B the 404 of someone else's prompt.
     ("POST", "/interrupt"): user_row(409, other_user=404),
-    ("POST", "/history"): operator_row(200),
+    ("POST", "/history"): user_row(200, other_user=200),  # deleting A's items: a no-op
     ("POST", "/free"): operator_row(200),
-    ("GET", "/system_stats"): operator_row(200),
+    # The same catalogs for every user; the operator sees the host details as well.
+    ("GET", "/system_stats"): (
+        Role.USER,
+        {**user_row(200, other_user=200)[1], Caller.OPERATOR: 200},
+    ),
+    ("GET", "/embeddings"): user_row(200, other_user=200),
+    ("GET", "/models"): user_row(200, other_user=200),
+    ("GET", "/models/{folder}"): user_row(200, other_user=200),
+    ("GET", "/extensions"): user_row(200, other_user=200),
+    ("GET", "/features"): user_row(200, other_user=200),
+    # User data: each user's own ComfyUI user (B has no such file, nor folder).
+    ("GET", "/users"): user_row(200, other_user=200),
+    ("GET", "/userdata"): user_row(200, other_user=404),
+    ("GET", "/v2/userdata"): user_row(200, other_user=200),  # B's own (empty) folder
+    ("GET", "/userdata/{file}"): user_row(200, other_user=404),
+    ("POST", "/userdata/{file}"): user_row(200, other_user=200),  # into B's own folder
+    ("DELETE", "/userdata/{file}"): user_row(204, other_user=404),
     # The fake serves no /internal routes: its 404 comes back as 502 on GET, as is on POST.
     ("GET", "/internal/{path}"): operator_row(502),
     ("POST", "/internal/{path}"): operator_row(404),
@@ -211,6 +227,22 @@ V2_ROWS: dict[Route, Row] = {
     ("GET", "/api/v2/assets/{asset_id}/content"): user_row(200, other_user=404),
     ("DELETE", "/api/v2/assets/{asset_id}"): user_row(204, other_user=404),
 }
+
+# Current ComfyUI's jobs routes exist under /api only, as in ComfyUI.
+JOBS_ROWS: dict[Route, Row] = {
+    ("GET", "/api/jobs"): user_row(200, other_user=200),  # B's own (empty) list
+    ("GET", "/api/jobs/{job_id}"): user_row(200, other_user=404),
+    ("POST", "/api/jobs/{job_id}/cancel"): user_row(200, other_user=404),  # A's has finished
+    ("POST", "/api/jobs/cancel"): user_row(200, other_user=200),  # A's ids: no-ops
+}
+# ComfyUI's asset API lists the whole server's files: the operator's. (The fake, 0.3.64,
+# has none: its 404 comes back.)
+ASSET_ROWS: dict[Route, Row] = {
+    (method, path): operator_row(404)
+    for path, methods in (("/api/assets", ("GET", "POST")),
+                          ("/api/assets/{path}", ("GET", "POST", "PUT", "DELETE")))
+    for method in methods
+}  # fmt: skip
 
 WS_ROW: Row = (
     Role.USER,
@@ -238,6 +270,8 @@ EXPECTED: dict[Route, Row] = {
     **COMFY_ROWS,
     **{(method, "/api" + path): row for (method, path), row in COMFY_ROWS.items()},
     **V2_ROWS,
+    **JOBS_ROWS,
+    **ASSET_ROWS,
     ("WS", "/ws"): WS_ROW,
     ("WS", "/api/ws"): WS_ROW,
 }
@@ -255,7 +289,6 @@ NEVER_FORWARDED_FOR_ATTACKERS = {
     ("POST", "/history"),
     ("POST", "/upload/mask"),
     ("GET", "/view"),
-    ("GET", "/system_stats"),
 }
 
 
@@ -432,6 +465,22 @@ async def delete_a_user(w: World, caller: Caller) -> Call:
     return Call("DELETE", f"{w.users}/{created.json()['id']}")
 
 
+USER_FILE = "workflows%2Fmatrix.json"
+
+
+def alices_user_file(method: str, path: str, params: dict[str, str] | None = None) -> Builder:
+    """A call on alice's user-data file; each legitimate call first makes sure it exists
+    (done as alice, before the call, so attackers find nothing of hers to create)."""
+
+    async def builder(w: World, caller: Caller) -> Call:
+        if caller in LEGITIMATE:
+            saved = await w.client.post(f"/userdata/{USER_FILE}", json={}, headers=w.alice.auth)
+            assert saved.status_code == 200, saved.text
+        return Call(method, path, params=params)
+
+    return builder
+
+
 def plain(build: Callable[[World], Call]) -> Builder:
     async def builder(w: World, caller: Caller) -> Call:
         return build(w)
@@ -532,6 +581,29 @@ CALLS: dict[Route, Builder] = {
     ),
     ("POST", "/free"): plain(lambda w: Call("POST", "/free", json={"free_memory": True})),
     ("GET", "/system_stats"): plain(lambda w: Call("GET", "/system_stats")),
+    ("GET", "/embeddings"): plain(lambda w: Call("GET", "/embeddings")),
+    ("GET", "/models"): plain(lambda w: Call("GET", "/models")),
+    ("GET", "/models/{folder}"): plain(lambda w: Call("GET", "/models/checkpoints")),
+    ("GET", "/extensions"): plain(lambda w: Call("GET", "/extensions")),
+    ("GET", "/features"): plain(lambda w: Call("GET", "/features")),
+    ("GET", "/jobs"): plain(lambda w: Call("GET", "/jobs")),
+    ("GET", "/jobs/{job_id}"): plain(lambda w: Call("GET", f"/jobs/{w.prompt_id}")),
+    ("POST", "/jobs/{job_id}/cancel"): plain(lambda w: Call("POST", f"/jobs/{w.prompt_id}/cancel")),
+    ("POST", "/jobs/cancel"): plain(
+        lambda w: Call("POST", "/jobs/cancel", json={"job_ids": [w.prompt_id]})
+    ),
+    ("GET", "/users"): plain(lambda w: Call("GET", "/users")),
+    ("GET", "/userdata"): alices_user_file("GET", "/userdata", {"dir": "workflows"}),
+    ("GET", "/v2/userdata"): plain(lambda w: Call("GET", "/v2/userdata")),
+    ("GET", "/userdata/{file}"): alices_user_file("GET", f"/userdata/{USER_FILE}"),
+    ("POST", "/userdata/{file}"): plain(lambda w: Call("POST", f"/userdata/{USER_FILE}", json={})),
+    ("DELETE", "/userdata/{file}"): alices_user_file("DELETE", f"/userdata/{USER_FILE}"),
+    ("GET", "/assets"): plain(lambda w: Call("GET", "/assets")),
+    ("POST", "/assets"): plain(lambda w: Call("POST", "/assets", json={})),
+    ("GET", "/assets/{path}"): plain(lambda w: Call("GET", "/assets/some-id")),
+    ("POST", "/assets/{path}"): plain(lambda w: Call("POST", "/assets/some-id", json={})),
+    ("PUT", "/assets/{path}"): plain(lambda w: Call("PUT", "/assets/some-id", json={})),
+    ("DELETE", "/assets/{path}"): plain(lambda w: Call("DELETE", "/assets/some-id")),
     ("GET", "/internal/{path}"): plain(lambda w: Call("GET", "/internal/logs")),
     ("POST", "/internal/{path}"): plain(lambda w: Call("POST", "/internal/logs", json={})),
     ("WS", "/ws"): plain(lambda w: Call("WS", "/ws", params={"clientId": w.client_id})),

@@ -346,7 +346,10 @@ async def test_control_characters_in_ids_and_names_are_refused(scene: Scene) -> 
         findings.refused(f"GET {path}", outcome, 404, 422)
     for prompt_id in ["%00", "x%00y", "%F0%9F%A6%8A", "..%2F..%2Fqueue"]:
         request = scene.client.get(f"/history/{prompt_id}", headers=scene.alice.auth)
-        findings.refused(f"GET /history/{prompt_id}", await attempt(scene, request), 404)
+        outcome = await attempt(scene, request)  # ComfyUI's answer for an unknown id: {}
+        answer = (outcome.response.status_code, outcome.response.json())
+        ok = answer == (200, {}) or answer[0] == 404  # a '/' in it: no such route
+        findings.check(f"GET /history/{prompt_id}", ok and not outcome.forwarded)
     for client_id in ["nul\x00inside", "line\nbreak", "x" * 201, "", 42, ["tab-1"]]:
         prompt = orjson.dumps({"prompt": LOCAL_WORKFLOW, "client_id": client_id})
         outcome = await attempt(scene, post_prompt(scene, prompt))

@@ -8,6 +8,7 @@ from broker.db.models.budget_day import BudgetDay
 from broker.db.models.capability import Capability
 from broker.db.models.comfy_api_call import ComfyApiCall
 from broker.db.models.comfy_key import ComfyKey
+from broker.db.models.history_deletion import HistoryDeletion
 from broker.db.models.prompt import Prompt, PromptStatus
 from broker.db.models.prompt_output import PromptOutput
 from broker.db.models.tenant import Tenant
@@ -24,6 +25,7 @@ __all__ = [
     "Capability",
     "ComfyApiCall",
     "ComfyKey",
+    "HistoryDeletion",
     "Prompt",
     "PromptOutput",
     "PromptStatus",
