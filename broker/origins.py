@@ -98,6 +98,11 @@ def _needs_json(scope: Scope, headers: Headers) -> bool:
         return False
     if not headers.get("authorization", "").lower().startswith("basic "):
         return False
+    # Only a browser replays Basic credentials by itself, and browsers say where a request
+    # comes from (Sec-Fetch-Site). Scripts send neither: comfy-api-simplified posts its JSON
+    # form-encoded with Basic auth, and must keep working.
+    if headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none"):
+        return False
     if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
         return False
     media_type = headers.get("content-type", "").split(";")[0].strip().lower()

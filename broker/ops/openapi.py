@@ -78,6 +78,13 @@ def install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+# Every route that acts for a user refuses X-Broker-User from anything but a service token.
+MISUSED_ACT_AS = {
+    "description": "Malformed request, or X-Broker-User sent with a token not a service's",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+}
+
+
 def acting_operations(app: FastAPI) -> set[tuple[str, str]]:
     """(path, method) of the routes that act for a user (and so read X-Broker-User)."""
     return {
@@ -104,6 +111,7 @@ def complete(schema: dict[str, Any], acting: set[tuple[str, str]]) -> dict[str, 
         parameters = operation.setdefault("parameters", [])
         if (path, method) in acting:
             parameters.append(ACT_AS)
+            operation["responses"].setdefault("400", MISUSED_ACT_AS)
         if "{path}" in path and not any(p["name"] == "path" for p in parameters):
             parameters.append({"name": "path", "in": "path", "required": True,
                                "schema": {"type": "string"}})  # fmt: skip

@@ -310,8 +310,9 @@ async def test_other_web_sites_cannot_use_a_browsers_credentials(
             refused = await client.post("/prompt", content=form, headers=headers)
             assert refused.status_code == 403, (origin, refused.text)
             assert refused.json()["error"]["type"] == "origin_not_allowed"
-        # Without an Origin (an old browser, a plugin), Basic credentials need a JSON body.
-        plain = {**basic(alice), "Content-Type": "text/plain"}
+        # A browser that withholds Origin still says the request is cross-site: with Basic
+        # credentials it needs a JSON body. A script (no fetch metadata) is not a browser.
+        plain = {**basic(alice), "Content-Type": "text/plain", "Sec-Fetch-Site": "cross-site"}
         assert (await client.post("/prompt", content=form, headers=plain)).status_code == 415
         assert fake_comfy.prompts_received() == []
         # The broker's own pages, allowed origins, and clients that send no Origin work.
