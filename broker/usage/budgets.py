@@ -259,13 +259,18 @@ async def _reserve_rolling(
     tx: Tx, budget: Sequence[Any], amount_mc: int, needed: int, now: datetime
 ) -> Hold | None:
     budget_id, _, _, limit_mc, soft_limit_mc, days = budget
-    since = rolling_start(days, now)
-    used = (await tx.fetch(ROLLING_USE, {"budget": budget_id, "since": since}))[0][0]
+    used = await _rolling_use(tx, budget_id, days, now)
     if used + needed > limit_mc:
         return None
     today = window_start("day", now)
     await _add_to_day(tx, budget_id, today, reserved=amount_mc)
     return Hold(budget_id, today, True, used + amount_mc, soft_limit_mc)
+
+
+async def _rolling_use(tx: Tx, budget_id: uuid.UUID, days: int, now: datetime) -> int:
+    """Reserved plus spent in a rolling budget's window ending today."""
+    rows = await tx.fetch(ROLLING_USE, {"budget": budget_id, "since": rolling_start(days, now)})
+    return int(rows[0][0])
 
 
 async def _unreserve(tx: Tx, holds: list[Hold], amount_mc: int, now: datetime) -> None:
@@ -308,8 +313,7 @@ async def refusal(
         if used + needed > limit_mc:
             return _refused(tenant, user, period, limit_mc, used, amount_mc)
     for budget_id, tenant, user, limit_mc, _, days in await tx.fetch(LOCK_ROLLING, scope):
-        since = rolling_start(days, now)
-        used = (await tx.fetch(ROLLING_USE, {"budget": budget_id, "since": since}))[0][0]
+        used = await _rolling_use(tx, budget_id, days, now)
         if used + needed > limit_mc:
             return _refused(tenant, user, "rolling", limit_mc, used, amount_mc)
     # Changed since (a budget raised or removed): the prompt may simply try again.
@@ -367,8 +371,7 @@ async def no_room_for_call(
         if used - mine + charged_mc >= limit_mc:
             return NoRoom("user" if user else "tenant", period, limit_mc)
     for budget_id, _, user, limit_mc, _, days in await tx.fetch(ROLLING_OF_SCOPE, scope):
-        since = rolling_start(days, now)
-        used = (await tx.fetch(ROLLING_USE, {"budget": budget_id, "since": since}))[0][0]
+        used = await _rolling_use(tx, budget_id, days, now)
         mine = sum(r.amount_mc for r in own if r.budget_id == budget_id)
         if used - mine + charged_mc >= limit_mc:
             return NoRoom("user" if user else "tenant", "rolling", limit_mc)
