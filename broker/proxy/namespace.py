@@ -13,6 +13,7 @@ import dataclasses
 import uuid
 from typing import Any
 
+from cachetools import TTLCache
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.comfy.errors import UpstreamUnreachable
@@ -135,7 +136,15 @@ class Resolver:
 
     async def upload_exists(self, ref: FileRef) -> bool:
         """Whether the user uploaded `ref` (uploads go to every server: any healthy one
-        answers; one found unreachable is taken out and the next asked)."""
+        answers; one found unreachable is taken out and the next asked). Remembered for a
+        moment (UPLOADS_SEEN_SECONDS): a busy user's prompts name the same files, and asking ComfyUI cost a
+        second upstream request per prompt (docs/benchmarks.md)."""
+        known = _UPLOADS_SEEN.setdefault(self.user_id, {})
+        if ref not in known:
+            known[ref] = await self._ask(ref)
+        return known[ref]
+
+    async def _ask(self, ref: FileRef) -> bool:
         for _ in self.pool.upstreams:
             upstream = self.pool.choose()
             try:
@@ -143,6 +152,18 @@ class Resolver:
             except UpstreamUnreachable:
                 self.pool.mark_down(upstream)
         return await _exists(self.pool.choose(), ref)
+
+
+# What ComfyUI said of a user's uploads, for UPLOADS_SEEN_SECONDS. An upload through this
+# process forgets the user's answers at once; one through another broker process is seen
+# here within that time (until then a prompt naming it reads the shared input of that name).
+UPLOADS_SEEN_SECONDS = 2.0  # as long as the authentication cache
+_UPLOADS_SEEN: TTLCache[uuid.UUID, dict[FileRef, bool]] = TTLCache(10_000, UPLOADS_SEEN_SECONDS)
+
+
+def forget_uploads(user_id: uuid.UUID) -> None:
+    """The user uploaded something: ask ComfyUI again."""
+    _UPLOADS_SEEN.pop(user_id, None)
 
 
 async def _exists(upstream: Upstream, ref: FileRef) -> bool:
@@ -167,4 +188,11 @@ def checked_subfolder(user_id: uuid.UUID, subfolder: str) -> str:
     return check_subfolder(subfolder, user_folder(user_id))
 
 
-__all__ = ["NotAllowed", "Resolver", "confine_prompt", "server_subfolder", "user_subfolder"]
+__all__ = [
+    "NotAllowed",
+    "Resolver",
+    "confine_prompt",
+    "forget_uploads",
+    "server_subfolder",
+    "user_subfolder",
+]

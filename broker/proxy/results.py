@@ -301,6 +301,7 @@ async def upload(
         upstream.comfy.upload(path, file=(filename, content, content_type), fields=forwarded)
         for upstream in targets
     ))  # fmt: skip
+    namespace.forget_uploads(acting.user_id)
     answers = [_upstream_json(response) for response in responses]
     answer: dict[str, Any] = present.for_user(answers[0], acting.user_id)
     return answer

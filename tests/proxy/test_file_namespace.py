@@ -184,6 +184,24 @@ async def test_shared_inputs_stay_readable_by_all(
     assert fake_comfy.prompts_received()[-1]["prompt"]["1"]["inputs"]["image"] == "example.png"
 
 
+async def test_a_users_uploads_are_asked_about_once_in_a_while(
+    client: httpx.AsyncClient,
+    users: Users,
+    fake_comfy: FakeComfyUI,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    """Whether alice uploaded `example.png` is asked of ComfyUI for her first prompt, not
+    for each (an upload of hers asks again: test_shared_inputs_stay_readable_by_all)."""
+
+    def probes() -> int:
+        return sum(1 for r in fake_comfy.received if r.path == "/view")
+
+    before = probes()
+    for _ in range(2):
+        await run(client, db, users.alice, load_and_save("example.png"))
+    assert probes() - before == 1
+
+
 def forwarded(fake: FakeComfyUI, since: int) -> list[str]:
     """Requests naming files or prompts that reached ComfyUI (its node list may be read)."""
     return [f"{r.method} {r.path}" for r in fake.received[since:] if r.path != "/object_info"]
