@@ -75,6 +75,10 @@ class TestList:
         assert job["preview_output"]["mediaType"] == "images"
         assert job["execution_start_time"] <= job["execution_end_time"]
         assert {"outputs", "workflow"}.isdisjoint(job)  # the list stays light
+        # Files by the names alice was shown: her own server folder is not in them.
+        assert job["preview_output"]["subfolder"] == ""
+        one = (await client.get(f"/api/jobs/{job['id']}", headers=world.alice.auth)).json()
+        assert "cbk-" not in str(one)
 
     async def test_others_see_none_of_them_and_their_totals_are_their_own(
         self, client: httpx.AsyncClient, world: World
