@@ -41,7 +41,7 @@ def settings(
     return settings.model_copy(
         update={
             "COMFYUI_URL": fake_comfy.url,
-            "UPSTREAM_READ_TIMEOUT": 2.0,
+            "UPSTREAM_READ_TIMEOUT": 10.0,
             "KEY_MODE": KeyMode.SEALED,
             "COMFY_API_URL": fake_comfy_api.url,
         }
