@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from broker.logs import QUERY_TOKEN_PARAMETERS
-from broker.tenants.auth import ACT_AS_HEADER, get_acting_user
+from broker.tenants.auth import ACT_AS_HEADER, get_acting_user, get_current_caller
 
 WEBSOCKET = """
 
@@ -29,6 +29,7 @@ is ignored.
 """
 
 SECURITY_SCHEMES = {
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "A broker token (cbk_…)."},
     "HTTPBasic": {
         "type": "http",
         "scheme": "basic",
@@ -72,7 +73,11 @@ def install_openapi(app: FastAPI) -> None:
                 title=app.title, version=app.version, description=app.description,
                 routes=app.routes,
             )  # fmt: skip
-            app.openapi_schema = complete(schema, acting_operations(app))
+            app.openapi_schema = complete(
+                schema,
+                authenticated=operations_depending_on(app, get_current_caller),
+                acting=operations_depending_on(app, get_acting_user),
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -85,13 +90,14 @@ MISUSED_ACT_AS = {
 }
 
 
-def acting_operations(app: FastAPI) -> set[tuple[str, str]]:
-    """(path, method) of the routes that act for a user (and so read X-Broker-User)."""
+def operations_depending_on(app: FastAPI, call: Callable[..., Any]) -> set[tuple[str, str]]:
+    """(path, method) of the routes that depend on `call`: those that authenticate their
+    caller, or act for a user (and so read X-Broker-User)."""
     return {
         (context.path_format or "", method.lower())
         for context in iter_route_contexts(app.routes)
         if isinstance(context.original_route, APIRoute)
-        and _depends_on(context.original_route.dependant, get_acting_user)
+        and _depends_on(context.original_route.dependant, call)
         for method in context.methods or ()
     }
 
@@ -100,14 +106,17 @@ def _depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
     return any(sub.call is call or _depends_on(sub, call) for sub in dependant.dependencies)
 
 
-def complete(schema: dict[str, Any], acting: set[tuple[str, str]]) -> dict[str, Any]:
+def complete(
+    schema: dict[str, Any], *, authenticated: set[tuple[str, str]], acting: set[tuple[str, str]]
+) -> dict[str, Any]:
     schema["info"]["description"] = schema["info"].get("description", "") + WEBSOCKET
     schema["x-websockets"] = {"/ws": {"description": WEBSOCKET.strip()},
                               "/api/ws": {"description": "The same as /ws."}}  # fmt: skip
     schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
     schemes.update(SECURITY_SCHEMES)
     for path, method, operation in _operations(schema):
-        _accept_basic(operation)
+        if (path, method) in authenticated:
+            operation["security"] = [{"HTTPBearer": []}, {"HTTPBasic": []}]
         parameters = operation.setdefault("parameters", [])
         if (path, method) in acting:
             parameters.append(ACT_AS)
@@ -126,12 +135,6 @@ def complete(schema: dict[str, Any], acting: set[tuple[str, str]]) -> dict[str, 
         if not parameters:
             del operation["parameters"]
     return schema
-
-
-def _accept_basic(operation: dict[str, Any]) -> None:
-    security = operation.get("security")
-    if security and {"HTTPBearer": []} in security and {"HTTPBasic": []} not in security:
-        security.append({"HTTPBasic": []})
 
 
 def _operations(schema: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -19,7 +19,6 @@ from typing import Annotated
 
 from cachetools import TTLCache
 from fastapi import Depends, Request, WebSocket
-from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -46,9 +45,6 @@ from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 CACHE_SIZE = 100_000
 INVALID_TOKEN = "The token is invalid, expired or revoked."  # noqa: S105 (a message)
-
-# Only for the OpenAPI docs ("Authorize" button); parsing is done below.
-bearer_scheme = HTTPBearer(auto_error=False, description="A broker token (cbk_…).")
 
 
 @dataclass(frozen=True)
@@ -202,9 +198,9 @@ def _bounded(raw: str) -> str:
     return raw
 
 
-async def get_current_caller(
-    request: Request, _docs: Annotated[object, Depends(bearer_scheme)] = None
-) -> Caller:
+async def get_current_caller(request: Request) -> Caller:
+    """The caller of an authenticated route. The OpenAPI document's security comes from
+    this dependency too (broker/ops/openapi.py): no docs-only dependency runs per request."""
     authenticator: Authenticator = request.app.state.authenticator
     raw = token_from_header(request.headers.get("authorization"))
     caller = await authenticator.authenticate(raw, request.client.host if request.client else None)
