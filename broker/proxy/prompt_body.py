@@ -19,7 +19,6 @@ from broker.comfy.redaction import SENSITIVE_KEYS
 from broker.proxy.errors import PromptError, node_error
 
 MAX_DEPTH = 32
-CONTAINERS = (dict, list)  # what orjson parses into
 MAX_NODES = 10_000  # real workflows have hundreds; more is a bomb, not a graph
 # JSON values in a body, counted before parsing (see _refuse_too_many_values). The docs'
 # workflow has ~40, a 583-node one ~7,000; 8 MiB of `[{},{},…]` would be 2.8 million
@@ -122,24 +121,24 @@ def _refuse_too_many_values(raw: bytes) -> None:
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether anything sits deeper than `limit` (the body itself is at depth 1). Level by
-    level, and only containers are followed: iterative, so a hostile body cannot exhaust
-    the interpreter's stack, and quick on the hundreds of nodes of a real workflow."""
-    level: list[Any] = [value]
-    depth = 1
-    while level:
-        if depth > limit:
+    """Whether anything sits deeper than `limit` (the body itself is at depth 1): whether a
+    non-empty container sits at depth `limit` or below. Depth-first with an explicit stack,
+    so a hostile body cannot exhaust the interpreter's stack, and only containers are kept:
+    quick on the thousands of values of a real workflow (measured: 0.6x the time of a
+    level-by-level walk on a 583-node body)."""
+    pending: list[tuple[int, Any]] = [(1, value)]
+    pop, push = pending.pop, pending.append
+    while pending:
+        depth, container = pop()
+        children = container.values() if type(container) is dict else container
+        if not children:
+            continue
+        if depth >= limit:
             return True
-        below: list[Any] = []
-        for container in level:
-            children = container.values() if type(container) is dict else container
-            if children and depth == limit:
-                return True
-            # A tuple, not `dict | list`: that builds a union object per child (measured: the
-            # check took 2x orjson's parse of a 583-node body; now 1.3x).
-            below += [child for child in children if isinstance(child, CONTAINERS)]
-        level = below
-        depth += 1
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:  # what orjson parses into
+                push((depth + 1, child))
     return False
 
 

@@ -97,6 +97,20 @@ def test_the_walk_refuses_host_paths_at_any_depth(inputs: dict[str, Any]) -> Non
     assert inspect(graph(**inputs), {}, OWN, FilePolicy()).refused == ["3"]
 
 
+FILE_NAME_ONLY = {"x\\x.png", "./x.png", "a//x.png"}  # refused as file names, fine as text
+
+
+@pytest.mark.parametrize(
+    "name",
+    [OTHER, OTHER.upper()]
+    + [name for name in REFUSED_NAMES if "[" not in name and name not in FILE_NAME_ONLY],
+)
+def test_the_walk_refuses_every_spelling_in_any_input(name: str) -> None:
+    """Not only in file inputs: a custom node's plain string input, or a link's source."""
+    for inputs in ({"cfg": name}, {"cfg": [name, 0]}, {"cfg": {"deep": [name]}}):
+        assert inspect(graph(**inputs), {}, OWN, FilePolicy()).refused == ["3"], inputs
+
+
 def test_object_info_flags_make_file_inputs() -> None:
     definitions = {"Custom": {"input": {"required": {"clip": [["a"], {"audio_upload": True}]}}}}
     found = inspect(graph(clip="song.mp3"), definitions, OWN, FilePolicy())
