@@ -10,7 +10,7 @@ from starlette.background import BackgroundTask
 
 from broker.comfy.errors import PromptRejected
 from broker.db.base import utc_now
-from broker.db.session import DbSession
+from broker.dependencies import CurrentUser, DbSession, OperatorCaller
 from broker.errors import error_responses
 from broker.files import present
 from broker.proxy import results
@@ -30,7 +30,7 @@ from broker.proxy.schemas import (
 )
 from broker.proxy.service import PromptAnswer, Timing
 from broker.responses import JSONBody
-from broker.tenants.auth import ActingUser, CurrentUser, OperatorCaller
+from broker.tenants.auth import ActingUser
 from broker.usage import reports
 from broker.usage.schemas import UserUsage
 
