@@ -8,14 +8,14 @@ executing at that moment (ComfyUI runs one prompt at a time per server).
 
 The same events move prompt records to running / success / error /
 interrupted and record output files. After every (re)connect, prompts still
-unfinished are settled from `/history`, so a lost socket loses no outcome.
+unfinished are settled from `/history`, so a lost socket loses no outcome. The
+socket and its frames: broker/comfy/websocket.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from websockets.asyncio.client import connect
 
+from broker.comfy import websocket as comfy_ws
 from broker.comfy.client import ComfyClient
 from broker.comfy.redaction import SENSITIVE_KEYS, redact, scrub_text
 from broker.db.base import utc_now
@@ -37,7 +37,7 @@ from broker.errors import BrokerError
 from broker.prompts import lifecycle
 from broker.prompts.records import UNFINISHED
 from broker.prompts.settlement import Cached, Finish, Outputs, ReportedPrice
-from broker.proxy.fanout import Message, Owner, Subscribers
+from broker.proxy.fanout import Owner, Subscribers
 from broker.proxy.tasks import cancel_and_wait
 from broker.usage.classify import classify_execution_error, price_in_progress_text
 from broker.usage.pricing import credits_to_mc, usd_to_mc
@@ -47,16 +47,14 @@ log = logging.getLogger("broker.events")
 T = TypeVar("T")
 
 OWNER_CACHE_SIZE = 10_000
-RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RECONCILE_INTERVAL_SECONDS = 30.0
 # While the socket is down, prompts finish unseen: settle them (and tell their owners) soon.
 RECONCILE_DISCONNECTED_SECONDS = 2.0
 RECONCILE_QUIET = timedelta(seconds=RECONCILE_INTERVAL_SECONDS)
-TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT
 FINISHING_EVENTS = {
-    "execution_success": PromptStatus.SUCCESS,
-    "execution_error": PromptStatus.ERROR,
-    "execution_interrupted": PromptStatus.INTERRUPTED,
+    comfy_ws.SUCCESS: PromptStatus.SUCCESS,
+    comfy_ws.ERROR: PromptStatus.ERROR,
+    comfy_ws.INTERRUPTED: PromptStatus.INTERRUPTED,
 }
 
 
@@ -73,7 +71,7 @@ class EventHub:
         on_queue_size: Callable[[int], None] = lambda _: None,
     ) -> None:
         self._comfy = comfy
-        self._ws_url = comfy.websocket_url(client_id)
+        self._client_id = client_id
         self._sessionmaker = sessionmaker
         self._committer = committer
         self._upstream = comfy.url
@@ -90,7 +88,7 @@ class EventHub:
     # lifecycle -------------------------------------------------------------
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._run(), name="comfy-events"),
+            asyncio.create_task(self._listen(), name="comfy-events"),
             asyncio.create_task(self._reconcile_periodically(), name="comfy-reconcile"),
         ]
 
@@ -106,39 +104,23 @@ class EventHub:
             self._owners.popitem(last=False)
 
     # the upstream socket ---------------------------------------------------
-    async def _run(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                async with connect(self._ws_url, max_size=None, open_timeout=5) as socket:
-                    attempt = 0
-                    self._executing = None  # whatever ran before may have ended unseen
-                    self.connected.set()
-                    await self._reconcile(after_reconnect=True)
-                    async for message in socket:
-                        await self._on_message(message)
-            except Exception as exc:  # noqa: BLE001  the hub must outlive any one failure
-                # Loud once per outage, quiet while retrying.
-                log.log(
-                    logging.WARNING if attempt == 0 else logging.DEBUG,
-                    "events.disconnected upstream=%s error=%s",
-                    self._upstream,
-                    type(exc).__name__,
-                )
-            self.connected.clear()
-            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
-            attempt += 1
+    async def _listen(self) -> None:
+        await comfy_ws.keep_listening(
+            self._comfy, self._client_id,
+            on_connected=self._on_connected, on_frame=self._on_frame,
+            on_disconnected=self.connected.clear,
+        )  # fmt: skip
 
-    async def _on_message(self, message: Message) -> None:
-        if isinstance(message, bytes):
-            await self._on_binary(message)
-            return
-        try:
-            event = orjson.loads(message)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(event, dict) and isinstance(event.get("data"), dict):
-            await self._on_event(str(event.get("type")), event["data"], message)
+    async def _on_connected(self) -> None:
+        self._executing = None  # whatever ran before may have ended unseen
+        self.connected.set()
+        await self._reconcile(after_reconnect=True)
+
+    async def _on_frame(self, frame: comfy_ws.Frame) -> None:
+        if isinstance(frame, bytes):
+            await self._on_binary(frame)
+        elif (event := comfy_ws.parse_event(frame)) is not None:
+            await self._on_event(event.kind, event.data, event.raw)
 
     async def _on_binary(self, frame: bytes) -> None:
         """Previews and progress text carry no prompt id: they belong to the prompt
@@ -156,7 +138,7 @@ class EventHub:
         if kind == "status":
             self._on_status(data)
             return
-        prompt_id = _prompt_id(data)
+        prompt_id = comfy_ws.prompt_id_of(data)
         owner = await self._owner(prompt_id) if prompt_id else None
         if owner is None or prompt_id is None:
             return  # not a brokered prompt, or no prompt at all: nobody's business
@@ -165,10 +147,8 @@ class EventHub:
         self._subscribers.deliver(owner, _redacted(raw, kind, data))
 
     def _on_status(self, data: dict[str, Any]) -> None:
-        status = data.get("status")
-        exec_info = status.get("exec_info") if isinstance(status, dict) else None
-        remaining = exec_info.get("queue_remaining") if isinstance(exec_info, dict) else None
-        if isinstance(remaining, int):
+        remaining = comfy_ws.queue_remaining_of(data)
+        if remaining is not None:
             self.queue_remaining = remaining
             self._on_queue_size(remaining)
         self._subscribers.broadcast_status()
@@ -286,14 +266,14 @@ class EventHub:
         """What ComfyUI's history entry (or its absence) says of an unfinished prompt."""
         entry = (await self._comfy.get_json(f"/history/{prompt.id}")).get(str(prompt.id))
         run = self._committer.run_kind
-        if isinstance(entry, dict) and _is_finished(entry):
+        if isinstance(entry, dict) and comfy_ws.is_finished(entry):
             messages = entry["status"].get("messages")
-            if _started(messages):  # it ran (and may have cost credits)
+            if comfy_ws.started(messages):  # it ran (and may have cost credits)
                 self._committer.submit_kind(lifecycle.RUNNING, prompt.id)
             self._committer.submit_kind(lifecycle.OUTPUTS, lifecycle.outputs_of(prompt.id, entry))
-            outcome, error = _outcome_from_messages(messages)
+            kind, error = comfy_ws.final_event(messages)
             error_type = classify_execution_error(error) if error else None
-            finish = Finish(prompt.id, outcome, error_type, error)
+            finish = Finish(prompt.id, FINISHING_EVENTS[kind], error_type, error)
             if await run(lifecycle.FINISHED, finish):
                 await self._tell_owner(prompt.id, entry, finish)
         elif str(prompt.id) in queued or isinstance(entry, dict):
@@ -319,28 +299,10 @@ FINAL_EVENT = {status: kind for kind, status in FINISHING_EVENTS.items()}
 def settled_events(
     prompt_id: uuid.UUID, entry: dict[str, Any], finish: Finish
 ) -> list[tuple[str, dict[str, Any]]]:
-    """`executed` per node with outputs, then the final event and `executing` with no node,
-    shaped as ComfyUI sends them."""
-    pid = str(prompt_id)
-    outputs = entry.get("outputs")
-    events: list[tuple[str, dict[str, Any]]] = [
-        ("executed", {"node": node, "display_node": node, "output": output, "prompt_id": pid})
-        for node, output in (outputs.items() if isinstance(outputs, dict) else [])
-        if isinstance(output, dict)
-    ]
-    final: dict[str, Any] = {"prompt_id": pid, "timestamp": int(utc_now().timestamp() * 1000)}
-    if finish.status is PromptStatus.ERROR:
-        final |= {"exception_message": finish.message or "", "exception_type": "", "node_id": None}
-    events.append((FINAL_EVENT[finish.status], final))
-    events.append(("executing", {"node": None, "display_node": None, "prompt_id": pid}))
-    return events
-
-
-def _is_finished(entry: dict[str, Any]) -> bool:
-    status = entry.get("status")
-    return isinstance(status, dict) and (
-        bool(status.get("completed")) or status.get("status_str") == "error"
-    )
+    """The events ComfyUI sends as a prompt finishes, for one settled from its history."""
+    timestamp_ms = int(utc_now().timestamp() * 1000)
+    final = FINAL_EVENT[finish.status]
+    return comfy_ws.events_of_finished(str(prompt_id), entry, final, finish.message, timestamp_ms)
 
 
 def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> Finish:
@@ -355,38 +317,13 @@ def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> Finish:
 
 
 def _reported_price(frame: bytes) -> tuple[str, int] | None:
-    """(node id, milli-credits) from an API node's "Price: …" progress text (binary frame
-    type 3: type, node id length, node id, UTF-8 text; lengths 4-byte big-endian)."""
-    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != TEXT_FRAME:
+    """(node id, milli-credits) from an API node's "Price: …" progress text."""
+    text = comfy_ws.progress_text(frame)
+    found = price_in_progress_text(text[1]) if text else None
+    if text is None or found is None:
         return None
-    (length,) = struct.unpack(">I", frame[4:8])
-    found = price_in_progress_text(frame[8 + length :].decode("utf-8", "replace"))
-    if found is None:
-        return None
-    node_id = frame[8 : 8 + length].decode("utf-8", "replace")
     amount, in_credits = found
-    return node_id, credits_to_mc(amount) if in_credits else usd_to_mc(amount)
-
-
-def _outcome_from_messages(messages: Any) -> tuple[PromptStatus, str | None]:
-    for event in messages if isinstance(messages, list) else []:
-        if isinstance(event, list) and len(event) == 2 and event[0] in FINISHING_EVENTS:
-            data = event[1] if isinstance(event[1], dict) else {}
-            message = data.get("exception_message")
-            return FINISHING_EVENTS[event[0]], str(message).strip() if message else None
-    return PromptStatus.SUCCESS, None
-
-
-def _started(messages: Any) -> bool:
-    events = messages if isinstance(messages, list) else []
-    return any(isinstance(event, list) and event[:1] == ["execution_start"] for event in events)
-
-
-def _prompt_id(data: dict[str, Any]) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(data.get("prompt_id")))
-    except ValueError:
-        return None
+    return text[0], credits_to_mc(amount) if in_credits else usd_to_mc(amount)
 
 
 def _redacted(raw: str, kind: str, data: dict[str, Any]) -> str:
