@@ -8,22 +8,20 @@ executing at that moment (ComfyUI runs one prompt at a time per server).
 
 The same events move prompt records to running / success / error /
 interrupted and record output files. After every (re)connect, prompts still
-unfinished are settled from `/history`, so a lost socket loses no outcome. The
-socket and its frames: broker/comfy/websocket.py.
+unfinished are settled from `/history` (broker/prompts/reconciliation.py), so a
+lost socket loses no outcome. The socket and its frames: broker/comfy/websocket.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import orjson
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.comfy import websocket as comfy_ws
@@ -31,31 +29,19 @@ from broker.comfy.client import ComfyClient
 from broker.comfy.redaction import SENSITIVE_KEYS, redact, scrub_text
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
-from broker.db.models import Prompt, PromptStatus
-from broker.db.session import read_scope, session_scope
-from broker.errors import BrokerError
+from broker.db.models import Prompt
+from broker.db.session import read_scope
 from broker.prompts import lifecycle
-from broker.prompts.records import UNFINISHED
+from broker.prompts.outcomes import FINAL_EVENT, finish_of_event
+from broker.prompts.reconciliation import Reconciler, uninterrupted
 from broker.prompts.settlement import Cached, Finish, Outputs, ReportedPrice
 from broker.proxy.fanout import Owner, Subscribers
 from broker.proxy.tasks import cancel_and_wait
-from broker.usage.classify import classify_execution_error, price_in_progress_text
+from broker.usage.classify import price_in_progress_text
 from broker.usage.pricing import credits_to_mc, usd_to_mc
 from broker.usage.repository import PromptRepository
 
-log = logging.getLogger("broker.events")
-T = TypeVar("T")
-
 OWNER_CACHE_SIZE = 10_000
-RECONCILE_INTERVAL_SECONDS = 30.0
-# While the socket is down, prompts finish unseen: settle them (and tell their owners) soon.
-RECONCILE_DISCONNECTED_SECONDS = 2.0
-RECONCILE_QUIET = timedelta(seconds=RECONCILE_INTERVAL_SECONDS)
-FINISHING_EVENTS = {
-    comfy_ws.SUCCESS: PromptStatus.SUCCESS,
-    comfy_ws.ERROR: PromptStatus.ERROR,
-    comfy_ws.INTERRUPTED: PromptStatus.INTERRUPTED,
-}
 
 
 class EventHub:
@@ -74,9 +60,6 @@ class EventHub:
         self._client_id = client_id
         self._sessionmaker = sessionmaker
         self._committer = committer
-        self._upstream = comfy.url
-        self._stale_after = stale_after  # a pending record older than this has no forward left
-        self._reconciling = asyncio.Lock()
         self._owners: OrderedDict[uuid.UUID, Owner] = OrderedDict()
         self._subscribers = subscribers
         self._on_queue_size = on_queue_size
@@ -84,12 +67,16 @@ class EventHub:
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         self.queue_remaining = 0
+        self.reconciler = Reconciler(
+            comfy, sessionmaker, committer,
+            connected=self.connected, stale_after=stale_after, on_settled=self._tell_owner,
+        )  # fmt: skip
 
     # lifecycle -------------------------------------------------------------
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._listen(), name="comfy-events"),
-            asyncio.create_task(self._reconcile_periodically(), name="comfy-reconcile"),
+            asyncio.create_task(self.reconciler.run_periodically(), name="comfy-reconcile"),
         ]
 
     async def stop(self) -> None:
@@ -114,7 +101,7 @@ class EventHub:
     async def _on_connected(self) -> None:
         self._executing = None  # whatever ran before may have ended unseen
         self.connected.set()
-        await self._reconcile(after_reconnect=True)
+        await self.reconciler.reconcile(after_reconnect=True)
 
     async def _on_frame(self, frame: comfy_ws.Frame) -> None:
         if isinstance(frame, bytes):
@@ -157,7 +144,7 @@ class EventHub:
         if kind == "execution_start" or (kind == "executing" and data.get("node") is not None):
             self._executing = prompt_id
         elif self._executing == prompt_id and (
-            kind in FINISHING_EVENTS or (kind == "executing" and data.get("node") is None)
+            kind in comfy_ws.FINISHING or (kind == "executing" and data.get("node") is None)
         ):
             self._executing = None
 
@@ -173,8 +160,8 @@ class EventHub:
                 submit(lifecycle.CACHED, Cached(prompt_id, [str(node) for node in nodes]))
         elif kind == "executed":
             submit(lifecycle.OUTPUTS, Outputs(prompt_id, data.get("output")))
-        elif kind in FINISHING_EVENTS:
-            submit(lifecycle.FINISHED, _finish(prompt_id, kind, data))
+        elif kind in comfy_ws.FINISHING:
+            submit(lifecycle.FINISHED, finish_of_event(prompt_id, kind, data))
 
     async def _tell_owner(
         self, prompt_id: uuid.UUID, entry: dict[str, Any], finish: Finish
@@ -192,7 +179,7 @@ class EventHub:
         owner = self._owners.get(prompt_id)
         if owner is not None:
             return owner
-        prompt = await _uninterrupted(self._load_prompt(prompt_id))
+        prompt = await uninterrupted(self._load_prompt(prompt_id))
         if prompt is None:
             return None
         owner = Owner(prompt.user_id, prompt.client_id)
@@ -203,98 +190,6 @@ class EventHub:
         async with read_scope(self._sessionmaker) as session:
             return await PromptRepository.from_session(session).get(prompt_id)
 
-    # settling what the socket missed ---------------------------------------
-    async def _reconcile_periodically(self) -> None:
-        waited = 0.0
-        while True:
-            await asyncio.sleep(RECONCILE_DISCONNECTED_SECONDS)
-            waited += RECONCILE_DISCONNECTED_SECONDS
-            disconnected = not self.connected.is_set()
-            if disconnected or waited >= RECONCILE_INTERVAL_SECONDS:
-                waited = 0.0
-                # Unseen by a socket that is down: every unfinished prompt is a candidate.
-                await self._reconcile(after_reconnect=disconnected)
-
-    async def _reconcile(self, *, after_reconnect: bool) -> None:
-        """Settle unfinished prompts from ComfyUI's history and queue: outcomes the socket
-        missed, and `pending` records whose forward ended without an answer recorded.
-
-        After a reconnect every unfinished prompt is looked at (events may have been
-        lost); the periodic pass skips prompts changed within its interval, which the
-        connected socket is reporting on: under load, most unfinished prompts are.
-        """
-        quiet_since = None if after_reconnect else utc_now() - RECONCILE_QUIET
-        await _uninterrupted(self._reconcile_now(quiet_since))
-
-    async def _reconcile_now(self, quiet_since: datetime | None) -> None:
-        async with self._reconciling:
-            try:
-                await self._reconcile_unfinished(quiet_since)
-            except (BrokerError, SQLAlchemyError) as exc:
-                # Quiet while the socket is down too: the disconnection was logged once.
-                log.log(
-                    logging.WARNING if self.connected.is_set() else logging.DEBUG,
-                    "events.reconcile_failed upstream=%s error=%s",
-                    self._upstream,
-                    type(exc).__name__,
-                )
-
-    async def _reconcile_unfinished(self, quiet_since: datetime | None) -> None:
-        async with session_scope(self._sessionmaker) as session:
-            unfinished = await PromptRepository.from_session(session).in_states(
-                self._upstream, list(UNFINISHED)
-            )
-        stale_before = utc_now() - self._stale_after
-        candidates = [
-            prompt
-            for prompt in unfinished
-            if (prompt.status is not PromptStatus.PENDING or prompt.created_at < stale_before)
-            and (quiet_since is None or prompt.updated_at < quiet_since)
-        ]
-        if not candidates:
-            return
-        queued = await self._queued_ids()
-        for prompt in candidates:
-            await self._settle(prompt, queued, stale=prompt.created_at < stale_before)
-
-    async def _queued_ids(self) -> set[str]:
-        answer = await self._comfy.get_json("/queue")
-        items = [*answer.get("queue_running", []), *answer.get("queue_pending", [])]
-        return {str(item[1]) for item in items if isinstance(item, list) and len(item) > 1}
-
-    async def _settle(self, prompt: Prompt, queued: set[str], *, stale: bool) -> None:
-        """What ComfyUI's history entry (or its absence) says of an unfinished prompt."""
-        entry = (await self._comfy.get_json(f"/history/{prompt.id}")).get(str(prompt.id))
-        run = self._committer.run_kind
-        if isinstance(entry, dict) and comfy_ws.is_finished(entry):
-            messages = entry["status"].get("messages")
-            if comfy_ws.started(messages):  # it ran (and may have cost credits)
-                self._committer.submit_kind(lifecycle.RUNNING, prompt.id)
-            self._committer.submit_kind(lifecycle.OUTPUTS, lifecycle.outputs_of(prompt.id, entry))
-            kind, error = comfy_ws.final_event(messages)
-            error_type = classify_execution_error(error) if error else None
-            finish = Finish(prompt.id, FINISHING_EVENTS[kind], error_type, error)
-            if await run(lifecycle.FINISHED, finish):
-                await self._tell_owner(prompt.id, entry, finish)
-        elif str(prompt.id) in queued or isinstance(entry, dict):
-            await run(lifecycle.ACCEPTED, prompt.id)
-        elif stale:
-            await run(lifecycle.FINISHED, lifecycle.lost(prompt.id, prompt.status))
-
-
-async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
-    """Finish database work even when the hub is being stopped: abandoned halfway, it
-    would leave its connection to the garbage collector. The stop waits for it."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
-
-
-FINAL_EVENT = {status: kind for kind, status in FINISHING_EVENTS.items()}
-
 
 def settled_events(
     prompt_id: uuid.UUID, entry: dict[str, Any], finish: Finish
@@ -303,17 +198,6 @@ def settled_events(
     timestamp_ms = int(utc_now().timestamp() * 1000)
     final = FINAL_EVENT[finish.status]
     return comfy_ws.events_of_finished(str(prompt_id), entry, final, finish.message, timestamp_ms)
-
-
-def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> Finish:
-    message = data.get("exception_message") if kind == "execution_error" else None
-    text = str(message).strip() if message else None
-    return Finish(
-        prompt_id,
-        FINISHING_EVENTS[kind],
-        error_type=classify_execution_error(text) if kind == "execution_error" else None,
-        message=text,
-    )
 
 
 def _reported_price(frame: bytes) -> tuple[str, int] | None:

@@ -149,7 +149,7 @@ class TestSettlement:
         await hub.stop()  # the outcome will be missed by the socket
         fake_comfy.auto_execute = True
         await fake_comfy.await_idle()
-        await hub._reconcile(after_reconnect=False)
+        await hub.reconciler.reconcile(after_reconnect=False)
         assert (await wait_for_status(db, prompt_id, PromptStatus.QUEUED)).finished_at is None
         async with db() as session:
             await session.execute(
@@ -158,7 +158,7 @@ class TestSettlement:
                 .values(updated_at=utc_now() - timedelta(minutes=1))
             )
             await session.commit()
-        await hub._reconcile(after_reconnect=False)
+        await hub.reconciler.reconcile(after_reconnect=False)
         await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
 
     async def test_a_broker_dying_between_commit_and_forward_loses_nothing(
