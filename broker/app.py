@@ -52,6 +52,7 @@ from broker.proxy.userdata import ComfyUsers
 from broker.proxy.userdata_endpoints import router as userdata_router
 from broker.proxy.websocket import router as websocket_router
 from broker.settings import KeyMode, Settings, get_settings
+from broker.state import BrokerState, set_state
 from broker.tenants.auth import Authenticator, CredentialsPrecheck
 from broker.tenants.throttle import FailedAuthThrottle
 from broker.usage.pricing import Pricer, credits_to_mc
@@ -89,13 +90,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
         redact_literally(settings.ADMIN_TOKEN.get_secret_value())
     install_redaction()
     throttle = FailedAuthThrottle(settings.AUTH_FAILURES_PER_MINUTE)
+    catalog = CatalogCache(settings.OBJECT_INFO_TTL_SECONDS)
+    comfy_users = ComfyUsers()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.DATABASE_URL)
         sessionmaker = create_sessionmaker(engine)
-        app.state.engine = engine
-        app.state.sessionmaker = sessionmaker
         admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
         raw = RawConnections(engine)
         sqlite = engine.dialect.name == "sqlite"
@@ -105,7 +106,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
         checkpointer = WalCheckpointer(engine) if sqlite else None
         if checkpointer is not None:
             checkpointer.start()
-        authenticator = app.state.authenticator = Authenticator(
+        authenticator = Authenticator(
             sessionmaker,
             committer,
             admin_token,
@@ -117,13 +118,18 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
             read_timeout=settings.UPSTREAM_READ_TIMEOUT,
         )
         pool = _pool(http, sessionmaker, committer, settings)
-        egress = app.state.egress = Egress.start(settings, sessionmaker, committer, custody)
+        egress = Egress.start(settings, sessionmaker, committer, custody)
         sealing = egress if settings.KEY_MODE is KeyMode.SEALED else None
-        app.state.proxy = ProxyContext(
+        proxy = ProxyContext(
             sessionmaker, committer, custody, pool, _pricer(settings), sealing=sealing
         )
         bus = _bus(settings, pool, authenticator)
-        app.state.forget_caches = _forget_caches(authenticator, bus)
+        forget_caches = _forget_caches(authenticator, bus)
+        set_state(app, BrokerState(
+            settings=settings, engine=engine, sessionmaker=sessionmaker, committer=committer,
+            custody=custody, authenticator=authenticator, pool=pool, proxy=proxy, egress=egress,
+            bus=bus, catalog=catalog, comfy_users=comfy_users, forget_caches=forget_caches,
+        ))  # fmt: skip
         await pool.start()
         await _settle_prompts_of_removed_servers(committer, sessionmaker, pool)
         if freeze_gc_at_start:
@@ -149,10 +155,6 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     )  # fmt: skip
     add_offline_docs(app)
     install_openapi(app)
-    app.state.settings = settings
-    app.state.custody = custody
-    app.state.catalog = CatalogCache(settings.OBJECT_INFO_TTL_SECONDS)
-    app.state.comfy_users = ComfyUsers()
     add_exception_handlers(app)
     app.add_middleware(ForgetCachesOnAdminChanges)
     app.add_middleware(AllowEveryMethod)

@@ -16,6 +16,7 @@ RANKS = {  # the longest matching prefix decides
     "broker.prompts": 2,
     "broker.proxy": 3, "broker.admin": 3, "broker.cli": 3, "broker.ops": 3,
     "broker.body_limit": 3, "broker.v2": 3, "broker.egress": 3,
+    "broker.state": 3, "broker.dependencies": 3,  # they hold and read the surfaces' objects
     "broker.app": 4, "broker.__main__": 4, "broker": 0,
 }  # fmt: skip
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.state import state_of
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ForgetCachesOnAdminChanges:
-    """Calls `app.state.forget_caches()` when a change through `/admin` succeeds, as its
-    answer starts: the change is committed by then (the request's session commits before
-    the response is sent)."""
+    """Calls the application's `forget_caches()` (broker/state.py) when a change through
+    `/admin` succeeds, as its answer starts: the change is committed by then (the
+    request's session commits before the response is sent)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -25,11 +25,10 @@ class ForgetCachesOnAdminChanges:
         ):
             await self.app(scope, receive, send)
             return
-        forget: Callable[[], None] | None = getattr(scope["app"].state, "forget_caches", None)
 
         async def send_and_forget(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] < 400 and forget:
-                forget()
+            if message["type"] == "http.response.start" and message["status"] < 400:
+                state_of(scope["app"]).forget_caches()
             await send(message)
 
         await self.app(scope, receive, send_and_forget)

@@ -7,10 +7,9 @@ import uuid
 from fastapi import APIRouter, status
 
 from broker.admin.dependencies import Custody
-from broker.db.session import DbSession
+from broker.dependencies import DbSession, TenantAdminCaller
 from broker.keys import service as keys_service
 from broker.keys.schemas import ComfyKeySet
-from broker.tenants.auth import TenantAdminCaller
 from broker.tenants.schemas import ComfyKeyInfo
 
 router = APIRouter(prefix="/tenants/{tenant_id}/users/{user_id}", tags=["admin: comfy keys"])

@@ -7,9 +7,9 @@ import uuid
 from fastapi import APIRouter, status
 
 from broker.admin.pagination import Pagination
-from broker.db.session import DbSession
+from broker.dependencies import AdminCaller, DbSession, OperatorCaller, TenantAdminCaller
 from broker.tenants import service as tenants_service
-from broker.tenants.auth import AdminCaller, OperatorCaller, TenantAdminCaller, tenant_scope
+from broker.tenants.auth import tenant_scope
 from broker.tenants.schemas import (
     Page,
     TenantCreate,

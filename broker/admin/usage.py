@@ -12,10 +12,9 @@ from fastapi.responses import Response
 from broker.admin.pagination import Pagination
 from broker.db.base import utc_now
 from broker.db.models import PromptStatus
-from broker.db.session import DbSession
+from broker.dependencies import DbSession, TenantAdminCaller, TenantOperatorCaller
 from broker.errors import Unprocessable
 from broker.tenants import service as tenants_service
-from broker.tenants.auth import TenantAdminCaller, TenantOperatorCaller
 from broker.tenants.schemas import IsoDateTime, Page
 from broker.usage import controls, reports
 from broker.usage.budgets import window_start

@@ -7,9 +7,8 @@ import uuid
 from fastapi import APIRouter, status
 
 from broker.admin.pagination import Pagination
-from broker.db.session import DbSession
+from broker.dependencies import DbSession, TenantAdminCaller
 from broker.tenants import service as tenants_service
-from broker.tenants.auth import TenantAdminCaller
 from broker.tenants.schemas import Page, TokenCreated, UserCreate, UserRead, UserTokenCreate
 
 router = APIRouter(prefix="/tenants/{tenant_id}/users", tags=["admin: users"])

@@ -9,7 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from broker.egress.service import PREFIX, Egress
+from broker.egress.service import PREFIX
+from broker.state import state_of
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -18,5 +19,4 @@ router = APIRouter(include_in_schema=False)
 
 @router.api_route(PREFIX + "/{path:path}", methods=METHODS)
 async def comfy_api(request: Request, path: str) -> Response:
-    egress: Egress = request.app.state.egress
-    return await egress.handle(request)
+    return await state_of(request).egress.handle(request)

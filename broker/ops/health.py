@@ -8,11 +8,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker.dependencies import OperatorCaller
 from broker.errors import error_responses
 from broker.ops import metrics
-from broker.proxy.service import ProxyContext
 from broker.responses import JSONBody
-from broker.tenants.auth import OperatorCaller
+from broker.state import state_of
 
 router = APIRouter(tags=["operations"])
 
@@ -28,7 +28,7 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "Not ready"}},
 )
 async def readyz(request: Request) -> JSONBody:
-    proxy: ProxyContext = request.app.state.proxy
+    proxy = state_of(request).proxy
     database = await _database_answers(request)
     upstreams = proxy.pool.upstreams
     healthy = sum(upstream.health.healthy for upstream in upstreams)
@@ -48,7 +48,7 @@ async def readyz(request: Request) -> JSONBody:
     "/metrics", summary="Prometheus metrics (operator token)", responses=error_responses(401, 403)
 )
 async def get_metrics(request: Request, caller: OperatorCaller) -> Response:
-    proxy: ProxyContext = request.app.state.proxy
+    proxy = state_of(request).proxy
     for upstream in proxy.pool.upstreams:
         metrics.UPSTREAM_HEALTHY.labels(upstream.url).set(1 if upstream.health.healthy else 0)
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
@@ -56,7 +56,7 @@ async def get_metrics(request: Request, caller: OperatorCaller) -> Response:
 
 async def _database_answers(request: Request) -> bool:
     try:
-        async with request.app.state.engine.connect() as connection:
+        async with state_of(request).engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
     except (SQLAlchemyError, OSError):
         return False

@@ -12,8 +12,9 @@ from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 
+from broker.dependencies import get_acting_user, get_current_caller
 from broker.logs import QUERY_TOKEN_PARAMETERS
-from broker.tenants.auth import ACT_AS_HEADER, get_acting_user, get_current_caller
+from broker.tenants.auth import ACT_AS_HEADER
 
 WEBSOCKET = """
 

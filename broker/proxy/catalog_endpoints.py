@@ -8,10 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from broker.dependencies import CurrentCaller, CurrentUser, OperatorCaller, get_acting_user
 from broker.errors import NotFound, error_responses
 from broker.proxy import catalog
 from broker.proxy.dependencies import Proxy
-from broker.tenants.auth import CurrentCaller, CurrentUser, OperatorCaller, get_acting_user
+from broker.state import state_of
 
 # ComfyUI's folder names (`folder_paths`): "checkpoints", "diffusion_models", "LLM", …
 MODEL_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -19,8 +20,7 @@ router = APIRouter(responses=error_responses(401, 403, 404, 502, 503))
 
 
 def _cache(request: Request) -> catalog.CatalogCache:
-    cache: catalog.CatalogCache = request.app.state.catalog
-    return cache
+    return state_of(request).catalog
 
 
 async def _cached(request: Request, proxy: Proxy, path: str) -> Response:

@@ -5,11 +5,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from broker.proxy.service import ProxyContext
+from broker.state import state_of
 
 
 async def get_proxy(request: Request) -> ProxyContext:
-    context: ProxyContext = request.app.state.proxy
-    return context
+    return state_of(request).proxy
 
 
 Proxy = Annotated[ProxyContext, Depends(get_proxy)]

@@ -10,13 +10,13 @@ from starlette.background import BackgroundTask
 
 from broker.comfy.errors import PromptRejected
 from broker.db.base import utc_now
-from broker.db.session import DbSession
+from broker.dependencies import CurrentUser, DbSession, OperatorCaller
 from broker.errors import error_responses
 from broker.files import present
-from broker.proxy import results
+from broker.proxy import history, interrupt, queue, uploads, view
 from broker.proxy import service as proxy_service
 from broker.proxy.dependencies import Proxy
-from broker.proxy.operator_routes import relayed_path
+from broker.proxy.operator_routes import relay_to_operator, relayed_path
 from broker.proxy.prompt_body import with_usage_source
 from broker.proxy.schemas import (
     ComfyError,
@@ -30,7 +30,7 @@ from broker.proxy.schemas import (
 )
 from broker.proxy.service import PromptAnswer, Timing
 from broker.responses import JSONBody
-from broker.tenants.auth import ActingUser, CurrentUser, OperatorCaller
+from broker.tenants.auth import ActingUser
 from broker.usage import reports
 from broker.usage.schemas import UserUsage
 
@@ -128,14 +128,14 @@ async def get_history(
     ] = None,
 ) -> dict[str, Any]:
     limit = None if max_items is None else min(max_items, MAX_HISTORY_ITEMS)
-    return await results.history(proxy, acting, limit, offset)
+    return await history.history(proxy, acting, limit, offset)
 
 
 @router.get(
     "/history/{prompt_id}", summary="One of the caller's prompts; {} otherwise (as ComfyUI)"
 )
 async def get_history_entry(prompt_id: str, acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
-    return await results.history_entry(proxy, acting, prompt_id)
+    return await history.history_entry(proxy, acting, prompt_id)
 
 
 @router.post(
@@ -145,7 +145,7 @@ async def get_history_entry(prompt_id: str, acting: CurrentUser, proxy: Proxy) -
     responses=EMPTY_OK,
 )
 async def post_history(change: HistoryChange, acting: CurrentUser, proxy: Proxy) -> Response:
-    await results.delete_history(proxy, acting, change.model_dump(exclude_none=True))
+    await history.delete_history(proxy, acting, change.model_dump(exclude_none=True))
     return Response(status_code=200)
 
 
@@ -155,8 +155,8 @@ async def post_history(change: HistoryChange, acting: CurrentUser, proxy: Proxy)
     response_class=StreamingResponse,
 )
 async def get_view(request: Request, acting: CurrentUser, proxy: Proxy) -> StreamingResponse:
-    server, params = await results.authorize_view(proxy, acting, dict(request.query_params))
-    upstream = await results.open_view(server, params)
+    server, params = await view.authorize_view(proxy, acting, dict(request.query_params))
+    upstream = await view.open_view(server, params)
     passed = {
         name: upstream.headers[name]
         for name in ("content-length", "content-disposition", "cache-control")
@@ -185,7 +185,7 @@ async def post_upload_image(
     overwrite: Annotated[str, Form()] = "false",
 ) -> UploadAnswer:
     fields = {"type": type, "subfolder": subfolder, "overwrite": overwrite}
-    answer = await results.upload(proxy, acting, "/upload/image", image, fields)
+    answer = await uploads.upload(proxy, acting, "/upload/image", image, fields)
     return UploadAnswer.model_validate(answer)
 
 
@@ -204,20 +204,20 @@ async def post_upload_mask(
     subfolder: Annotated[str, Form()] = "",
     overwrite: Annotated[str, Form()] = "false",
 ) -> UploadAnswer:
-    server_ref = await results.authorize_original(proxy, acting, original_ref)
+    server_ref = await uploads.authorize_original(proxy, acting, original_ref)
     fields = {
         "type": type,
         "subfolder": subfolder,
         "overwrite": overwrite,
         "original_ref": server_ref,
     }
-    answer = await results.upload(proxy, acting, "/upload/mask", image, fields)
+    answer = await uploads.upload(proxy, acting, "/upload/mask", image, fields)
     return UploadAnswer.model_validate(answer)
 
 
 @router.get("/queue", summary="The caller's running and pending prompts")
 async def get_queue(acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
-    return await results.queue(proxy, acting)
+    return await queue.queue(proxy, acting)
 
 
 @router.post(
@@ -227,7 +227,7 @@ async def get_queue(acting: CurrentUser, proxy: Proxy) -> dict[str, Any]:
     responses=EMPTY_OK,
 )
 async def post_queue(change: QueueChange, acting: CurrentUser, proxy: Proxy) -> Response:
-    await results.change_queue(proxy, acting, change.model_dump(exclude_none=True))
+    await queue.change_queue(proxy, acting, change.model_dump(exclude_none=True))
     return Response(status_code=200)
 
 
@@ -243,7 +243,7 @@ async def post_interrupt(
     body: Annotated[InterruptRequest | None, Body()] = None,
 ) -> Response:
     request = body.model_dump(exclude_none=True) if body else {}
-    await results.interrupt(proxy, acting, request)
+    await interrupt.interrupt(proxy, acting, request)
     return Response(status_code=200)
 
 
@@ -256,9 +256,7 @@ OPERATOR_ROUTES = [
 
 async def relay_for_operator(request: Request, caller: OperatorCaller, proxy: Proxy) -> Response:
     path = relayed_path(request.method, request.url.path.removeprefix("/api"))
-    status, answer = await results.relay_to_operator(
-        proxy, request.method, path, await request.body()
-    )
+    status, answer = await relay_to_operator(proxy, request.method, path, await request.body())
     return JSONBody(answer, status_code=status)
 
 

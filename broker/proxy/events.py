@@ -8,56 +8,40 @@ executing at that moment (ComfyUI runs one prompt at a time per server).
 
 The same events move prompt records to running / success / error /
 interrupted and record output files. After every (re)connect, prompts still
-unfinished are settled from `/history`, so a lost socket loses no outcome.
+unfinished are settled from `/history` (broker/prompts/reconciliation.py), so a
+lost socket loses no outcome. The socket and its frames: broker/comfy/websocket.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import struct
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import orjson
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from websockets.asyncio.client import connect
 
+from broker.comfy import websocket as comfy_ws
 from broker.comfy.client import ComfyClient
 from broker.comfy.redaction import SENSITIVE_KEYS, redact, scrub_text
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
-from broker.db.models import Prompt, PromptStatus
-from broker.db.session import read_scope, session_scope
-from broker.errors import BrokerError
+from broker.db.models import Prompt
+from broker.db.session import read_scope
 from broker.prompts import lifecycle
-from broker.prompts.records import UNFINISHED
+from broker.prompts.outcomes import FINAL_EVENT, finish_of_event
+from broker.prompts.reconciliation import Reconciler, uninterrupted
 from broker.prompts.settlement import Cached, Finish, Outputs, ReportedPrice
-from broker.proxy.fanout import Message, Owner, Subscribers
+from broker.proxy.fanout import Owner, Subscribers
 from broker.proxy.tasks import cancel_and_wait
-from broker.usage.classify import classify_execution_error, price_in_progress_text
+from broker.usage.classify import price_in_progress_text
 from broker.usage.pricing import credits_to_mc, usd_to_mc
 from broker.usage.repository import PromptRepository
 
-log = logging.getLogger("broker.events")
-T = TypeVar("T")
-
 OWNER_CACHE_SIZE = 10_000
-RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
-RECONCILE_INTERVAL_SECONDS = 30.0
-# While the socket is down, prompts finish unseen: settle them (and tell their owners) soon.
-RECONCILE_DISCONNECTED_SECONDS = 2.0
-RECONCILE_QUIET = timedelta(seconds=RECONCILE_INTERVAL_SECONDS)
-TEXT_FRAME = 3  # ComfyUI's BinaryEventTypes.TEXT
-FINISHING_EVENTS = {
-    "execution_success": PromptStatus.SUCCESS,
-    "execution_error": PromptStatus.ERROR,
-    "execution_interrupted": PromptStatus.INTERRUPTED,
-}
 
 
 class EventHub:
@@ -73,12 +57,9 @@ class EventHub:
         on_queue_size: Callable[[int], None] = lambda _: None,
     ) -> None:
         self._comfy = comfy
-        self._ws_url = comfy.websocket_url(client_id)
+        self._client_id = client_id
         self._sessionmaker = sessionmaker
         self._committer = committer
-        self._upstream = comfy.url
-        self._stale_after = stale_after  # a pending record older than this has no forward left
-        self._reconciling = asyncio.Lock()
         self._owners: OrderedDict[uuid.UUID, Owner] = OrderedDict()
         self._subscribers = subscribers
         self._on_queue_size = on_queue_size
@@ -86,12 +67,16 @@ class EventHub:
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         self.queue_remaining = 0
+        self.reconciler = Reconciler(
+            comfy, sessionmaker, committer,
+            connected=self.connected, stale_after=stale_after, on_settled=self._tell_owner,
+        )  # fmt: skip
 
     # lifecycle -------------------------------------------------------------
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._run(), name="comfy-events"),
-            asyncio.create_task(self._reconcile_periodically(), name="comfy-reconcile"),
+            asyncio.create_task(self._listen(), name="comfy-events"),
+            asyncio.create_task(self.reconciler.run_periodically(), name="comfy-reconcile"),
         ]
 
     async def stop(self) -> None:
@@ -106,39 +91,23 @@ class EventHub:
             self._owners.popitem(last=False)
 
     # the upstream socket ---------------------------------------------------
-    async def _run(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                async with connect(self._ws_url, max_size=None, open_timeout=5) as socket:
-                    attempt = 0
-                    self._executing = None  # whatever ran before may have ended unseen
-                    self.connected.set()
-                    await self._reconcile(after_reconnect=True)
-                    async for message in socket:
-                        await self._on_message(message)
-            except Exception as exc:  # noqa: BLE001  the hub must outlive any one failure
-                # Loud once per outage, quiet while retrying.
-                log.log(
-                    logging.WARNING if attempt == 0 else logging.DEBUG,
-                    "events.disconnected upstream=%s error=%s",
-                    self._upstream,
-                    type(exc).__name__,
-                )
-            self.connected.clear()
-            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
-            attempt += 1
+    async def _listen(self) -> None:
+        await comfy_ws.keep_listening(
+            self._comfy, self._client_id,
+            on_connected=self._on_connected, on_frame=self._on_frame,
+            on_disconnected=self.connected.clear,
+        )  # fmt: skip
 
-    async def _on_message(self, message: Message) -> None:
-        if isinstance(message, bytes):
-            await self._on_binary(message)
-            return
-        try:
-            event = orjson.loads(message)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(event, dict) and isinstance(event.get("data"), dict):
-            await self._on_event(str(event.get("type")), event["data"], message)
+    async def _on_connected(self) -> None:
+        self._executing = None  # whatever ran before may have ended unseen
+        self.connected.set()
+        await self.reconciler.reconcile(after_reconnect=True)
+
+    async def _on_frame(self, frame: comfy_ws.Frame) -> None:
+        if isinstance(frame, bytes):
+            await self._on_binary(frame)
+        elif (event := comfy_ws.parse_event(frame)) is not None:
+            await self._on_event(event.kind, event.data, event.raw)
 
     async def _on_binary(self, frame: bytes) -> None:
         """Previews and progress text carry no prompt id: they belong to the prompt
@@ -156,7 +125,7 @@ class EventHub:
         if kind == "status":
             self._on_status(data)
             return
-        prompt_id = _prompt_id(data)
+        prompt_id = comfy_ws.prompt_id_of(data)
         owner = await self._owner(prompt_id) if prompt_id else None
         if owner is None or prompt_id is None:
             return  # not a brokered prompt, or no prompt at all: nobody's business
@@ -165,10 +134,8 @@ class EventHub:
         self._subscribers.deliver(owner, _redacted(raw, kind, data))
 
     def _on_status(self, data: dict[str, Any]) -> None:
-        status = data.get("status")
-        exec_info = status.get("exec_info") if isinstance(status, dict) else None
-        remaining = exec_info.get("queue_remaining") if isinstance(exec_info, dict) else None
-        if isinstance(remaining, int):
+        remaining = comfy_ws.queue_remaining_of(data)
+        if remaining is not None:
             self.queue_remaining = remaining
             self._on_queue_size(remaining)
         self._subscribers.broadcast_status()
@@ -177,7 +144,7 @@ class EventHub:
         if kind == "execution_start" or (kind == "executing" and data.get("node") is not None):
             self._executing = prompt_id
         elif self._executing == prompt_id and (
-            kind in FINISHING_EVENTS or (kind == "executing" and data.get("node") is None)
+            kind in comfy_ws.FINISHING or (kind == "executing" and data.get("node") is None)
         ):
             self._executing = None
 
@@ -193,8 +160,8 @@ class EventHub:
                 submit(lifecycle.CACHED, Cached(prompt_id, [str(node) for node in nodes]))
         elif kind == "executed":
             submit(lifecycle.OUTPUTS, Outputs(prompt_id, data.get("output")))
-        elif kind in FINISHING_EVENTS:
-            submit(lifecycle.FINISHED, _finish(prompt_id, kind, data))
+        elif kind in comfy_ws.FINISHING:
+            submit(lifecycle.FINISHED, finish_of_event(prompt_id, kind, data))
 
     async def _tell_owner(
         self, prompt_id: uuid.UUID, entry: dict[str, Any], finish: Finish
@@ -212,7 +179,7 @@ class EventHub:
         owner = self._owners.get(prompt_id)
         if owner is not None:
             return owner
-        prompt = await _uninterrupted(self._load_prompt(prompt_id))
+        prompt = await uninterrupted(self._load_prompt(prompt_id))
         if prompt is None:
             return None
         owner = Owner(prompt.user_id, prompt.client_id)
@@ -223,170 +190,24 @@ class EventHub:
         async with read_scope(self._sessionmaker) as session:
             return await PromptRepository.from_session(session).get(prompt_id)
 
-    # settling what the socket missed ---------------------------------------
-    async def _reconcile_periodically(self) -> None:
-        waited = 0.0
-        while True:
-            await asyncio.sleep(RECONCILE_DISCONNECTED_SECONDS)
-            waited += RECONCILE_DISCONNECTED_SECONDS
-            disconnected = not self.connected.is_set()
-            if disconnected or waited >= RECONCILE_INTERVAL_SECONDS:
-                waited = 0.0
-                # Unseen by a socket that is down: every unfinished prompt is a candidate.
-                await self._reconcile(after_reconnect=disconnected)
-
-    async def _reconcile(self, *, after_reconnect: bool) -> None:
-        """Settle unfinished prompts from ComfyUI's history and queue: outcomes the socket
-        missed, and `pending` records whose forward ended without an answer recorded.
-
-        After a reconnect every unfinished prompt is looked at (events may have been
-        lost); the periodic pass skips prompts changed within its interval, which the
-        connected socket is reporting on: under load, most unfinished prompts are.
-        """
-        quiet_since = None if after_reconnect else utc_now() - RECONCILE_QUIET
-        await _uninterrupted(self._reconcile_now(quiet_since))
-
-    async def _reconcile_now(self, quiet_since: datetime | None) -> None:
-        async with self._reconciling:
-            try:
-                await self._reconcile_unfinished(quiet_since)
-            except (BrokerError, SQLAlchemyError) as exc:
-                # Quiet while the socket is down too: the disconnection was logged once.
-                log.log(
-                    logging.WARNING if self.connected.is_set() else logging.DEBUG,
-                    "events.reconcile_failed upstream=%s error=%s",
-                    self._upstream,
-                    type(exc).__name__,
-                )
-
-    async def _reconcile_unfinished(self, quiet_since: datetime | None) -> None:
-        async with session_scope(self._sessionmaker) as session:
-            unfinished = await PromptRepository.from_session(session).in_states(
-                self._upstream, list(UNFINISHED)
-            )
-        stale_before = utc_now() - self._stale_after
-        candidates = [
-            prompt
-            for prompt in unfinished
-            if (prompt.status is not PromptStatus.PENDING or prompt.created_at < stale_before)
-            and (quiet_since is None or prompt.updated_at < quiet_since)
-        ]
-        if not candidates:
-            return
-        queued = await self._queued_ids()
-        for prompt in candidates:
-            await self._settle(prompt, queued, stale=prompt.created_at < stale_before)
-
-    async def _queued_ids(self) -> set[str]:
-        answer = await self._comfy.get_json("/queue")
-        items = [*answer.get("queue_running", []), *answer.get("queue_pending", [])]
-        return {str(item[1]) for item in items if isinstance(item, list) and len(item) > 1}
-
-    async def _settle(self, prompt: Prompt, queued: set[str], *, stale: bool) -> None:
-        """What ComfyUI's history entry (or its absence) says of an unfinished prompt."""
-        entry = (await self._comfy.get_json(f"/history/{prompt.id}")).get(str(prompt.id))
-        run = self._committer.run_kind
-        if isinstance(entry, dict) and _is_finished(entry):
-            messages = entry["status"].get("messages")
-            if _started(messages):  # it ran (and may have cost credits)
-                self._committer.submit_kind(lifecycle.RUNNING, prompt.id)
-            self._committer.submit_kind(lifecycle.OUTPUTS, lifecycle.outputs_of(prompt.id, entry))
-            outcome, error = _outcome_from_messages(messages)
-            error_type = classify_execution_error(error) if error else None
-            finish = Finish(prompt.id, outcome, error_type, error)
-            if await run(lifecycle.FINISHED, finish):
-                await self._tell_owner(prompt.id, entry, finish)
-        elif str(prompt.id) in queued or isinstance(entry, dict):
-            await run(lifecycle.ACCEPTED, prompt.id)
-        elif stale:
-            await run(lifecycle.FINISHED, lifecycle.lost(prompt.id, prompt.status))
-
-
-async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
-    """Finish database work even when the hub is being stopped: abandoned halfway, it
-    would leave its connection to the garbage collector. The stop waits for it."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
-
-
-FINAL_EVENT = {status: kind for kind, status in FINISHING_EVENTS.items()}
-
 
 def settled_events(
     prompt_id: uuid.UUID, entry: dict[str, Any], finish: Finish
 ) -> list[tuple[str, dict[str, Any]]]:
-    """`executed` per node with outputs, then the final event and `executing` with no node,
-    shaped as ComfyUI sends them."""
-    pid = str(prompt_id)
-    outputs = entry.get("outputs")
-    events: list[tuple[str, dict[str, Any]]] = [
-        ("executed", {"node": node, "display_node": node, "output": output, "prompt_id": pid})
-        for node, output in (outputs.items() if isinstance(outputs, dict) else [])
-        if isinstance(output, dict)
-    ]
-    final: dict[str, Any] = {"prompt_id": pid, "timestamp": int(utc_now().timestamp() * 1000)}
-    if finish.status is PromptStatus.ERROR:
-        final |= {"exception_message": finish.message or "", "exception_type": "", "node_id": None}
-    events.append((FINAL_EVENT[finish.status], final))
-    events.append(("executing", {"node": None, "display_node": None, "prompt_id": pid}))
-    return events
-
-
-def _is_finished(entry: dict[str, Any]) -> bool:
-    status = entry.get("status")
-    return isinstance(status, dict) and (
-        bool(status.get("completed")) or status.get("status_str") == "error"
-    )
-
-
-def _finish(prompt_id: uuid.UUID, kind: str, data: dict[str, Any]) -> Finish:
-    message = data.get("exception_message") if kind == "execution_error" else None
-    text = str(message).strip() if message else None
-    return Finish(
-        prompt_id,
-        FINISHING_EVENTS[kind],
-        error_type=classify_execution_error(text) if kind == "execution_error" else None,
-        message=text,
-    )
+    """The events ComfyUI sends as a prompt finishes, for one settled from its history."""
+    timestamp_ms = int(utc_now().timestamp() * 1000)
+    final = FINAL_EVENT[finish.status]
+    return comfy_ws.events_of_finished(str(prompt_id), entry, final, finish.message, timestamp_ms)
 
 
 def _reported_price(frame: bytes) -> tuple[str, int] | None:
-    """(node id, milli-credits) from an API node's "Price: …" progress text (binary frame
-    type 3: type, node id length, node id, UTF-8 text; lengths 4-byte big-endian)."""
-    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != TEXT_FRAME:
+    """(node id, milli-credits) from an API node's "Price: …" progress text."""
+    text = comfy_ws.progress_text(frame)
+    found = price_in_progress_text(text[1]) if text else None
+    if text is None or found is None:
         return None
-    (length,) = struct.unpack(">I", frame[4:8])
-    found = price_in_progress_text(frame[8 + length :].decode("utf-8", "replace"))
-    if found is None:
-        return None
-    node_id = frame[8 : 8 + length].decode("utf-8", "replace")
     amount, in_credits = found
-    return node_id, credits_to_mc(amount) if in_credits else usd_to_mc(amount)
-
-
-def _outcome_from_messages(messages: Any) -> tuple[PromptStatus, str | None]:
-    for event in messages if isinstance(messages, list) else []:
-        if isinstance(event, list) and len(event) == 2 and event[0] in FINISHING_EVENTS:
-            data = event[1] if isinstance(event[1], dict) else {}
-            message = data.get("exception_message")
-            return FINISHING_EVENTS[event[0]], str(message).strip() if message else None
-    return PromptStatus.SUCCESS, None
-
-
-def _started(messages: Any) -> bool:
-    events = messages if isinstance(messages, list) else []
-    return any(isinstance(event, list) and event[:1] == ["execution_start"] for event in events)
-
-
-def _prompt_id(data: dict[str, Any]) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(data.get("prompt_id")))
-    except ValueError:
-        return None
+    return text[0], credits_to_mc(amount) if in_credits else usd_to_mc(amount)
 
 
 def _redacted(raw: str, kind: str, data: dict[str, Any]) -> str:

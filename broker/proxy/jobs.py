@@ -16,7 +16,7 @@ from typing import Any
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BadRequest, Conflict, NotFound
-from broker.proxy import results
+from broker.proxy import history, interrupt, queue
 from broker.proxy.repository import JobRow, OwnPromptRepository
 from broker.proxy.service import ProxyContext
 from broker.tenants.auth import ActingUser
@@ -132,7 +132,7 @@ async def _jobs(
 ) -> list[dict[str, Any]]:
     """Each row as ComfyUI would list it, from its history entry or queue item."""
     prompts = await _prompts(context, acting, [row.id for row in rows])
-    entries = await results.history_entries(context, list(prompts.values()))
+    entries = await history.history_entries(context, list(prompts.values()))
     queued = {}
     if any(str(row.id) not in entries and JOB_OF_PROMPT[row.status] in UNFINISHED for row in rows):
         queued = await _own_queue(context, acting)
@@ -156,7 +156,7 @@ async def _prompts(
 
 
 async def _own_queue(context: ProxyContext, acting: ActingUser) -> dict[str, tuple[list[Any], str]]:
-    answer = await results.queue(context, acting)
+    answer = await queue.queue(context, acting)
     found: dict[str, tuple[list[Any], str]] = {}
     for name, status in (("queue_pending", PENDING), ("queue_running", IN_PROGRESS)):
         for item in answer[name]:
@@ -167,7 +167,7 @@ async def _own_queue(context: ProxyContext, acting: ActingUser) -> dict[str, tup
 async def get_job(context: ProxyContext, acting: ActingUser, value: str) -> dict[str, Any]:
     prompt = await _own_job(context, acting, value)
     key = str(prompt.id)
-    entries = await results.history_entries(context, [prompt])
+    entries = await history.history_entries(context, [prompt])
     if key in entries:
         return history_job(key, entries[key], detailed=True)
     if JOB_OF_PROMPT[prompt.status] in UNFINISHED:
@@ -238,12 +238,12 @@ async def _cancel(context: ProxyContext, acting: ActingUser, prompt: Prompt) -> 
     key = str(prompt.id)
     if key in _ids(answer, "queue_running"):
         try:
-            await results.interrupt(context, acting, {"prompt_id": key})
+            await interrupt.interrupt(context, acting, {"prompt_id": key})
         except Conflict:
             return False  # it finished in between
         return True
     if key in _ids(answer, "queue_pending"):
-        await results.change_queue(context, acting, {"delete": [key]})
+        await queue.change_queue(context, acting, {"delete": [key]})
         return True
     return False
 

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
+from broker.dependencies import CurrentUser
 from broker.errors import BadRequest, error_responses
 from broker.proxy import jobs
 from broker.proxy.dependencies import Proxy
-from broker.tenants.auth import CurrentUser
 
 router = APIRouter(prefix="/api/jobs", responses=error_responses(400, 401, 403, 404, 502, 503))
 

@@ -107,6 +107,11 @@ class UpstreamPool:
             )
         return min(healthy, key=lambda upstream: upstream.health.load)
 
+    def healthy(self) -> list[Upstream]:
+        """Every healthy server (a 503 when there is none)."""
+        healthy = [upstream for upstream in self.upstreams if upstream.health.healthy]
+        return healthy or [self.choose()]
+
     def for_url(self, url: str) -> Upstream | None:
         return next((upstream for upstream in self.upstreams if upstream.url == url), None)
 

@@ -18,8 +18,9 @@ import logging
 from fastapi import WebSocket
 from starlette.websockets import WebSocketState
 
+from broker.dependencies import authenticate_websocket
 from broker.errors import BrokerError, TooManyRequests
-from broker.tenants.auth import ActingUser, authenticate_websocket
+from broker.tenants.auth import ActingUser
 
 log = logging.getLogger("broker.websocket")
 CHECK_SECONDS = 1.0

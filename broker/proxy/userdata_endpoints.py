@@ -8,10 +8,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from broker.dependencies import CurrentUser
 from broker.errors import error_responses
 from broker.proxy import userdata
 from broker.proxy.dependencies import Proxy
-from broker.tenants.auth import CurrentUser
+from broker.state import state_of
 
 router = APIRouter(responses=error_responses(401, 403, 404, 502, 503))
 LIST_ANSWER: dict[str, Any] = {
@@ -22,8 +23,7 @@ MOVE = "/move/"
 
 
 def get_comfy_users(request: Request) -> userdata.ComfyUsers:
-    users: userdata.ComfyUsers = request.app.state.comfy_users
-    return users
+    return state_of(request).comfy_users
 
 
 ComfyUsers = Annotated[userdata.ComfyUsers, Depends(get_comfy_users)]

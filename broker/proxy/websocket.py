@@ -9,13 +9,14 @@ import uuid
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from broker.dependencies import authenticate_websocket
 from broker.errors import BrokerError
 from broker.proxy import service as proxy_service
 from broker.proxy.fanout import Subscriber, Subscribers
 from broker.proxy.prompt_body import CONTROL_CHARACTERS, MAX_CLIENT_ID_LENGTH
 from broker.proxy.service import ProxyContext
 from broker.proxy.socket_watch import watch_credentials
-from broker.tenants.auth import authenticate_websocket
+from broker.state import state_of
 
 router = APIRouter()
 POLICY_VIOLATION = 1008
@@ -34,7 +35,7 @@ async def user_events(websocket: WebSocket) -> None:
     if len(client_id) > MAX_CLIENT_ID_LENGTH or CONTROL_CHARACTERS.search(client_id):
         await websocket.close(code=POLICY_VIOLATION)
         return
-    context: ProxyContext = websocket.app.state.proxy
+    context = state_of(websocket).proxy
     subscribers = context.pool.subscribers
     await websocket.accept()
     subscriber = subscribers.subscribe(acting.user_id, client_id)
@@ -86,9 +87,9 @@ def _is_feature_flags(text: str | None) -> bool:
 
 async def _server_feature_flags(websocket: WebSocket) -> str:
     """ComfyUI answers a client's feature flags with its own (those of `/features`)."""
-    context: ProxyContext = websocket.app.state.proxy
+    state = state_of(websocket)
     try:
-        flags = orjson.loads(await websocket.app.state.catalog.get(context, "/features"))
+        flags = orjson.loads(await state.catalog.get(state.proxy, "/features"))
     except BrokerError:
         flags = {}
     return orjson.dumps({"type": "feature_flags", "data": flags}).decode()
@@ -97,7 +98,7 @@ async def _server_feature_flags(websocket: WebSocket) -> str:
 async def _send_events(
     websocket: WebSocket, subscribers: Subscribers, subscriber: Subscriber
 ) -> None:
-    context: ProxyContext = websocket.app.state.proxy
+    context = state_of(websocket).proxy
     await websocket.send_text(await _first_status(context, subscribers, subscriber.client_id))
     while (message := await subscriber.outbox.get()) is not None:
         if isinstance(message, bytes):

@@ -1,4 +1,5 @@
-"""Who is calling: token → `Caller`, and the FastAPI dependencies that require a role.
+"""Who is calling: token → `Caller` (the FastAPI dependencies that require a role are in
+broker/dependencies.py).
 
 Tokens arrive as `Authorization: Bearer <token>` or, for ComfyUI clients that
 can only do HTTP Basic auth, as the Basic password (the username is ignored).
@@ -15,10 +16,9 @@ import hmac
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated
 
 from cachetools import TTLCache
-from fastapi import Depends, Request, WebSocket
+from fastapi import WebSocket
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -198,56 +198,6 @@ def _bounded(raw: str) -> str:
     return raw
 
 
-async def get_current_caller(request: Request) -> Caller:
-    """The caller of an authenticated route. The OpenAPI document's security comes from
-    this dependency too (broker/ops/openapi.py): no docs-only dependency runs per request."""
-    authenticator: Authenticator = request.app.state.authenticator
-    raw = token_from_header(request.headers.get("authorization"))
-    caller = await authenticator.authenticate(raw, request.client.host if request.client else None)
-    request.state.caller = caller  # for the access log
-    return caller
-
-
-CurrentCaller = Annotated[Caller, Depends(get_current_caller)]
-
-
-def require_admin(caller: CurrentCaller) -> Caller:
-    if caller.kind not in (TokenKind.OPERATOR, TokenKind.ADMIN):
-        raise Forbidden("This needs an operator or tenant admin token.")
-    return caller
-
-
-def require_operator(caller: CurrentCaller) -> Caller:
-    if not caller.is_operator:
-        raise Forbidden("This needs an operator token.")
-    return caller
-
-
-AdminCaller = Annotated[Caller, Depends(require_admin)]
-OperatorCaller = Annotated[Caller, Depends(require_operator)]
-
-
-def require_tenant_admin(tenant_id: uuid.UUID, caller: AdminCaller) -> Caller:
-    """The operator, or an admin of `tenant_id`; another tenant's admin sees a 404."""
-    if caller.is_operator or caller.tenant_id == tenant_id:
-        return caller
-    raise NotFound("Tenant not found.")
-
-
-TenantAdminCaller = Annotated[Caller, Depends(require_tenant_admin)]
-
-
-def require_operator_of_tenant(caller: TenantAdminCaller) -> Caller:
-    """The operator only, for caps it sets on a tenant (the tenant budget and limits): the
-    tenant's own admin gets 403, another tenant's admin the 404 of a tenant it cannot see."""
-    if not caller.is_operator:
-        raise Forbidden("The tenant's budget and limits are the operator's to set.")
-    return caller
-
-
-TenantOperatorCaller = Annotated[Caller, Depends(require_operator_of_tenant)]
-
-
 def tenant_scope(caller: Caller) -> uuid.UUID | None:
     """The tenant a caller is confined to; None for the operator."""
     return None if caller.is_operator else caller.tenant_id
@@ -282,25 +232,13 @@ async def acting_user(
     raise Forbidden(f"This needs a user token, or a service token with {ACT_AS_HEADER}.")
 
 
-async def get_acting_user(request: Request, caller: CurrentCaller) -> ActingUser:
-    authenticator: Authenticator = request.app.state.authenticator
-    return await acting_user(authenticator, caller, request.headers.get(ACT_AS_HEADER))
-
-
-async def authenticate_websocket(websocket: WebSocket) -> ActingUser:
-    """Like HTTP routes, plus `?token=` for browsers, which cannot set headers on a
+def websocket_token(websocket: WebSocket) -> str:
+    """Like HTTP requests', plus `?token=` for browsers, which cannot set headers on a
     websocket. The query string is never logged (see broker/logs.py)."""
-    authenticator: Authenticator = websocket.app.state.authenticator
     header = websocket.headers.get("authorization")
     params = websocket.query_params
     query_token = next((params[name] for name in QUERY_TOKEN_PARAMETERS if name in params), None)
-    raw = _bounded(query_token) if query_token and not header else token_from_header(header)
-    client = websocket.client.host if websocket.client else None
-    caller = await authenticator.authenticate(raw, client)
-    return await acting_user(authenticator, caller, websocket.headers.get(ACT_AS_HEADER))
-
-
-CurrentUser = Annotated[ActingUser, Depends(get_acting_user)]
+    return _bounded(query_token) if query_token and not header else token_from_header(header)
 
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc",

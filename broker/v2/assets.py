@@ -1,7 +1,7 @@
 """Comfy API v2 assets: a user's uploads and job outputs, as ids with blake3 hashes.
 
 Bytes stay in ComfyUI: uploads go through the broker's per-user upload
-(`results.upload`), and content is read through the same per-user `/view` check as
+(`uploads.upload`), and content is read through the same per-user `/view` check as
 `/view`. Every lookup, by id or by hash, is among the caller's own assets only, so a
 hash probe says nothing about another user's files.
 """
@@ -28,7 +28,7 @@ from broker.db.base import utc_now
 from broker.db.models import Asset as AssetRecord
 from broker.db.models import Prompt
 from broker.db.session import read_scope
-from broker.proxy import results
+from broker.proxy import uploads, view
 from broker.proxy.service import ProxyContext
 from broker.tenants.auth import ActingUser
 from broker.v2.errors import ApiError, asset_not_found, invalid_request
@@ -110,8 +110,8 @@ async def open_content(
 ) -> httpx.Response:
     """ComfyUI's `/view` answer for the asset's file, unread; the caller closes it."""
     query = {"filename": asset.filename, "subfolder": asset.subfolder, "type": asset.type}
-    upstream, params = await results.authorize_view(context, acting, query)
-    return await results.open_view(upstream, params)
+    upstream, params = await view.authorize_view(context, acting, query)
+    return await view.open_view(upstream, params)
 
 
 # writing -------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ async def upload(
     file.filename = name
     await file.seek(0)
     fields = {"type": "input", "subfolder": "", "overwrite": "false"}
-    answer = await results.upload(context, acting, "/upload/image", file, fields)
+    answer = await uploads.upload(context, acting, "/upload/image", file, fields)
     kind = content_type or file.content_type or _guess_type(name)
     asset = AssetRecord(
         id=uuid.uuid4(),

@@ -13,11 +13,11 @@ from fastapi import APIRouter, File, Form, Header, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from broker.dependencies import CurrentUser
 from broker.errors import error_responses
 from broker.proxy.dependencies import Proxy
 from broker.proxy.service import Timing
 from broker.responses import JSONBody
-from broker.tenants.auth import CurrentUser
 from broker.v2 import assets, jobs
 from broker.v2.content import ByteRange, requested_range, sliced
 from broker.v2.errors import ApiError

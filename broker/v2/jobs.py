@@ -23,7 +23,7 @@ from broker.db.base import utc_now
 from broker.db.models import ApiJob, Prompt, PromptStatus
 from broker.db.session import read_scope
 from broker.errors import BrokerError
-from broker.proxy import results
+from broker.proxy import history, interrupt, queue
 from broker.proxy import service as proxy_service
 from broker.proxy.errors import PromptError
 from broker.proxy.prompt_body import parse_json_object
@@ -252,7 +252,7 @@ async def _history_entry(
     context: ProxyContext, acting: ActingUser, prompt: Prompt
 ) -> dict[str, Any] | None:
     try:
-        answer = await results.history_entry(context, acting, str(prompt.id))
+        answer = await history.history_entry(context, acting, str(prompt.id))
     except BrokerError:
         return None  # its server is away: the record alone answers
     entry = answer.get(str(prompt.id))
@@ -483,9 +483,9 @@ async def cancel(context: ProxyContext, acting: ActingUser, value: str, base_url
     job = await current(context, acting, row, base_url)
     if job.status in TERMINAL:
         return job
-    await results.change_queue(context, acting, {"delete": [job.id]})
+    await queue.change_queue(context, acting, {"delete": [job.id]})
     try:
-        await results.interrupt(context, acting, {"prompt_id": job.id})
+        await interrupt.interrupt(context, acting, {"prompt_id": job.id})
     except BrokerError:
         pass  # not running (dequeued, or it ended meanwhile): read below
     else:

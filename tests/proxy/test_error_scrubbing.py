@@ -16,6 +16,7 @@ from broker.comfy.redaction import redact, scrub_text
 from broker.db.models import PromptStatus
 from broker.egress.capabilities import new_capability
 from broker.keys.scrubbing import scrub_users_key
+from broker.state import state_of
 from tests.fixtures.app import AdminApi, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
 from tests.proxy.helpers import submit, wait_for_status
@@ -87,7 +88,7 @@ async def test_scrub_users_key_removes_a_key_of_any_shape(
     async with db() as session:
         text = await scrub_users_key(
             session,
-            app.state.custody,
+            state_of(app).custody,
             uuid.UUID(alice.tenant.id),
             uuid.UUID(alice.id),
             f"refused {odd}",

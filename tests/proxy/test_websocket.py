@@ -14,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 
 from broker.db.models import PromptStatus
 from broker.settings import Settings
+from broker.state import state_of
 from tests.fixtures.app import AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import PAYMENT_REQUIRED, FakeComfyUI, text_frame
 from tests.proxy.helpers import submit, wait_for_status
@@ -154,7 +155,7 @@ class TestLifecycle:
         db: async_sessionmaker[AsyncSession],
     ) -> None:
         app = await app_factory(settings)
-        hub = app.state.proxy.pool.upstreams[0].events
+        hub = state_of(app).pool.upstreams[0].events
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://b"
         ) as client:

@@ -17,6 +17,7 @@ from broker.db.base import utc_now
 from broker.db.models import Budget, Prompt, PromptStatus
 from broker.proxy import service as proxy_service
 from broker.settings import Settings
+from broker.state import state_of
 from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import PAYMENT_REQUIRED, FakeComfyUI
 from tests.proxy.helpers import submit, wait_for_status
@@ -122,7 +123,7 @@ class TestSettlement:
             transport=httpx.ASGITransport(app=first), base_url="http://b"
         ) as c:
             prompt_id = await submit(c, alice)
-        await first.state.proxy.pool.upstreams[0].events.stop()  # the broker goes away
+        await state_of(first).pool.upstreams[0].events.stop()  # the broker goes away
         fake_comfy.auto_execute = True
         await fake_comfy.await_idle()
         await app_factory(settings)  # a new broker process reconciles on connect
@@ -144,11 +145,11 @@ class TestSettlement:
         pass from costing one lookup per queued prompt."""
         fake_comfy.auto_execute = False
         prompt_id = await submit(client, alice)
-        hub = app.state.proxy.pool.upstreams[0].events
+        hub = state_of(app).pool.upstreams[0].events
         await hub.stop()  # the outcome will be missed by the socket
         fake_comfy.auto_execute = True
         await fake_comfy.await_idle()
-        await hub._reconcile(after_reconnect=False)
+        await hub.reconciler.reconcile(after_reconnect=False)
         assert (await wait_for_status(db, prompt_id, PromptStatus.QUEUED)).finished_at is None
         async with db() as session:
             await session.execute(
@@ -157,7 +158,7 @@ class TestSettlement:
                 .values(updated_at=utc_now() - timedelta(minutes=1))
             )
             await session.commit()
-        await hub._reconcile(after_reconnect=False)
+        await hub.reconciler.reconcile(after_reconnect=False)
         await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
 
     async def test_a_broker_dying_between_commit_and_forward_loses_nothing(
