@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, status
 
 from broker.admin.dependencies import Custody
-from broker.db.session import DbSession
+from broker.db.dependencies import DbSession
 from broker.keys import service as keys_service
 from broker.keys.schemas import ComfyKeySet
 from broker.tenants.auth import TenantAdminCaller

@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, status
 
 from broker.admin.pagination import Pagination
-from broker.db.session import DbSession
+from broker.db.dependencies import DbSession
 from broker.tenants import service as tenants_service
 from broker.tenants.auth import AdminCaller, OperatorCaller, TenantAdminCaller, tenant_scope
 from broker.tenants.schemas import (

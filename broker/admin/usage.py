@@ -11,8 +11,8 @@ from fastapi.responses import Response
 
 from broker.admin.pagination import Pagination
 from broker.db.base import utc_now
+from broker.db.dependencies import DbSession
 from broker.db.models import PromptStatus
-from broker.db.session import DbSession
 from broker.errors import Unprocessable
 from broker.tenants import service as tenants_service
 from broker.tenants.auth import TenantAdminCaller, TenantOperatorCaller

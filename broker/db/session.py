@@ -1,7 +1,7 @@
 """Engines and sessions.
 
 The transaction rule: services `flush()`, never `commit()`. The edge commits:
-`DbSession` (request scope, commits before the response is sent) and
+`DbSession` (request scope, commits before the response is sent; broker/db/dependencies.py) and
 `session_scope()` (CLI, background tasks, the prompt path's short steps).
 
 SQLite runs in WAL mode with a busy timeout, and every transaction starts with
@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import Depends, Request
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
@@ -105,12 +104,3 @@ async def read_scope(
     async with sessionmaker() as session:
         await session.connection(execution_options={READ_ONLY: True})
         yield session
-
-
-async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
-    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    async with session_scope(sessionmaker) as session:
-        yield session
-
-
-DbSession = Annotated[AsyncSession, Depends(get_db_session, scope="function")]

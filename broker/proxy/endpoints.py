@@ -10,7 +10,7 @@ from starlette.background import BackgroundTask
 
 from broker.comfy.errors import PromptRejected
 from broker.db.base import utc_now
-from broker.db.session import DbSession
+from broker.db.dependencies import DbSession
 from broker.errors import error_responses
 from broker.files import present
 from broker.proxy import results
