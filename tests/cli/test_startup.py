@@ -47,8 +47,12 @@ def test_database_commands_leave_the_web_stack_and_alembic_unloaded(cli_env: Non
         ["tenants", "list"],
         ["users", "create", "alice", "--tenant", "acme"],
         ["users", "list", "--tenant", "acme"],
+        ["tokens", "create", "--tenant", "acme", "--kind", "service"],
         ["tokens", "list", "--tenant", "acme"],
+        ["keys", "rewrap"],
         ["usage", "report", "--tenant", "acme"],
+        ["users", "delete", "alice", "--tenant", "acme", "--yes"],
+        ["tenants", "delete", "acme", "--yes"],
     ]
     loaded = loaded_after(commands, (*WEB_ONLY, "alembic"))
     assert loaded == {" ".join(command): [] for command in commands}
