@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.errors import BrokerError, DatabaseUnavailable
 from broker.responses import JSONBody
 
-log = logging.getLogger("broker.errors")
+log = logging.getLogger("broker.errors")  # the name these lines had before the split
 
 
 def error_response(status_code: int, error_type: str, message: str, **extra: Any) -> JSONBody:
