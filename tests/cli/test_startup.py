@@ -13,7 +13,7 @@ from tests.cli import test_cli
 
 cli_env = test_cli.cli_env
 
-WEB_ONLY = ("fastapi", "starlette", "uvicorn", "httpx", "aiohttp", "websockets", "multipart")
+WEB_ONLY = ("fastapi", "starlette", "uvicorn", "httpx", "aiohttp", "websockets", "python_multipart")
 # Runs each command as the `comfy-broker` entry point does (Typer app, same arguments),
 # in one fresh interpreter, and reports the packages loaded after each one.
 RUN_COMMANDS = """
