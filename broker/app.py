@@ -25,7 +25,7 @@ from broker.db.session import create_engine, create_sessionmaker
 from broker.db.wal import WalCheckpointer
 from broker.egress.endpoints import router as egress_router
 from broker.egress.service import Egress
-from broker.errors import UnhandledErrorMiddleware, add_exception_handlers
+from broker.error_handlers import UnhandledErrorMiddleware, add_exception_handlers
 from broker.files.names import USER_FOLDER_PREFIX
 from broker.files.policy import FilePolicy
 from broker.keys.service import KeyCustody

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.errors import PayloadTooLarge, render_error
+from broker.error_handlers import render_error
+from broker.errors import PayloadTooLarge
 
 
 class BodyLimitMiddleware:

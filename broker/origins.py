@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker.errors import BrokerError, Forbidden, render_error
+from broker.error_handlers import render_error
+from broker.errors import BrokerError, Forbidden
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MULTIPART_PATHS = ("/upload/", "/api/upload/")

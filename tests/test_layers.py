@@ -9,8 +9,8 @@ from pathlib import Path
 import broker
 
 RANKS = {  # the longest matching prefix decides
-    "broker.db": 0, "broker.errors": 0, "broker.settings": 0, "broker.logs": 0,
-    "broker.ops.metrics": 0, "broker.responses": 0,
+    "broker.db": 0, "broker.errors": 0, "broker.error_handlers": 0, "broker.settings": 0,
+    "broker.logs": 0, "broker.ops.metrics": 0, "broker.responses": 0,
     "broker.comfy": 1, "broker.keys": 1, "broker.tenants": 1, "broker.audit": 1,
     "broker.usage": 1, "broker.files": 1,
     "broker.prompts": 2,

@@ -1,7 +1,9 @@
 """What every CLI command shares: settings, a database session, friendly lookups.
 
 The CLI imports lazily: a command loads SQLAlchemy, the models and the services when it
-runs, not when `comfy-broker` starts (`--help` and `--version` stay well under a second).
+runs, not when `comfy-broker` starts (`--help` and `--version` stay well under a second),
+and never the web stack (FastAPI, Starlette, uvicorn, HTTP clients), nor Alembic outside
+`db`: tests/cli/test_startup.py.
 """
 
 from __future__ import annotations

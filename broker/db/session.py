@@ -1,7 +1,7 @@
 """Engines and sessions.
 
 The transaction rule: services `flush()`, never `commit()`. The edge commits:
-`DbSession` (request scope, commits before the response is sent) and
+`DbSession` (request scope, commits before the response is sent; broker/dependencies.py) and
 `session_scope()` (CLI, background tasks, the prompt path's short steps).
 
 SQLite runs in WAL mode with a busy timeout, and every transaction starts with

@@ -28,6 +28,7 @@ from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import Token, TokenKind
 from broker.db.session import read_scope
+from broker.error_handlers import render_error
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -35,16 +36,14 @@ from broker.errors import (
     NotFound,
     TooManyRequests,
     Unauthorized,
-    render_error,
 )
 from broker.logs import QUERY_TOKEN_PARAMETERS
 from broker.tenants.repository import TokenRepository, UserRepository
 from broker.tenants.throttle import FailedAuthThrottle
-from broker.tenants.tokens import MAX_TOKEN_LENGTH, hash_token, kind_of
+from broker.tenants.tokens import INVALID_TOKEN, MAX_TOKEN_LENGTH, hash_token, kind_of
 
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 CACHE_SIZE = 100_000
-INVALID_TOKEN = "The token is invalid, expired or revoked."  # noqa: S105 (a message)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ RANDOM_CHARS = 43  # secrets.token_urlsafe(32): 256 bits
 CHECKSUM_CHARS = 6
 BASE62 = string.digits + string.ascii_letters
 MAX_TOKEN_LENGTH = 256
+# The one 401 message, whatever was wrong: nobody learns whether a token exists.
+INVALID_TOKEN = "The token is invalid, expired or revoked."  # noqa: S105 (a message)
 
 
 def generate_token(kind: TokenKind) -> str:

@@ -34,7 +34,7 @@ from broker.db.models import Budget, Tenant, Token, User, UserQuota
 from broker.db.tx import Tx
 from broker.errors import BrokerError, NotFound, TooManyRequests, Unauthorized
 from broker.ops import metrics
-from broker.tenants.auth import INVALID_TOKEN
+from broker.tenants.tokens import INVALID_TOKEN
 
 UNLIMITED = 2**31 - 1
 CONCURRENCY_RETRY_SECONDS = 5
