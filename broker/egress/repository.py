@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 
 from broker.db.models import Capability, ComfyApiCall, Prompt
 from broker.db.repository import Repository
@@ -76,17 +76,7 @@ class CapabilityRepository(Repository):
 
 
 class ComfyApiCallRepository(Repository):
-    async def record(self, call: ComfyApiCall) -> None:
-        """The call, and its charge added to the prompt's metered sum, in one transaction."""
-        self.session.add(call)
-        if call.credits_mc is not None:
-            await self.session.execute(
-                update(Prompt)
-                .where(Prompt.id == call.prompt_id)
-                .values(metered_mc=func.coalesce(Prompt.metered_mc, 0) + call.credits_mc)
-                .execution_options(synchronize_session=False)
-            )
-        await self.session.flush()
+    """Reads. The calls are written by the prompt lifecycle (`settlement.record_calls`)."""
 
     async def of_prompt(self, prompt_id: uuid.UUID) -> list[ComfyApiCall]:
         rows = await self.session.scalars(

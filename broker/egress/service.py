@@ -29,17 +29,18 @@ from starlette.responses import Response, StreamingResponse
 from broker.comfy.client import create_http_client
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
-from broker.db.models import ComfyApiCall
 from broker.db.session import read_scope
 from broker.egress import capabilities
 from broker.egress.budget import exhausted_budget
 from broker.egress.capabilities import Grants
 from broker.egress.errors import EgressRefusal, no_budget, unauthorized
-from broker.egress.repository import CapabilityRepository, ComfyApiCallRepository, Holder
+from broker.egress.repository import CapabilityRepository, Holder
 from broker.egress.rewrite import Rewriter
 from broker.keys import service as keys_service
 from broker.keys.crypto import UnsealError
 from broker.keys.service import KeyCustody
+from broker.prompts import lifecycle
+from broker.prompts.settlement import ApiCall
 from broker.settings import Settings
 from broker.usage.pricing import credits_to_mc
 
@@ -240,7 +241,8 @@ class Egress:
     ) -> None:
         """Record the call and add its charge to the prompt, before ComfyUI sees the
         answer: once ComfyUI's node finishes, the prompt's charge is complete."""
-        call = ComfyApiCall(
+        call = ApiCall(
+            id=uuid.uuid4(),
             prompt_id=holder.prompt_id,
             method=method[:16],
             path=path[:MAX_PATH],
@@ -253,23 +255,20 @@ class Egress:
 
     async def _record_refusal(self, holder: Holder, method: str, target: str, why: str) -> None:
         path = target.partition("?")[0]
-        call = ComfyApiCall(
-            prompt_id=holder.prompt_id, method=method[:16], path=path[:MAX_PATH], status=402,
-            duration_ms=0, refused=why,
+        call = ApiCall(
+            id=uuid.uuid4(), prompt_id=holder.prompt_id, method=method[:16],
+            path=path[:MAX_PATH], status=402, duration_ms=0, refused=why,
         )  # fmt: skip
         await self._write(call)
 
-    async def _write(self, call: ComfyApiCall) -> None:
-        async def record(session: AsyncSession) -> None:
-            await ComfyApiCallRepository.from_session(session).record(call)
-
+    async def _write(self, call: ApiCall) -> None:
         if call.credits_mc is None and call.refused is None:
             # Nothing to add to the prompt's charge (a poll, a download): ComfyUI need
             # not wait for the record, which goes with the next batch of writes.
-            self.committer.submit(record, name="egress_call")
+            self.committer.submit_kind(lifecycle.CALLED, call)
             return
         try:
-            await self.committer.run(record)
+            await self.committer.run_kind(lifecycle.CALLED, call)
         except (SQLAlchemyError, ConnectionError) as exc:
             # The call was made (and maybe charged): ComfyUI gets its answer regardless.
             log.error(
