@@ -14,7 +14,9 @@ from tests.fixtures.live import serve_in_thread
 @pytest.fixture
 def settings(settings: Settings, fake_comfy: FakeComfyUI) -> Settings:
     """The broker talks to a fake ComfyUI over real loopback HTTP."""
-    return settings.model_copy(update={"COMFYUI_URL": fake_comfy.url, "UPSTREAM_READ_TIMEOUT": 10.0})
+    return settings.model_copy(
+        update={"COMFYUI_URL": fake_comfy.url, "UPSTREAM_READ_TIMEOUT": 10.0}
+    )
 
 
 @pytest.fixture
