@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Uuid, bindparam, func, or_, select
 
+from broker.db.base import UTCDateTime
 from broker.db.models import Capability, ComfyApiCall, Prompt
 from broker.db.repository import Repository
+from broker.db.tx import Tx
 from broker.prompts.records import UNFINISHED
 
 
@@ -45,34 +47,36 @@ class CapabilityRepository(Repository):
         )  # fmt: skip
         await self.session.flush()
 
-    async def valid_by_hash(
-        self, token_hash: str, now: datetime, grace: timedelta
-    ) -> Holder | None:
-        return await self._valid(Capability.token_hash == token_hash, now, grace)
 
-    async def valid_for_prompt(
-        self, prompt_id: uuid.UUID, now: datetime, grace: timedelta
-    ) -> Holder | None:
-        return await self._valid(Capability.prompt_id == prompt_id, now, grace)
+# Valid from admission until the prompt's end plus the grace. Statuses are compared one
+# by one (not IN (…)): a literal list compiles to an expanding parameter, which the
+# driver path (broker/db/raw.py) does not do.
+_VALID = or_(
+    *(Prompt.status == status for status in sorted(UNFINISHED)),
+    func.coalesce(Prompt.finished_at, Prompt.updated_at) > bindparam("since", type_=UTCDateTime()),
+)
+_HOLDER = select(
+    Capability.token_hash, Capability.prompt_id, Capability.tenant_id, Capability.user_id,
+    Capability.upstream, Prompt.reservations, Prompt.metered_mc,
+).join(Prompt, Prompt.id == Capability.prompt_id)  # fmt: skip
+HOLDER_BY_HASH = _HOLDER.where(Capability.token_hash == bindparam("token_hash"), _VALID)
+HOLDER_BY_PROMPT = _HOLDER.where(
+    Capability.prompt_id == bindparam("prompt", type_=Uuid()), _VALID
+).limit(1)
 
-    async def _valid(self, match: Any, now: datetime, grace: timedelta) -> Holder | None:
-        ended = func.coalesce(Prompt.finished_at, Prompt.updated_at)
-        row = (
-            await self.session.execute(
-                select(
-                    Capability.token_hash,
-                    Capability.prompt_id,
-                    Capability.tenant_id,
-                    Capability.user_id,
-                    Capability.upstream,
-                    Prompt.reservations,
-                    Prompt.metered_mc,
-                )
-                .join(Prompt, Prompt.id == Capability.prompt_id)
-                .where(match, or_(Prompt.status.in_(UNFINISHED), ended > now - grace))
-            )
-        ).first()
-        return None if row is None else Holder(*row)
+
+async def valid_by_hash(tx: Tx, token_hash: str, now: datetime, grace: timedelta) -> Holder | None:
+    """The valid capability with this hash, if any."""
+    rows = await tx.fetch(HOLDER_BY_HASH, {"token_hash": token_hash, "since": now - grace})
+    return Holder(*rows[0]) if rows else None
+
+
+async def valid_for_prompt(
+    tx: Tx, prompt_id: uuid.UUID, now: datetime, grace: timedelta
+) -> Holder | None:
+    """The prompt's valid capability, if it has one."""
+    rows = await tx.fetch(HOLDER_BY_PROMPT, {"prompt": prompt_id, "since": now - grace})
+    return Holder(*rows[0]) if rows else None
 
 
 class ComfyApiCallRepository(Repository):

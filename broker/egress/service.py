@@ -29,19 +29,20 @@ from starlette.responses import Response, StreamingResponse
 from broker.comfy.client import create_http_client
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
-from broker.db.session import read_scope
-from broker.egress import capabilities
+from broker.db.raw import RawReads
+from broker.db.tx import Tx
+from broker.egress import capabilities, repository
 from broker.egress.budget import exhausted_budget
 from broker.egress.capabilities import Grants
 from broker.egress.errors import EgressRefusal, no_budget, unauthorized
 from broker.egress.repository import CapabilityRepository, Holder
 from broker.egress.rewrite import Rewriter
 from broker.keys import service as keys_service
-from broker.keys.crypto import UnsealError
-from broker.keys.service import KeyCustody
+from broker.keys.service import KeyCustody, KeyUnreadable, UnsealedKey
 from broker.prompts import lifecycle
 from broker.prompts.settlement import ApiCall
 from broker.settings import Settings
+from broker.usage.budgets import NoRoom
 from broker.usage.pricing import credits_to_mc
 
 log = logging.getLogger("broker.egress")
@@ -80,6 +81,7 @@ class Egress:
     custody: KeyCustody
     http: httpx.AsyncClient
     grants: Grants
+    reads: RawReads
 
     @classmethod
     def start(
@@ -95,10 +97,12 @@ class Egress:
             read_timeout=settings.COMFY_API_TIMEOUT,
         )
         grants = Grants(custody.fingerprint_key)
-        return cls(settings, sessionmaker, committer, custody, http, grants)
+        reads = RawReads(sessionmaker.kw["bind"], sessionmaker)
+        return cls(settings, sessionmaker, committer, custody, http, grants, reads)
 
     async def stop(self) -> None:
         await self.http.aclose()
+        self.reads.close()
 
     @property
     def grace(self) -> timedelta:
@@ -148,53 +152,53 @@ class Egress:
         self, request: Request, target: str, grant: str | None
     ) -> tuple[Holder, str]:
         """The prompt the call is for and its user's key, or a refusal (recorded when it is
-        the budget's). Reads only: on SQLite it takes no write lock."""
-        async with read_scope(self.sessionmaker) as session:
-            holder = await self._holder(session, request.headers, target, grant)
+        the budget's). Reads only, on the driver's connection: on SQLite it takes no write
+        lock."""
+        charging = request.method not in FREE_METHODS
+
+        async def read(tx: Tx) -> tuple[Holder | None, NoRoom | None, UnsealedKey]:
+            holder = await self._holder(tx, request.headers, target, grant)
             if holder is None or not _job_matches(request.headers, holder.prompt_id):
-                raise unauthorized()
-            full = (
-                await exhausted_budget(session, holder, utc_now())
-                if request.method not in FREE_METHODS
-                else None
-            )
-            api_key = None if full is not None else await self._key(session, holder)
+                return None, None, None
+            full = await exhausted_budget(tx, holder, utc_now()) if charging else None
+            if full is not None:
+                return holder, full, None
+            owner = (holder.tenant_id, holder.user_id)
+            keys = await keys_service.unseal_for_prompts(tx, self.custody, [owner])
+            return holder, None, keys[holder.user_id]
+
+        holder, full, api_key = await self.reads.run(read)
+        if holder is None:
+            raise unauthorized()
         if full is not None:
             log.info(
                 "egress.refused prompt_id=%s reason=budget scope=%s", holder.prompt_id, full.scope
             )
             await self._record_refusal(holder, request.method, target, "budget_exhausted")
             raise no_budget(full.scope)
+        if isinstance(api_key, KeyUnreadable):
+            log.error("egress.key_unreadable user_id=%s", holder.user_id)
+            raise unauthorized()
         if api_key is None:
             raise unauthorized()
         return holder, api_key
 
     async def _holder(
-        self, session: AsyncSession, headers: Headers, target: str, grant: str | None
+        self, tx: Tx, headers: Headers, target: str, grant: str | None
     ) -> Holder | None:
-        repository = CapabilityRepository.from_session(session)
         presented = _presented(headers)
         if presented is not None and capabilities.is_well_formed(presented):
             hashed = capabilities.hash_capability(presented)
-            return await repository.valid_by_hash(hashed, utc_now(), self.grace)
+            return await repository.valid_by_hash(tx, hashed, utc_now(), self.grace)
         prompt_id = capabilities.grant_prompt(grant) if grant is not None else None
         if grant is None or prompt_id is None:
             return None
-        holder = await repository.valid_for_prompt(prompt_id, utc_now(), self.grace)
+        holder = await repository.valid_for_prompt(tx, prompt_id, utc_now(), self.grace)
         if holder is None or not self.grants.verify(
             grant, holder.prompt_id, holder.token_hash, target
         ):
             return None
         return holder
-
-    async def _key(self, session: AsyncSession, holder: Holder) -> str | None:
-        try:
-            return await keys_service.unseal_for_forwarding(
-                session, self.custody, holder.tenant_id, holder.user_id
-            )
-        except UnsealError:
-            log.error("egress.key_unreadable user_id=%s", holder.user_id)
-            return None
 
     async def _send(self, request: Request, target: str, api_key: str) -> httpx.Response:
         headers = _forwarded_headers(request.headers, api_key)
