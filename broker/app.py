@@ -163,6 +163,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.add_middleware(ServerTimingMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(AccessMiddleware)
+    if settings.KEY_MODE is KeyMode.SEALED:  # first: ComfyUI calls it for every API node's poll
+        app.include_router(egress_router)
     app.include_router(health_router)
     app.include_router(admin_router)
     app.include_router(v2_public_router)
@@ -177,8 +179,6 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(userdata_router, prefix="/api", tags=["comfyui user data under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
-    if settings.KEY_MODE is KeyMode.SEALED:
-        app.include_router(egress_router)
     return app
 
 
