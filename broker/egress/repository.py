@@ -1,5 +1,6 @@
-"""Queries of the egress: capabilities (checked against their prompt's status at each
-call, so settling a prompt writes nothing here) and Comfy API call records."""
+"""Queries of the egress: capabilities (recorded with their prompt at admission, see
+broker/prompts/admission.py; checked against its status at each call, so settling a
+prompt writes nothing here) and Comfy API call records."""
 
 from __future__ import annotations
 
@@ -28,24 +29,6 @@ class Holder:
     upstream: str
     reservations: list[dict[str, Any]]
     metered_mc: int | None
-
-
-class CapabilityRepository(Repository):
-    async def add(
-        self,
-        token_hash: str,
-        prompt_id: uuid.UUID,
-        tenant_id: uuid.UUID,
-        user_id: uuid.UUID,
-        upstream: str,
-    ) -> None:
-        self.session.add(
-            Capability(
-                token_hash=token_hash, prompt_id=prompt_id, tenant_id=tenant_id,
-                user_id=user_id, upstream=upstream,
-            )
-        )  # fmt: skip
-        await self.session.flush()
 
 
 # Valid from admission until the prompt's end plus the grace. Statuses are compared one

@@ -35,7 +35,7 @@ from broker.egress import capabilities, repository
 from broker.egress.budget import exhausted_budget
 from broker.egress.capabilities import Grants
 from broker.egress.errors import EgressRefusal, no_budget, unauthorized
-from broker.egress.repository import CapabilityRepository, Holder
+from broker.egress.repository import Holder
 from broker.egress.rewrite import Rewriter
 from broker.keys import service as keys_service
 from broker.keys.service import KeyCustody, KeyUnreadable, UnsealedKey
@@ -107,22 +107,6 @@ class Egress:
     @property
     def grace(self) -> timedelta:
         return timedelta(seconds=self.settings.CAPABILITY_GRACE_SECONDS)
-
-    # ------------------------------------------------------------ the prompt path
-    async def mint(
-        self, prompt_id: uuid.UUID, tenant_id: uuid.UUID, user_id: uuid.UUID, upstream: str
-    ) -> str:
-        """A new capability for an admitted prompt, committed before it is forwarded."""
-        raw = capabilities.new_capability()
-        token_hash = capabilities.hash_capability(raw)
-
-        async def add(session: AsyncSession) -> None:
-            await CapabilityRepository.from_session(session).add(
-                token_hash, prompt_id, tenant_id, user_id, upstream
-            )
-
-        await self.committer.run(add)
-        return raw
 
     # ------------------------------------------------------------ the egress
     async def handle(self, request: Request) -> Response:
