@@ -131,14 +131,19 @@ def staged(
     database_url: str,
     fake_args: Sequence[str] = (),
     extra_env: Mapping[str, str] | None = None,
+    *,
+    comfy_api: bool = False,
 ) -> Iterator[Stage]:
     """Start the fast fake ComfyUI (with `fake_args`) and `comfy-broker serve` (1 worker) on
-    `database_url`, seeded; both are stopped on exit. For the scripts beside `bench.cli`."""
+    `database_url`, seeded; both are stopped on exit. For the scripts beside `bench.cli`.
+    `comfy_api`: the fake is also the broker's Comfy API (`BROKER_COMFY_API_URL`)."""
     port = free_port()
     command = [PYTHON, "-m", "bench.fake_comfy", "--port", str(port), *fake_args]
     fake = start_server("fake-comfyui", command, port=port, cpus=None, log_dir=work_dir)
     try:
         env = {**broker_env(database_url, fake.url), **(extra_env or {})}
+        if comfy_api:
+            env["BROKER_COMFY_API_URL"] = fake.url
         token = seed(env, work_dir)
         port = free_port()
         served = start_server(

@@ -17,8 +17,17 @@ Content-Length bodies) for httpx, aiohttp, wrk and the broker, and answers:
 - `GET /bench/emit?rate=R&seconds=S` → with `--never-finish`, `progress` events for the queued
   prompts at R a second (for `bench.fanout`).
 
-`--never-finish` keeps every prompt queued instead (no events, empty history): a broker then
-accumulates unfinished prompts, which shows what its reconciliation costs.
+It also plays the Comfy API (api.comfy.org) for `bench.egress`, the broker's sealed key mode:
+- `POST /proxy/…` → a task with an absolute `polling_url` (which the egress rewrites), charged
+  in `X-Comfy-Credits-Used`, as a partner node's generate call;
+- `GET /proxy/…` → the task, still pending (a poll: no charge);
+- `GET /files/…` → the `--view-bytes` file, as a generated video's download;
+- `GET /bench/capability` → the Comfy API credential of the last prompt queued (in sealed mode,
+  the broker's capability), so that the benchmark can call the egress as ComfyUI does.
+
+`--never-finish` keeps every prompt queued instead (no events, empty history, listed in
+`/queue`): a broker then accumulates unfinished prompts, which shows what its reconciliation
+costs.
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ VIEW_OUTPUTS = {"9": {"images": [VIEW_FILE]}}  # every prompt "made" the /view f
 COMFYUI_VERSION = "0.3.75"  # recent enough for the broker (older ones leak keys in /queue)
 PROMPT_ID = re.compile(rb'"prompt_id"\s*:\s*"([0-9a-fA-F-]{1,64})"')
 CLIENT_ID = re.compile(rb'"client_id"\s*:\s*"([^"\\]{1,200})"')
+API_KEY = re.compile(rb'"api_key_comfy_org"\s*:\s*"([^"\\]{1,200})"')
+CREDITS_PER_CALL = "0.5"
+
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _HIDDEN_KEYS = {
@@ -110,6 +122,8 @@ class ServerState:
     number: int = 0
     object_info: bytes = field(default_factory=lambda: orjson.dumps(OBJECT_INFO))
     sockets: dict[str, ComfyProtocol] = field(default_factory=dict)  # clientId → event stream
+    api_key: str = ""  # the Comfy API credential of the last prompt queued
+    tasks: int = 0  # Comfy API tasks started
 
 
 def response(status: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -127,6 +141,9 @@ def queue_prompt(state: ServerState, body: bytes) -> tuple[bytes, str, str | Non
     # Regexes instead of parsing: orjson takes ~0.4 ms for a 100 KB workflow, which would
     # make this fake, not the proxies, the limit in the large-body cases.
     proposed, client = PROMPT_ID.search(body), CLIENT_ID.search(body)
+    api_key = API_KEY.search(body)
+    if api_key:
+        state.api_key = api_key[1].decode()
     prompt_id = proposed[1].decode() if proposed else str(uuid.uuid4())
     state.number += 1
     answer: dict[str, Any] = {"prompt_id": prompt_id, "number": state.number, "node_errors": {}}
@@ -146,8 +163,31 @@ def history(state: ServerState, path: str) -> bytes:
     return response("200 OK", orjson.dumps({prompt_id: {"status": status, "outputs": outputs}}))
 
 
+def comfy_api(state: ServerState, request: Request) -> bytes:
+    """The Comfy API's partner-node proxy: a generate call starts a (charged) task, a poll
+    finds it pending."""
+    if request.method == "POST":
+        state.tasks += 1
+        task = f"task-{state.tasks}"
+        host = request.headers.get("host", "127.0.0.1")
+        answer = orjson.dumps({"id": task, "polling_url": f"http://{host}/proxy/result?id={task}"})
+        extra = f"X-Comfy-Credits-Used: {CREDITS_PER_CALL}\r\nX-Request-Id: req-{task}\r\n"
+        head = response_head("200 OK", len(answer), "application/json")
+        return head.replace(b"\r\n\r\n", b"\r\n" + extra.encode() + b"\r\n", 1) + answer
+    return response("200 OK", b'{"id": "task-1", "status": "Pending", "result": null}')
+
+
+def queue(state: ServerState) -> bytes:
+    pending = [
+        [number, prompt_id, {}, {}, []] for number, (prompt_id, _) in enumerate(state.queued)
+    ]
+    return response("200 OK", orjson.dumps({"queue_running": [], "queue_pending": pending}))
+
+
 def route(state: ServerState, request: Request) -> bytes:
     path = request.route
+    if path.startswith("/proxy/"):
+        return comfy_api(state, request)
     if request.method != "GET":
         return response("405 Method Not Allowed", b"{}")
     if path == "/object_info":
@@ -155,7 +195,9 @@ def route(state: ServerState, request: Request) -> bytes:
     if path == "/prompt":
         return response("200 OK", b'{"exec_info": {"queue_remaining": 0}}')
     if path == "/queue":
-        return response("200 OK", b'{"queue_running": [], "queue_pending": []}')
+        return queue(state)
+    if path == "/bench/capability":
+        return response("200 OK", orjson.dumps({"api_key": state.api_key}))
     if path == "/system_stats":
         return response("200 OK", SYSTEM_STATS)
     if path.startswith("/history"):
@@ -267,7 +309,7 @@ class ComfyProtocol(asyncio.Protocol):
             return
         if request.method == "POST" and request.route == "/prompt":
             self._queue(request.body)
-        elif request.route == "/view" and self.state.view_payload:
+        elif request.route.startswith(("/view", "/files")) and self.state.view_payload:
             payload = self.state.view_payload
             self.transport.write(response_head("200 OK", len(payload), "image/png"))
             self.transport.write(payload)

@@ -3,7 +3,8 @@
 `python -m bench.floors {httpx,aiohttp} --port P --upstream URL` serves `POST /prompt` with
 FastAPI under uvicorn, as the broker is served, and forwards the body unchanged to
 `URL/prompt` through one shared client: no auth, no database, no parsing. What the broker
-adds on top of the same web stack is the difference.
+adds on top of the same web stack is the difference. Any other path and method (`GET`,
+`POST`) is relayed the same way, method, path, query and body (for `bench.egress`).
 
 - `httpx`: one `httpx.AsyncClient()` with its default transport and limits.
 - `aiohttp`: one `aiohttp.ClientSession()` with its default connector.
@@ -20,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-Forward = Callable[[bytes], Awaitable[tuple[int, bytes]]]
+Forward = Callable[[str, str, bytes], Awaitable[tuple[int, bytes]]]  # method, target, body
 ClientFactory = Callable[[str], Any]  # an async context manager yielding a Forward
 
 
@@ -30,8 +31,10 @@ async def httpx_forwarder(upstream: str) -> AsyncIterator[Forward]:
 
     async with httpx.AsyncClient() as client:
 
-        async def forward(body: bytes) -> tuple[int, bytes]:
-            answer = await client.post(f"{upstream}/prompt", content=body, headers=JSON_HEADERS)
+        async def forward(method: str, target: str, body: bytes) -> tuple[int, bytes]:
+            answer = await client.request(
+                method, upstream + target, content=body, headers=JSON_HEADERS
+            )
             return answer.status_code, answer.content
 
         yield forward
@@ -43,9 +46,9 @@ async def aiohttp_forwarder(upstream: str) -> AsyncIterator[Forward]:
 
     async with aiohttp.ClientSession() as session:
 
-        async def forward(body: bytes) -> tuple[int, bytes]:
-            async with session.post(
-                f"{upstream}/prompt", data=body, headers=JSON_HEADERS
+        async def forward(method: str, target: str, body: bytes) -> tuple[int, bytes]:
+            async with session.request(
+                method, upstream + target, data=body, headers=JSON_HEADERS
             ) as answer:
                 return answer.status, await answer.read()
 
@@ -67,7 +70,15 @@ def create_app(client: str, upstream: str) -> FastAPI:
     @app.post("/prompt")
     async def prompt(request: Request) -> Response:
         forward: Forward = request.app.state.forward
-        status, content = await forward(await request.body())
+        status, content = await forward("POST", "/prompt", await request.body())
+        return Response(content, status_code=status, media_type="application/json")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def relay(request: Request, path: str) -> Response:
+        forward: Forward = request.app.state.forward
+        query = request.url.query
+        target = "/" + path + (f"?{query}" if query else "")
+        status, content = await forward(request.method, target, await request.body())
         return Response(content, status_code=status, media_type="application/json")
 
     return app

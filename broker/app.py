@@ -165,7 +165,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.add_middleware(ServerTimingMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(AccessMiddleware)
-    # Routes are matched in order: ComfyUI's surface (POST /prompt) first, as it is the busiest.
+    if settings.KEY_MODE is KeyMode.SEALED:  # first: ComfyUI calls it for every API node's poll
+        app.include_router(egress_router)
+    # Routes are matched in order: then ComfyUI's surface (POST /prompt), the busiest.
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])
     app.include_router(health_router)
@@ -180,8 +182,6 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(userdata_router, prefix="/api", tags=["comfyui user data under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
-    if settings.KEY_MODE is KeyMode.SEALED:
-        app.include_router(egress_router)
     return app
 
 

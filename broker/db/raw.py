@@ -23,10 +23,10 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from broker.db.session import SQLITE_BUSY_TIMEOUT_SECONDS, configure_sqlite
-from broker.db.tx import Row, Statement
+from broker.db.session import SQLITE_BUSY_TIMEOUT_SECONDS, configure_sqlite, read_scope
+from broker.db.tx import Row, SessionTx, Statement, Tx
 
 log = logging.getLogger("broker.db")
 T = TypeVar("T")
@@ -155,7 +155,7 @@ class RawConnections:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self.dialect = engine.dialect
-        self._statements: dict[int, tuple[Statement, RawStatement]] = {}
+        self._compile = Compiled(self.dialect)
         self._connection: AsyncConnection | None = None  # PostgreSQL
         self._sqlite: sqlite3.Connection | None = None  # SQLite, used on its thread only
         self._sqlite_thread: ThreadPoolExecutor | None = None
@@ -208,16 +208,6 @@ class RawConnections:
         self._sqlite.execute("BEGIN IMMEDIATE")
         return self._sqlite
 
-    def _compile(self, statement: Statement) -> RawStatement:
-        # Keyed by identity, the statement kept alongside so that the id stays its own.
-        known = self._statements.get(id(statement))
-        if known is None:
-            known = self._statements[id(statement)] = (
-                statement,
-                RawStatement(statement, self.dialect),
-            )
-        return known[1]
-
     async def _connect(self) -> AsyncConnection:
         if self._connection is None:
             self._connection = await self._engine.connect()
@@ -249,11 +239,82 @@ class RawConnections:
             self._sqlite = None
 
 
-def _open_sqlite(path: str) -> sqlite3.Connection:
+class Compiled:
+    """Each Core statement compiled once for the dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._statements: dict[int, tuple[Statement, RawStatement]] = {}
+
+    def __call__(self, statement: Statement) -> RawStatement:
+        # Keyed by identity, the statement kept alongside so that the id stays its own.
+        known = self._statements.get(id(statement))
+        if known is None:
+            known = self._statements[id(statement)] = (
+                statement,
+                RawStatement(statement, self._dialect),
+            )
+        return known[1]
+
+
+class RawReads:
+    """Reads on the driver's own connection, for a request path that only reads and runs
+    on every call (the egress's authorization): through an AsyncSession on SQLite, each
+    statement was several round trips to aiosqlite's thread (cursor, execute, fetch, close),
+    which cost more than the statements (docs/benchmarks.md, session 5).
+
+    SQLite: a `sqlite3` connection of its own, read in the event loop's thread, one short
+    read transaction per `run` (in WAL mode a reader never waits for the writer). Should it
+    ever be refused (SQLITE_BUSY while another connection recovers the log), `run` reads
+    through a session instead. PostgreSQL: a pooled connection per `run`, each statement
+    on its own (autocommit)."""
+
+    def __init__(self, engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+        self._engine = engine
+        self._sessionmaker = sessionmaker
+        self._compile = Compiled(engine.dialect)
+        self._sqlite: sqlite3.Connection | None = None
+
+    async def run(self, body: Callable[[Tx], Coroutine[Any, Any, T]]) -> T:
+        """`body` may await only the transaction's methods."""
+        if self._engine.dialect.name == "sqlite":
+            try:
+                return await self._run_on_sqlite(body)
+            except sqlite3.OperationalError as exc:
+                log.warning("db.raw_read_refused error=%s", exc)
+                async with read_scope(self._sessionmaker) as session:
+                    return await body(SessionTx(session))
+        async with self._engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = _PostgresDriver(raw.driver_connection)
+            try:
+                return await body(RawTransaction(driver, self._compile, "postgresql"))
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                raise _as_sqlalchemy_error(exc) from exc
+
+    async def _run_on_sqlite(self, body: Callable[[Tx], Coroutine[Any, Any, T]]) -> T:
+        if self._sqlite is None:
+            self._sqlite = _open_sqlite(self._engine.url.database or "", busy_timeout=0)
+        connection = self._sqlite
+        connection.execute("BEGIN")
+        try:
+            return await body(RawTransaction(_SQLiteDriver(connection), self._compile, "sqlite"))
+        finally:
+            _roll_back(connection)  # it only read; a snapshot kept would hold checkpoints back
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
+
+
+def _open_sqlite(
+    path: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT_SECONDS
+) -> sqlite3.Connection:
     # Used from the event loop's thread too, never at the same time (see _run_on_sqlite).
     connection = sqlite3.connect(
         path,
-        timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
+        timeout=busy_timeout,
         isolation_level=None,
         check_same_thread=False,
     )

@@ -1,5 +1,6 @@
-"""Queries of the egress: capabilities (checked against their prompt's status at each
-call, so settling a prompt writes nothing here) and Comfy API call records."""
+"""Queries of the egress: capabilities (recorded with their prompt at admission, see
+broker/prompts/admission.py; checked against its status at each call, so settling a
+prompt writes nothing here) and Comfy API call records."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Uuid, bindparam, func, or_, select
 
+from broker.db.base import UTCDateTime
 from broker.db.models import Capability, ComfyApiCall, Prompt
 from broker.db.repository import Repository
+from broker.db.tx import Tx
 from broker.prompts.records import UNFINISHED
 
 
@@ -28,65 +31,39 @@ class Holder:
     metered_mc: int | None
 
 
-class CapabilityRepository(Repository):
-    async def add(
-        self,
-        token_hash: str,
-        prompt_id: uuid.UUID,
-        tenant_id: uuid.UUID,
-        user_id: uuid.UUID,
-        upstream: str,
-    ) -> None:
-        self.session.add(
-            Capability(
-                token_hash=token_hash, prompt_id=prompt_id, tenant_id=tenant_id,
-                user_id=user_id, upstream=upstream,
-            )
-        )  # fmt: skip
-        await self.session.flush()
+# Valid from admission until the prompt's end plus the grace. Statuses are compared one
+# by one (not IN (…)): a literal list compiles to an expanding parameter, which the
+# driver path (broker/db/raw.py) does not do.
+_VALID = or_(
+    *(Prompt.status == status for status in sorted(UNFINISHED)),
+    func.coalesce(Prompt.finished_at, Prompt.updated_at) > bindparam("since", type_=UTCDateTime()),
+)
+_HOLDER = select(
+    Capability.token_hash, Capability.prompt_id, Capability.tenant_id, Capability.user_id,
+    Capability.upstream, Prompt.reservations, Prompt.metered_mc,
+).join(Prompt, Prompt.id == Capability.prompt_id)  # fmt: skip
+HOLDER_BY_HASH = _HOLDER.where(Capability.token_hash == bindparam("token_hash"), _VALID)
+HOLDER_BY_PROMPT = _HOLDER.where(
+    Capability.prompt_id == bindparam("prompt", type_=Uuid()), _VALID
+).limit(1)
 
-    async def valid_by_hash(
-        self, token_hash: str, now: datetime, grace: timedelta
-    ) -> Holder | None:
-        return await self._valid(Capability.token_hash == token_hash, now, grace)
 
-    async def valid_for_prompt(
-        self, prompt_id: uuid.UUID, now: datetime, grace: timedelta
-    ) -> Holder | None:
-        return await self._valid(Capability.prompt_id == prompt_id, now, grace)
+async def valid_by_hash(tx: Tx, token_hash: str, now: datetime, grace: timedelta) -> Holder | None:
+    """The valid capability with this hash, if any."""
+    rows = await tx.fetch(HOLDER_BY_HASH, {"token_hash": token_hash, "since": now - grace})
+    return Holder(*rows[0]) if rows else None
 
-    async def _valid(self, match: Any, now: datetime, grace: timedelta) -> Holder | None:
-        ended = func.coalesce(Prompt.finished_at, Prompt.updated_at)
-        row = (
-            await self.session.execute(
-                select(
-                    Capability.token_hash,
-                    Capability.prompt_id,
-                    Capability.tenant_id,
-                    Capability.user_id,
-                    Capability.upstream,
-                    Prompt.reservations,
-                    Prompt.metered_mc,
-                )
-                .join(Prompt, Prompt.id == Capability.prompt_id)
-                .where(match, or_(Prompt.status.in_(UNFINISHED), ended > now - grace))
-            )
-        ).first()
-        return None if row is None else Holder(*row)
+
+async def valid_for_prompt(
+    tx: Tx, prompt_id: uuid.UUID, now: datetime, grace: timedelta
+) -> Holder | None:
+    """The prompt's valid capability, if it has one."""
+    rows = await tx.fetch(HOLDER_BY_PROMPT, {"prompt": prompt_id, "since": now - grace})
+    return Holder(*rows[0]) if rows else None
 
 
 class ComfyApiCallRepository(Repository):
-    async def record(self, call: ComfyApiCall) -> None:
-        """The call, and its charge added to the prompt's metered sum, in one transaction."""
-        self.session.add(call)
-        if call.credits_mc is not None:
-            await self.session.execute(
-                update(Prompt)
-                .where(Prompt.id == call.prompt_id)
-                .values(metered_mc=func.coalesce(Prompt.metered_mc, 0) + call.credits_mc)
-                .execution_options(synchronize_session=False)
-            )
-        await self.session.flush()
+    """Reads. The calls are written by the prompt lifecycle (`settlement.record_calls`)."""
 
     async def of_prompt(self, prompt_id: uuid.UUID) -> list[ComfyApiCall]:
         rows = await self.session.scalars(

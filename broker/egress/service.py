@@ -29,18 +29,20 @@ from starlette.responses import Response, StreamingResponse
 from broker.comfy.client import create_http_client
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
-from broker.db.models import ComfyApiCall
-from broker.db.session import read_scope
-from broker.egress import capabilities
+from broker.db.raw import RawReads
+from broker.db.tx import Tx
+from broker.egress import capabilities, repository
 from broker.egress.budget import exhausted_budget
 from broker.egress.capabilities import Grants
 from broker.egress.errors import EgressRefusal, no_budget, unauthorized
-from broker.egress.repository import CapabilityRepository, ComfyApiCallRepository, Holder
+from broker.egress.repository import Holder
 from broker.egress.rewrite import Rewriter
 from broker.keys import service as keys_service
-from broker.keys.crypto import UnsealError
-from broker.keys.service import KeyCustody
+from broker.keys.service import KeyCustody, KeyUnreadable, UnsealedKey
+from broker.prompts import lifecycle
+from broker.prompts.settlement import ApiCall
 from broker.settings import Settings
+from broker.usage.budgets import NoRoom
 from broker.usage.pricing import credits_to_mc
 
 log = logging.getLogger("broker.egress")
@@ -79,6 +81,7 @@ class Egress:
     custody: KeyCustody
     http: httpx.AsyncClient
     grants: Grants
+    reads: RawReads
 
     @classmethod
     def start(
@@ -94,30 +97,16 @@ class Egress:
             read_timeout=settings.COMFY_API_TIMEOUT,
         )
         grants = Grants(custody.fingerprint_key)
-        return cls(settings, sessionmaker, committer, custody, http, grants)
+        reads = RawReads(sessionmaker.kw["bind"], sessionmaker)
+        return cls(settings, sessionmaker, committer, custody, http, grants, reads)
 
     async def stop(self) -> None:
         await self.http.aclose()
+        self.reads.close()
 
     @property
     def grace(self) -> timedelta:
         return timedelta(seconds=self.settings.CAPABILITY_GRACE_SECONDS)
-
-    # ------------------------------------------------------------ the prompt path
-    async def mint(
-        self, prompt_id: uuid.UUID, tenant_id: uuid.UUID, user_id: uuid.UUID, upstream: str
-    ) -> str:
-        """A new capability for an admitted prompt, committed before it is forwarded."""
-        raw = capabilities.new_capability()
-        token_hash = capabilities.hash_capability(raw)
-
-        async def add(session: AsyncSession) -> None:
-            await CapabilityRepository.from_session(session).add(
-                token_hash, prompt_id, tenant_id, user_id, upstream
-            )
-
-        await self.committer.run(add)
-        return raw
 
     # ------------------------------------------------------------ the egress
     async def handle(self, request: Request) -> Response:
@@ -147,53 +136,53 @@ class Egress:
         self, request: Request, target: str, grant: str | None
     ) -> tuple[Holder, str]:
         """The prompt the call is for and its user's key, or a refusal (recorded when it is
-        the budget's). Reads only: on SQLite it takes no write lock."""
-        async with read_scope(self.sessionmaker) as session:
-            holder = await self._holder(session, request.headers, target, grant)
+        the budget's). Reads only, on the driver's connection: on SQLite it takes no write
+        lock."""
+        charging = request.method not in FREE_METHODS
+
+        async def read(tx: Tx) -> tuple[Holder | None, NoRoom | None, UnsealedKey]:
+            holder = await self._holder(tx, request.headers, target, grant)
             if holder is None or not _job_matches(request.headers, holder.prompt_id):
-                raise unauthorized()
-            full = (
-                await exhausted_budget(session, holder, utc_now())
-                if request.method not in FREE_METHODS
-                else None
-            )
-            api_key = None if full is not None else await self._key(session, holder)
+                return None, None, None
+            full = await exhausted_budget(tx, holder, utc_now()) if charging else None
+            if full is not None:
+                return holder, full, None
+            owner = (holder.tenant_id, holder.user_id)
+            keys = await keys_service.unseal_for_prompts(tx, self.custody, [owner])
+            return holder, None, keys[holder.user_id]
+
+        holder, full, api_key = await self.reads.run(read)
+        if holder is None:
+            raise unauthorized()
         if full is not None:
             log.info(
                 "egress.refused prompt_id=%s reason=budget scope=%s", holder.prompt_id, full.scope
             )
             await self._record_refusal(holder, request.method, target, "budget_exhausted")
             raise no_budget(full.scope)
+        if isinstance(api_key, KeyUnreadable):
+            log.error("egress.key_unreadable user_id=%s", holder.user_id)
+            raise unauthorized()
         if api_key is None:
             raise unauthorized()
         return holder, api_key
 
     async def _holder(
-        self, session: AsyncSession, headers: Headers, target: str, grant: str | None
+        self, tx: Tx, headers: Headers, target: str, grant: str | None
     ) -> Holder | None:
-        repository = CapabilityRepository.from_session(session)
         presented = _presented(headers)
         if presented is not None and capabilities.is_well_formed(presented):
             hashed = capabilities.hash_capability(presented)
-            return await repository.valid_by_hash(hashed, utc_now(), self.grace)
+            return await repository.valid_by_hash(tx, hashed, utc_now(), self.grace)
         prompt_id = capabilities.grant_prompt(grant) if grant is not None else None
         if grant is None or prompt_id is None:
             return None
-        holder = await repository.valid_for_prompt(prompt_id, utc_now(), self.grace)
+        holder = await repository.valid_for_prompt(tx, prompt_id, utc_now(), self.grace)
         if holder is None or not self.grants.verify(
             grant, holder.prompt_id, holder.token_hash, target
         ):
             return None
         return holder
-
-    async def _key(self, session: AsyncSession, holder: Holder) -> str | None:
-        try:
-            return await keys_service.unseal_for_forwarding(
-                session, self.custody, holder.tenant_id, holder.user_id
-            )
-        except UnsealError:
-            log.error("egress.key_unreadable user_id=%s", holder.user_id)
-            return None
 
     async def _send(self, request: Request, target: str, api_key: str) -> httpx.Response:
         headers = _forwarded_headers(request.headers, api_key)
@@ -240,7 +229,8 @@ class Egress:
     ) -> None:
         """Record the call and add its charge to the prompt, before ComfyUI sees the
         answer: once ComfyUI's node finishes, the prompt's charge is complete."""
-        call = ComfyApiCall(
+        call = ApiCall(
+            id=uuid.uuid4(),
             prompt_id=holder.prompt_id,
             method=method[:16],
             path=path[:MAX_PATH],
@@ -253,23 +243,20 @@ class Egress:
 
     async def _record_refusal(self, holder: Holder, method: str, target: str, why: str) -> None:
         path = target.partition("?")[0]
-        call = ComfyApiCall(
-            prompt_id=holder.prompt_id, method=method[:16], path=path[:MAX_PATH], status=402,
-            duration_ms=0, refused=why,
+        call = ApiCall(
+            id=uuid.uuid4(), prompt_id=holder.prompt_id, method=method[:16],
+            path=path[:MAX_PATH], status=402, duration_ms=0, refused=why,
         )  # fmt: skip
         await self._write(call)
 
-    async def _write(self, call: ComfyApiCall) -> None:
-        async def record(session: AsyncSession) -> None:
-            await ComfyApiCallRepository.from_session(session).record(call)
-
+    async def _write(self, call: ApiCall) -> None:
         if call.credits_mc is None and call.refused is None:
             # Nothing to add to the prompt's charge (a poll, a download): ComfyUI need
             # not wait for the record, which goes with the next batch of writes.
-            self.committer.submit(record, name="egress_call")
+            self.committer.submit_kind(lifecycle.CALLED, call)
             return
         try:
-            await self.committer.run(record)
+            await self.committer.run_kind(lifecycle.CALLED, call)
         except (SQLAlchemyError, ConnectionError) as exc:
             # The call was made (and maybe charged): ComfyUI gets its answer regardless.
             log.error(

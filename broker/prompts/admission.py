@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Uuid, bindparam, insert, select
 
 from broker.db.base import utc_now
-from broker.db.models import Prompt, PromptStatus
+from broker.db.models import Capability, Prompt, PromptStatus
 from broker.db.tx import Tx
 from broker.errors import BrokerError, Conflict, Unprocessable
 from broker.keys.service import (
@@ -67,6 +67,9 @@ class Admit:
     custody: KeyCustody
     needs_key: bool  # the prompt has nodes that use the user's Comfy key
     unseal: bool = True  # False (sealed key mode): the key must exist, and stays sealed
+    # Sealed key mode: the hash of the capability ComfyUI will hold instead of the key,
+    # recorded with the prompt (only if it needs a key).
+    capability_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ INSERTED = (
     "reported_prices", "cached_nodes", "created_at", "updated_at",
 )  # fmt: skip
 INSERT_PROMPT = insert(Prompt).values({name: bindparam(name) for name in INSERTED})
+CAPABILITY_COLUMNS = ("token_hash", "prompt_id", "tenant_id", "user_id", "upstream", "created_at")
+INSERT_CAPABILITY = insert(Capability).values(
+    {name: bindparam(name) for name in CAPABILITY_COLUMNS}
+)
 
 Outcome = Admitted | Replayed | BrokerError
 Budgeting = tuple[list[Reservation], bool]  # a prompt's reservations; past a soft limit
@@ -122,6 +129,7 @@ async def admit(tx: Tx, items: list[Admit]) -> list[Outcome]:
             new = item.new
             groups.setdefault((new.tenant_id, new.user_id, new.token_id), []).append(index)
     rows: list[dict[str, Any]] = []
+    capabilities: list[dict[str, Any]] = []
     for _, indexes in sorted(groups.items(), key=lambda group: str(group[0][1])):
         decided = await _count_and_reserve(tx, [items[i].new for i in indexes], now)
         for index, decision in zip(indexes, decided, strict=True):
@@ -130,13 +138,28 @@ async def admit(tx: Tx, items: list[Admit]) -> list[Outcome]:
                 continue
             new = items[index].new
             rows.append(_row(new, *decision, now))
+            if items[index].needs_key and items[index].capability_hash is not None:
+                capabilities.append(_capability_row(items[index], now))
             key = keys.get(new.user_id) if items[index].needs_key else None
             outcomes[index] = Admitted(new.prompt_id, key if isinstance(key, str) else None)
             metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id)).inc(
                 new.estimate.max_mc / MC_PER_CREDIT
             )
     await tx.execute_many(INSERT_PROMPT, rows)
+    await tx.execute_many(INSERT_CAPABILITY, capabilities)
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _capability_row(item: Admit, now: datetime) -> dict[str, Any]:
+    new = item.new
+    return {
+        "token_hash": item.capability_hash,
+        "prompt_id": new.prompt_id,
+        "tenant_id": new.tenant_id,
+        "user_id": new.user_id,
+        "upstream": new.upstream,
+        "created_at": now,
+    }
 
 
 async def _keys(tx: Tx, items: list[Admit]) -> dict[uuid.UUID, UnsealedKey | bool]:

@@ -1,7 +1,7 @@
 """The lifecycle's steps as the group committer runs them, and the calls that submit them.
 
 Ranks order a batch's steps as a prompt goes through them: admitted, answered (or
-accepted), running, what it reported, finished.
+accepted), running, what it reported or was charged, finished.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from broker.db.session import read_scope
 from broker.prompts import admission, settlement
 from broker.prompts.admission import Admit, Admitted, Replayed
 from broker.prompts.records import UNFINISHED
-from broker.prompts.settlement import Answer, Cached, Finish, Outputs, ReportedPrice
+from broker.prompts.settlement import Answer, ApiCall, Cached, Finish, Outputs, ReportedPrice
 
 ADMIT: Kind[Admit, Admitted | Replayed] = Kind("prompts.admit", 0, admission.admit)
 ANSWERED: Kind[Answer, None] = Kind("prompts.answered", 1, settlement.record_answers)
@@ -30,6 +30,8 @@ RUNNING: Kind[uuid.UUID, None] = Kind("prompts.running", 2, settlement.record_ru
 CACHED: Kind[Cached, None] = Kind("prompts.cached", 3, settlement.record_cached)
 PRICED: Kind[ReportedPrice, None] = Kind("prompts.priced", 3, settlement.record_prices)
 OUTPUTS: Kind[Outputs, None] = Kind("prompts.outputs", 3, settlement.record_outputs)
+# Sealed key mode: before `finished`, so a prompt settling in the same batch charges it.
+CALLED: Kind[ApiCall, None] = Kind("prompts.called", 3, settlement.record_calls)
 FINISHED: Kind[Finish, bool] = Kind("prompts.finished", 4, settlement.finish)
 
 NO_TRACE = "ComfyUI has no trace of this prompt."

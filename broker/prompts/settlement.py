@@ -5,7 +5,7 @@ released, the spend counted on the budgets. Each step for a batch."""
 from __future__ import annotations
 
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,6 +20,7 @@ from sqlalchemy import (
     bindparam,
     case,
     exists,
+    func,
     literal,
     or_,
     select,
@@ -30,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from broker.comfy.files import output_files
 from broker.comfy.redaction import scrub_text
 from broker.db.base import UTCDateTime, utc_now
-from broker.db.models import Prompt, PromptOutput, PromptStatus
+from broker.db.models import ComfyApiCall, Prompt, PromptOutput, PromptStatus
 from broker.db.tx import Tx
 from broker.ops import metrics
 from broker.prompts.records import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE, UNFINISHED, storable
@@ -251,6 +252,12 @@ class Settled:
     budgeted: bool = False
 
 
+# What `Settled` reads of a prompt.
+_SETTLED = (
+    Prompt.tenant_id, Prompt.user_id, Prompt.status, Prompt.started_at, Prompt.error_type,
+    Prompt.reported_mc, Prompt.cached_nodes, Prompt.cost_breakdown, Prompt.reservations,
+    Prompt.metered_mc, exists().where(limits.budgets_over(Prompt.tenant_id, Prompt.user_id)),
+)  # fmt: skip
 _FROM: list[BindParameter[Any]] = [bindparam(f"from_{n}") for n in range(len(UNFINISHED))]
 SETTLE = (
     update(Prompt)
@@ -265,12 +272,8 @@ SETTLE = (
         ),
         updated_at=_NOW,
     )
-    .returning(
-        Prompt.tenant_id, Prompt.user_id, Prompt.status, Prompt.started_at, Prompt.error_type,
-        Prompt.reported_mc, Prompt.cached_nodes, Prompt.cost_breakdown, Prompt.reservations,
-        Prompt.metered_mc, exists().where(limits.budgets_over(Prompt.tenant_id, Prompt.user_id)),
-    )
-)  # fmt: skip
+    .returning(*_SETTLED)
+)
 RECORD_CHARGE = (
     update(Prompt)
     .where(Prompt.id == _PROMPT)
@@ -368,3 +371,115 @@ async def _charge(tx: Tx, settled: list[tuple[Finish, Settled]], now: datetime) 
     await tx.execute_many(RECORD_CHARGE, charges)
     await limits.release(tx, slots)
     await budgets.settle(tx, budget_charges, now)
+
+
+# the Comfy API's charges (sealed key mode) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One call a prompt's API node made through the egress (or one the egress refused:
+    `refused` says why). `credits_mc`: the charge the Comfy API reported for it."""
+
+    id: uuid.UUID
+    prompt_id: uuid.UUID
+    method: str
+    path: str
+    status: int
+    duration_ms: int
+    credits_mc: int | None = None
+    request_id: str | None = None
+    refused: str | None = None
+
+
+CALL_COLUMNS = (
+    "id", "prompt_id", "method", "path", "status", "duration_ms", "credits_mc", "request_id",
+    "refused", "created_at",
+)  # fmt: skip
+
+
+def _record_call(dialect: Any) -> Any:
+    # The call's id makes a retried write count once.
+    values: dict[str, Any] = {name: bindparam(name) for name in CALL_COLUMNS}
+    return dialect.insert(ComfyApiCall).values(values).on_conflict_do_nothing()
+
+
+RECORD_CALL = {"sqlite": _record_call(sqlite), "postgresql": _record_call(postgresql)}
+RECORD_CHARGED_CALL = {
+    dialect: statement.returning(ComfyApiCall.id) for dialect, statement in RECORD_CALL.items()
+}
+# The call's charge added to its prompt's, and the prompt as its charge reads it, with
+# `actual_mc` as it was (not null once the prompt settled).
+ADD_CALL_CHARGE = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT)
+    .values(
+        metered_mc=func.coalesce(Prompt.metered_mc, 0) + bindparam("credits", type_=BigInteger()),
+        updated_at=_NOW,
+    )
+    .returning(*_SETTLED, Prompt.actual_mc)
+)
+# Conditional: only from the charge `ADD_CALL_CHARGE` read (whoever changes it first wins).
+RECORD_LATE_CHARGE = (
+    update(Prompt)
+    .where(Prompt.id == _PROMPT, Prompt.actual_mc == bindparam("was", type_=BigInteger()))
+    .values(
+        actual_mc=bindparam("actual", type_=BigInteger()),
+        actual_source=bindparam("source"),
+        updated_at=_NOW,
+    )
+    .returning(Prompt.id)
+)
+LateCharges = defaultdict[tuple[uuid.UUID, uuid.UUID], int]  # (tenant, user) -> new - old
+
+
+async def record_calls(tx: Tx, items: list[ApiCall]) -> list[None]:
+    """Record each call once (by its id) and add its charge to its prompt's metered sum.
+    A charge that arrives after its prompt settled (a late poll within the capability's
+    grace) changes the prompt's actual charge by the charging rule, and the difference
+    counts once in its budgets, as a settlement's charge does."""
+    now = utc_now()
+    uncharged = [_call_values(item, now) for item in items if item.credits_mc is None]
+    await tx.execute_many(RECORD_CALL[tx.dialect_name], uncharged)
+    late: LateCharges = defaultdict(int)
+    for item in items:
+        if item.credits_mc is not None:
+            await _charge_call(tx, item, now, late)
+    await budgets.count_late_charges(tx, late, now)
+    return [None] * len(items)
+
+
+async def _charge_call(tx: Tx, item: ApiCall, now: datetime, late: LateCharges) -> None:
+    if not await tx.fetch(RECORD_CHARGED_CALL[tx.dialect_name], _call_values(item, now)):
+        return  # recorded (and charged) already: a retried write
+    values = {"prompt": item.prompt_id, "credits": item.credits_mc, "now": now}
+    rows = await tx.fetch(ADD_CALL_CHARGE, values)
+    if not rows or rows[0][-1] is None:
+        return  # not settled yet: its settlement charges the metered sum
+    *read, was = rows[0]
+    prompt = Settled(*read)
+    actual, source = actual_charge(prompt)
+    changed = await tx.fetch(RECORD_LATE_CHARGE, {
+        "prompt": item.prompt_id, "was": was, "actual": actual, "source": source, "now": now,
+    })  # fmt: skip
+    if not changed or actual == was:
+        return
+    if prompt.budgeted:
+        late[prompt.tenant_id, prompt.user_id] += actual - was
+    if actual > was:  # a counter: it only goes up
+        metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc((actual - was) / MC_PER_CREDIT)
+
+
+def _call_values(item: ApiCall, now: datetime) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "prompt_id": item.prompt_id,
+        "method": item.method,
+        "path": item.path,
+        "status": item.status,
+        "duration_ms": item.duration_ms,
+        "credits_mc": item.credits_mc,
+        "request_id": item.request_id,
+        "refused": item.refused,
+        "created_at": now,
+    }

@@ -26,6 +26,7 @@ from broker.comfy.errors import (
 from broker.comfy.redaction import scrub
 from broker.db.group_commit import GroupCommitter, Kind
 from broker.db.models import PromptStatus
+from broker.egress import capabilities
 from broker.egress.service import Egress
 from broker.errors import (
     BadRequest,
@@ -98,15 +99,16 @@ async def submit_prompt(
     )
     new = _new_prompt(acting, upstream, body, estimate, idempotency_key)
     sealed = context.sealing is not None
-    item = Admit(new, context.custody, needs_key=bool(key_nodes), unseal=not sealed)
+    # Sealed key mode: ComfyUI gets a capability, not the key, recorded with the prompt.
+    capability = capabilities.new_capability() if sealed and key_nodes else None
+    item = Admit(
+        new, context.custody, needs_key=bool(key_nodes), unseal=not sealed,
+        capability_hash=capabilities.hash_capability(capability) if capability else None,
+    )  # fmt: skip
     admitted = await _admit(context, item, body, key_nodes)
     if isinstance(admitted, Replayed):
         return PromptAnswer(admitted.status_code, admitted.body, replayed=True)
-    prompt_id, api_key = admitted.prompt_id, admitted.api_key
-    if context.sealing is not None and key_nodes:  # ComfyUI gets a capability, not the key
-        api_key = await context.sealing.mint(
-            prompt_id, acting.tenant_id, acting.user_id, upstream.url
-        )
+    prompt_id, api_key = admitted.prompt_id, capability or admitted.api_key
     upstream.events.remember(prompt_id, Owner(acting.user_id, body.client_id))
     forwarded = upstream_body(
         body, prompt_id=prompt_id, client_id=upstream.client_id, api_key=api_key

@@ -397,6 +397,20 @@ async def settle(tx: Tx, charges: Sequence[Charge], now: datetime) -> None:
     for charge in charges:
         if charge.budgeted and charge.actual_mc:
             spent[charge.tenant_id, charge.user_id] += charge.actual_mc
+    await _spend(tx, spent, now)
+
+
+async def count_late_charges(
+    tx: Tx, changes: Mapping[tuple[uuid.UUID, uuid.UUID], int], now: datetime
+) -> None:
+    """Settled prompts whose charge changed since (sealed key mode: a call the Comfy API
+    charged within the capability's grace): the difference (new - old, per tenant and
+    user) counts as their settlement's charge did, in the current window of every budget
+    of the tenant and the user."""
+    await _spend(tx, {scope: amount for scope, amount in changes.items() if amount}, now)
+
+
+async def _spend(tx: Tx, spent: Mapping[tuple[uuid.UUID, uuid.UUID], int], now: datetime) -> None:
     today = window_start("day", now)
     for (tenant_id, user_id), amount in sorted(spent.items()):  # one lock order everywhere
         values = {**_scope(tenant_id, user_id, now), "amount": amount, "on_day": today}
