@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Uuid, bindparam, func, or_, select
 
 from broker.db.base import UTCDateTime
-from broker.db.models import Capability, ComfyApiCall, Prompt
+from broker.db.models import Capability, ComfyApiCall, Prompt, PromptStatus
 from broker.db.repository import Repository
 from broker.db.tx import Tx
 from broker.prompts.records import UNFINISHED
@@ -29,6 +29,13 @@ class Holder:
     upstream: str
     reservations: list[dict[str, Any]]
     metered_mc: int | None
+    status: PromptStatus
+
+    @property
+    def settled(self) -> bool:
+        """The prompt's charge is counted and its reservations released (a call within
+        the grace, after its final status)."""
+        return self.status not in UNFINISHED
 
 
 # Valid from admission until the prompt's end plus the grace. Statuses are compared one
@@ -40,7 +47,7 @@ _VALID = or_(
 )
 _HOLDER = select(
     Capability.token_hash, Capability.prompt_id, Capability.tenant_id, Capability.user_id,
-    Capability.upstream, Prompt.reservations, Prompt.metered_mc,
+    Capability.upstream, Prompt.reservations, Prompt.metered_mc, Prompt.status,
 ).join(Prompt, Prompt.id == Capability.prompt_id)  # fmt: skip
 HOLDER_BY_HASH = _HOLDER.where(Capability.token_hash == bindparam("token_hash"), _VALID)
 HOLDER_BY_PROMPT = _HOLDER.where(

@@ -154,3 +154,33 @@ async def test_a_call_recorded_again_is_charged_once(
     total = Decimal(FLUX_MC + LATE_MC) / 1000
     assert await spent(client, alice) == (total, total)
     assert (await settled(db, prompt_id)).actual_mc == FLUX_MC + LATE_MC
+
+
+async def test_a_late_call_is_measured_against_the_spend_alone(
+    client: httpx.AsyncClient,
+    admin_api: AdminApi,
+    egress_url: str,
+    fake_comfy: FakeComfyUI,
+    fake_comfy_api: FakeComfyApi,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    """After settling, a prompt's reservation (its estimate, 12.66 credits) is released and
+    its charge (13.5) is in the spend: a late call's budget check must neither subtract the
+    one nor add the other again (that made 14.34 of 13.5 spent)."""
+    alice, _ = await funded_user(admin_api, fake_comfy_api, "alice")
+    await with_budgets(client, alice)
+    prompt_id = await settled_prompt(client, alice, db)
+    [reserved] = [r["amount_mc"] for r in (await settled(db, prompt_id)).reservations
+                  if not r["rolling"]]  # fmt: skip
+    assert reserved < FLUX_MC
+    capability = {"X-API-KEY": capability_of(fake_comfy, prompt_id)}
+    budget = f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget"
+    outcomes = []
+    for limit in ("14", "13.5"):  # 0.5 credits of room left, then none
+        body = {"period": "month", "limit_credits": limit}
+        changed = await client.put(budget, json=body, headers=alice.tenant.admin)
+        assert changed.status_code == 200, changed.text
+        async with httpx.AsyncClient() as http:
+            late = await http.post(f"{egress_url}{LATE_PATH}", json={}, headers=capability)
+        outcomes.append(late.status_code)
+    assert outcomes == [200, 402]
