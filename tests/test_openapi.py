@@ -90,5 +90,6 @@ async def test_a_plain_number_is_not_a_date(
 
 async def test_a_boolean_is_a_boolean(client: httpx.AsyncClient, admin_api: AdminApi) -> None:
     alice = await admin_api.user(await admin_api.tenant("acme"), "alice")
-    response = await client.post("/queue", json={"clear": 0}, headers=alice.auth)
-    assert response.status_code == 422
+    for path in ("/queue", "/history", "/api/history"):
+        response = await client.post(path, json={"clear": 0}, headers=alice.auth)
+        assert response.status_code == 422, path

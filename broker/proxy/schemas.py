@@ -55,7 +55,7 @@ class HistoryChange(BaseModel):
     """ComfyUI's `POST /history` body; only the caller's own finished prompts are affected."""
 
     delete: list[str] | None = None
-    clear: bool | None = None
+    clear: StrictBool | None = None  # as documented: true or false, not 0 or "yes"
 
 
 class InterruptRequest(BaseModel):
