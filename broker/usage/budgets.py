@@ -26,7 +26,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Uuid, bindparam, case, func, literal, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Uuid,
+    bindparam,
+    case,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.db.base import UTCDateTime
@@ -142,12 +152,21 @@ UNRESERVE_CALENDAR = (
     .where(Budget.id == _BUDGET, Budget.window_start == _WINDOW)
     .values(reserved_mc=Budget.reserved_mc - _AMOUNT, updated_at=_NOW)
 )
+
+
+def _not_below_zero(amount: ColumnElement[int]) -> ColumnElement[int]:
+    """A late charge lower than the one a prompt settled on takes the difference back from
+    the window it lands in, which may not be the one that counted the charge (the grace
+    crossed midnight): never below nothing."""
+    return case((amount < 0, 0), else_=amount)
+
+
 SPEND_CALENDAR = (
     update(Budget)
     .where(_APPLIES, _CALENDAR, _NOT_AHEAD)
     .values(
         window_start=_CURRENT,
-        spent_mc=_SPENT_NOW + _AMOUNT,
+        spent_mc=_not_below_zero(_SPENT_NOW + _AMOUNT),
         reserved_mc=_RESERVED_NOW,
         updated_at=_NOW,
     )
@@ -200,7 +219,7 @@ ADD_TO_DAY = (
 SPEND_ROLLING = (
     update(BudgetDay)
     .where(BudgetDay.day == _DAY, BudgetDay.budget_id.in_(select(Budget.id).where(_APPLIES, _ROLLING)))
-    .values(spent_mc=BudgetDay.spent_mc + _AMOUNT)
+    .values(spent_mc=_not_below_zero(BudgetDay.spent_mc + _AMOUNT))
 )  # fmt: skip
 RECORDED_SPEND = select(func.coalesce(func.sum(Prompt.actual_mc), 0)).where(
     Prompt.tenant_id == _TENANT,
@@ -357,8 +376,9 @@ async def no_room_for_call(
     charged_mc: int,
     now: datetime,
 ) -> NoRoom | None:
-    """Budgets at the call (sealed key mode): the first budget over a running prompt's user
-    or tenant with no room left for another charging call, if any. A prompt may always
+    """Budgets at the call (sealed key mode): the first budget over a prompt's user or
+    tenant with no room left for another charging call, if any (a settled prompt's caller
+    passes no reservation and no charge: both are in the spend already). A prompt may always
     spend its own reservation; past it, a call is refused once what the others hold plus
     what this prompt was charged so far reaches the limit, so a prompt whose cost was
     unknown or under-estimated overspends by at most the call that crossed. Reads only."""

@@ -13,11 +13,13 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.db.base import utc_now
 from broker.db.models import PromptStatus
 from broker.db.tx import SessionTx
 from broker.prompts import settlement
 from broker.prompts.settlement import ApiCall
 from broker.settings import Settings
+from broker.usage import budgets
 from tests.egress.conftest import serving
 from tests.egress.test_sealed import FLUX_MC, capability_of, funded_user, settled
 from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User
@@ -184,3 +186,20 @@ async def test_a_late_call_is_measured_against_the_spend_alone(
             late = await http.post(f"{egress_url}{LATE_PATH}", json={}, headers=capability)
         outcomes.append(late.status_code)
     assert outcomes == [200, 402]
+
+
+async def test_a_lower_late_charge_takes_no_budget_below_nothing(
+    client: httpx.AsyncClient,
+    admin_api: AdminApi,
+    fake_comfy_api: FakeComfyApi,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    """A prompt settled on its estimate, then a late call reports less: the difference goes
+    back out of the window it lands in, which need not be the one that counted the charge
+    (the grace crossed midnight). A budget's spend never goes below zero."""
+    alice, _ = await funded_user(admin_api, fake_comfy_api, "alice")
+    await with_budgets(client, alice)
+    async with db() as session, session.begin():
+        scope = (uuid.UUID(alice.tenant.id), uuid.UUID(alice.id))
+        await budgets.count_late_charges(SessionTx(session), {scope: -5_000}, utc_now())
+    assert await spent(client, alice) == (Decimal(0), Decimal(0))
