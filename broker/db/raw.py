@@ -1,4 +1,5 @@
-"""SQL on the database driver's own connection, for the few statements of the prompt path.
+"""SQL on the database driver's own connection, for the few statements of the prompt path
+(the lifecycle's writes) and of the egress's authorization (`RawReads`).
 
 Through SQLAlchemy's AsyncSession a statement costs about 1 ms of CPU on the hardware
 the broker is benchmarked on (building the expression, its cache key, the ORM's
@@ -284,6 +285,8 @@ class RawReads:
                 log.warning("db.raw_read_refused error=%s", exc)
                 async with read_scope(self._sessionmaker) as session:
                     return await body(SessionTx(session))
+            except sqlite3.Error as exc:  # as the session path raises it (503, not 500)
+                raise _as_sqlalchemy_error(exc) from exc
         async with self._engine.connect() as connection:
             raw = await connection.get_raw_connection()
             driver = _PostgresDriver(raw.driver_connection)

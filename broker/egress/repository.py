@@ -12,8 +12,7 @@ from typing import Any
 from sqlalchemy import Uuid, bindparam, func, or_, select
 
 from broker.db.base import UTCDateTime
-from broker.db.models import Capability, ComfyApiCall, Prompt, PromptStatus
-from broker.db.repository import Repository
+from broker.db.models import Capability, Prompt, PromptStatus
 from broker.db.tx import Tx
 from broker.prompts.records import UNFINISHED
 
@@ -67,15 +66,3 @@ async def valid_for_prompt(
     """The prompt's valid capability, if it has one."""
     rows = await tx.fetch(HOLDER_BY_PROMPT, {"prompt": prompt_id, "since": now - grace})
     return Holder(*rows[0]) if rows else None
-
-
-class ComfyApiCallRepository(Repository):
-    """Reads. The calls are written by the prompt lifecycle (`settlement.record_calls`)."""
-
-    async def of_prompt(self, prompt_id: uuid.UUID) -> list[ComfyApiCall]:
-        rows = await self.session.scalars(
-            select(ComfyApiCall)
-            .where(ComfyApiCall.prompt_id == prompt_id)
-            .order_by(ComfyApiCall.created_at)
-        )
-        return list(rows)
