@@ -16,6 +16,9 @@ SECRET_PATTERNS = (
 )
 # Every query parameter a token is accepted under (the websocket's `?token=`).
 QUERY_TOKEN_PARAMETERS = frozenset({"token"})
+# And those redacted from logged URLs: tokens, and sealed mode's egress grants (a grant is
+# the authorization of the URL that carries it; broker/egress/capabilities.py).
+LOGGED_SECRET_PARAMETERS = QUERY_TOKEN_PARAMETERS | {"cbk_grant"}
 # A query parameter as it appears in a logged URL, name still percent-encoded.
 QUERY_PARAMETER = re.compile(r"(?P<name>(?<=[?&])[^=&\s\"'#?]+)=(?P<value>[^&\s\"'#]*)")
 REDACTED = "[redacted]"
@@ -39,7 +42,7 @@ def redact_text(text: str) -> str:
 def _redact_token_parameter(match: re.Match[str]) -> str:
     """The server decodes parameter names (`?%74oken=` is `?token=`), so decide on the
     decoded name."""
-    if unquote_plus(match["name"]) in QUERY_TOKEN_PARAMETERS:
+    if unquote_plus(match["name"]) in LOGGED_SECRET_PARAMETERS:
         return f"{match['name']}={REDACTED}"
     return match[0]
 

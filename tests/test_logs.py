@@ -28,6 +28,7 @@ def test_keys_tokens_query_tokens_and_configured_secrets_are_redacted() -> None:
         "/ws?clientId=x&t%6Fken=cbk-secret-value",
         "/api/ws?%74%6F%6B%65%6E=cbk-secret-value&clientId=y",
         '"WebSocket /ws?clientId=a&token=cbk-secret-value" [accepted]',
+        "GET /comfy-api/proxy/result?id=1&cbk_grant=cbk-secret-value 200",
     ],
 )
 def test_a_token_in_a_percent_encoded_query_parameter_is_redacted(url: str) -> None:

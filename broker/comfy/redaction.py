@@ -13,21 +13,30 @@ import orjson
 
 SENSITIVE_KEYS = frozenset({"api_key_comfy_org", "auth_token_comfy_org"})
 REDACTED = b"[redacted]"
-ERROR_TEXT = "exception_message"  # of execution errors, in events and /history
 # What a Comfy key or a broker capability looks like, wherever it is quoted.
 CREDENTIAL = re.compile(r"comfyui-[A-Za-z0-9_\-]{8,}|cbk_cap_[A-Za-z0-9_\-]{8,}")
 
 
-def redact(value: Any) -> Any:
-    """A copy of `value` without sensitive keys at any depth, and error texts scrubbed."""
+# The parts of ComfyUI's `execution_error` (events and /history) that quote what a node
+# was given or said: its hidden inputs (an API node's key, under the node's own name)
+# and its error text. Every string below them is scrubbed; elsewhere strings are left as
+# they are (a file may be named `comfyui-….png`).
+ERROR_FIELDS = frozenset({"exception_message", "traceback", "current_inputs", "current_outputs"})
+
+
+def redact(value: Any, *, in_error: bool = False) -> Any:
+    """A copy of `value` without sensitive keys at any depth, and the execution errors'
+    texts and inputs scrubbed of credentials."""
     if isinstance(value, dict):
         return {
-            key: scrub_text(item) if key == ERROR_TEXT and isinstance(item, str) else redact(item)
+            key: redact(item, in_error=in_error or key in ERROR_FIELDS)
             for key, item in value.items()
             if key not in SENSITIVE_KEYS
         }
     if isinstance(value, list):
-        return [redact(item) for item in value]
+        return [redact(item, in_error=in_error) for item in value]
+    if in_error and isinstance(value, str):
+        return scrub_text(value)
     return value
 
 

@@ -3,8 +3,9 @@ follow-up URL the broker handed out carries, for clients that poll with no heade
 
 A capability is `cbk_cap_` + 256 random bits; only its SHA-256 is stored. A grant is
 `<prompt id>.<HMAC(prompt, capability hash, path and query)>`, in the URL's
-`cbk_grant` query parameter (access logs drop the query): it works for exactly the URL
-the broker wrote, on every replica, and only while the prompt's capability is valid.
+`cbk_grant` query parameter (the broker's logs redact it, broker/logs.py): it works for
+exactly the URL the broker wrote, on every replica, and only while the prompt's
+capability is valid.
 """
 
 from __future__ import annotations

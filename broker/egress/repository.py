@@ -25,7 +25,6 @@ class Holder:
     prompt_id: uuid.UUID
     tenant_id: uuid.UUID
     user_id: uuid.UUID
-    upstream: str
     reservations: list[dict[str, Any]]
     metered_mc: int | None
     status: PromptStatus
@@ -46,7 +45,7 @@ _VALID = or_(
 )
 _HOLDER = select(
     Capability.token_hash, Capability.prompt_id, Capability.tenant_id, Capability.user_id,
-    Capability.upstream, Prompt.reservations, Prompt.metered_mc, Prompt.status,
+    Prompt.reservations, Prompt.metered_mc, Prompt.status,
 ).join(Prompt, Prompt.id == Capability.prompt_id)  # fmt: skip
 HOLDER_BY_HASH = _HOLDER.where(Capability.token_hash == bindparam("token_hash"), _VALID)
 HOLDER_BY_PROMPT = _HOLDER.where(

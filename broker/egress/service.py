@@ -76,7 +76,6 @@ class BodyTooLarge(Exception):
 @dataclass
 class Egress:
     settings: Settings
-    sessionmaker: async_sessionmaker[AsyncSession]
     committer: GroupCommitter
     custody: KeyCustody
     http: httpx.AsyncClient
@@ -98,7 +97,7 @@ class Egress:
         )
         grants = Grants(custody.fingerprint_key)
         reads = RawReads(sessionmaker.kw["bind"], sessionmaker)
-        return cls(settings, sessionmaker, committer, custody, http, grants, reads)
+        return cls(settings, committer, custody, http, grants, reads)
 
     async def stop(self) -> None:
         await self.http.aclose()
@@ -350,25 +349,34 @@ async def _answer(upstream: httpx.Response, rewriter: Rewriter, api_key: str) ->
     readable = "json" in content_type or upstream.status_code >= 400
     declared = upstream.headers.get("content-length")
     small = declared is None or (declared.isdigit() and int(declared) <= REWRITE_LIMIT)
+    # Asked for `identity`; an answer compressed anyway is read decoded, so that it is
+    # checked like any other (and passed on without its content-encoding).
     encoded = upstream.headers.get("content-encoding") not in (None, "identity")
-    if not readable or not small:
+    if not readable or (not small and not encoded):
         return _streamed(upstream, headers, [])
+    if encoded:
+        headers = [(name, value) for name, value in headers if name != "content-encoding"]
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.aiter_bytes() if encoded else upstream.aiter_raw():
             chunks.append(chunk)
             size += len(chunk)
+            if size > REWRITE_LIMIT and encoded:
+                await upstream.aclose()
+                return EgressRefusal(
+                    502, "bad_gateway", "The Comfy API's compressed answer is too large."
+                ).response()
             if size > REWRITE_LIMIT:
                 return _streamed(upstream, headers, chunks)
     except httpx.HTTPError:
         await upstream.aclose()
         return EgressRefusal(502, "bad_gateway", "The Comfy API's answer broke off.").response()
     await upstream.aclose()
-    body = b"".join(chunks)
-    if not encoded:
-        body = _cleaned(body, "json" in content_type, rewriter, api_key)
-    return Response(body, status_code=upstream.status_code, headers=dict(headers))
+    body = _cleaned(b"".join(chunks), "json" in content_type, rewriter, api_key)
+    response = Response(body, status_code=upstream.status_code)
+    response.raw_headers = [*_encoded(headers), (b"content-length", str(len(body)).encode())]
+    return response
 
 
 def _cleaned(body: bytes, is_json: bool, rewriter: Rewriter, api_key: str) -> bytes:
@@ -397,10 +405,13 @@ def _streamed(
             await upstream.aclose()
 
     response = StreamingResponse(relay(), status_code=upstream.status_code)
-    response.raw_headers = [
-        (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers
-    ]
+    response.raw_headers = _encoded(headers)
     declared = upstream.headers.get("content-length")
     if declared is not None:  # the body passes unchanged
         response.raw_headers.append((b"content-length", declared.encode("latin-1")))
     return response
+
+
+def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """As the ASGI server sends them: every value of a repeated header kept."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]

@@ -21,7 +21,7 @@ from broker.db.migrations import schema_problem
 from broker.db.models import ComfyKey
 from broker.db.session import create_engine
 from broker.proxy.pool import is_leaky_version
-from broker.settings import DEV_SECRETS_FILE, Environment, Settings
+from broker.settings import DEV_SECRETS_FILE, Environment, KeyMode, Settings
 
 if TYPE_CHECKING:
     from broker.keys.service import KeyCustody
@@ -196,7 +196,7 @@ async def check_comfyui(http: httpx.AsyncClient, url: str, settings: Settings) -
         findings.append(warning(area, "runs without --cache-none: one user's cached API-node "
                                 "result can answer another's identical graph",
                                 "start ComfyUI with --cache-none"))  # fmt: skip
-    if str(getattr(settings, "KEY_MODE", "inject")) in ("sealed", "KeyMode.SEALED"):
+    if settings.KEY_MODE is KeyMode.SEALED:
         findings.append(_sealed_mode(area, argv))
     return findings
 

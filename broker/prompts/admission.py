@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import accumulate
 from typing import Any
@@ -75,7 +75,7 @@ class Admit:
 @dataclass(frozen=True)
 class Admitted:
     prompt_id: uuid.UUID
-    api_key: str | None
+    api_key: str | None = field(repr=False)  # plaintext: never in a repr, a log or a trace
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.db.group_commit import Kind
 from broker.db.models import Capability
 from broker.egress.capabilities import hash_capability
+from broker.prompts import lifecycle
 from broker.state import state_of
 from tests.egress.test_sealed import capability_of, funded_user
 from tests.fixtures.app import AdminApi
@@ -35,21 +37,33 @@ async def test_a_prompts_capability_is_recorded_with_its_admission(
     alice, alice_key = await funded_user(admin_api, fake_comfy_api, "alice")
     fake_comfy.auto_execute = False
     committer = state_of(app).committer
-    session_work: list[Callable[[AsyncSession], Awaitable[Any]]] = []
-    run = committer.run
+    admitted: list[str | None] = []
+    other_work: list[str] = []
+    run, run_kind, submit_work = committer.run, committer.run_kind, committer.submit
 
     async def counted(work: Callable[[AsyncSession], Awaitable[Any]], **options: Any) -> Any:
-        session_work.append(work)
+        other_work.append(getattr(work, "func", work).__name__)
         return await run(work, **options)
 
+    async def counted_kind(kind: Kind[Any, Any], item: Any) -> Any:
+        if kind is lifecycle.ADMIT:
+            admitted.append(item.capability_hash)
+        return await run_kind(kind, item)
+
+    def counted_submit(work: Any, *, name: str) -> None:
+        other_work.append(name)
+        submit_work(work, name=name)
+
     monkeypatch.setattr(committer, "run", counted)
+    monkeypatch.setattr(committer, "run_kind", counted_kind)
+    monkeypatch.setattr(committer, "submit", counted_submit)
     prompt_id = await submit(client, alice)
-    # Admission (a lifecycle kind) wrote the capability: no session work of its own
+    # Admission (a lifecycle kind) carried the capability: no session work of its own
     # (the token's last use is recorded apart, as for every request).
-    names = [getattr(work, "func", work).__name__ for work in session_work]
-    assert [name for name in names if name != "_record_use"] == []
+    assert [name for name in other_work if "record_use" not in name] == []
 
     capability = capability_of(fake_comfy, prompt_id)
+    assert admitted == [hash_capability(capability)]
     async with db() as session:
         row = await session.get(Capability, hash_capability(capability))
     assert row is not None

@@ -409,8 +409,10 @@ class TestForwarding:
         [call] = await calls_of(db, prompt_id)
         assert (call.path, call.credits_mc) == ("/proxy/fake/upload", 1_250)
 
+    @pytest.mark.parametrize("query", ["", "?gzip=1"])
     async def test_a_key_echoed_by_the_comfy_api_never_reaches_comfyui(
         self,
+        query: str,
         client: httpx.AsyncClient,
         admin_api: AdminApi,
         egress_url: str,
@@ -421,11 +423,14 @@ class TestForwarding:
         fake_comfy.auto_execute = False
         capability = {"X-API-KEY": capability_of(fake_comfy, await submit(client, alice))}
         async with httpx.AsyncClient() as http:
-            echoed = await http.get(f"{egress_url}/comfy-api/echo", headers=capability)
+            echoed = await http.get(f"{egress_url}/comfy-api/echo{query}", headers=capability)
         assert echoed.status_code == 400
         assert alice_key not in echoed.text
         assert "[redacted]" in echoed.text
         assert fake_comfy_api.keys_received() == [alice_key]
+        if query:  # decoded to be checked; every value of a repeated header kept
+            assert "content-encoding" not in echoed.headers
+            assert echoed.headers.get_list("vary") == ["a", "b"]
 
     @pytest.mark.parametrize(
         ("where", "path", "status", "error_type"),

@@ -277,3 +277,7 @@ async def test_batches_of_one_and_of_many_write_the_same(
     assert "PaymentRequired" in outcomes
     assert "TooManyRequests" in outcomes
     assert any(row[10] for row in (await state(db, one))["prompts"])
+    # And the batched world really batched: a failed batch rerun unit by unit would make
+    # both worlds take the same path and agree for nothing.
+    assert one.committer.units == one.committer.batches
+    assert many.committer.units > many.committer.batches
