@@ -17,7 +17,6 @@ from broker.proxy import history, interrupt, queue, uploads, view
 from broker.proxy import service as proxy_service
 from broker.proxy.dependencies import Proxy
 from broker.proxy.operator_routes import relay_to_operator, relayed_path
-from broker.proxy.prompt_body import with_usage_source
 from broker.proxy.schemas import (
     ComfyError,
     HistoryChange,
@@ -73,10 +72,11 @@ async def post_prompt(
 ) -> Response:
     timing = request.state.timing = Timing()
     raw = await request.body()
-    if usage_source := request.headers.get("comfy-usage-source"):
-        raw = with_usage_source(raw, usage_source)
+    usage_source = request.headers.get("comfy-usage-source")
     try:
-        answer = await proxy_service.submit_prompt(proxy, acting, raw, idempotency_key, timing)
+        answer = await proxy_service.submit_prompt(
+            proxy, acting, raw, idempotency_key, timing, usage_source=usage_source
+        )
     except PromptRejected as exc:  # ComfyUI's validation, by the user's own file names
         raise PromptRejected(present.for_user(exc.body(), acting.user_id, errors=True)) from None
     return _answer(answer, acting)

@@ -40,12 +40,16 @@ class PromptBody:
     digest: str  # SHA-256 of the raw body, for Idempotency-Key checks
 
 
-def parse_prompt_body(raw: bytes) -> PromptBody:
+def parse_prompt_body(raw: bytes, *, usage_source: str | None = None) -> PromptBody:
+    """`usage_source`: ComfyUI's `Comfy-Usage-Source` header, folded into
+    `extra_data.comfy_usage_source` as ComfyUI does (a value in the body wins)."""
     body = _load_object(raw)
     extra_data = body.get("extra_data", {})
     if not isinstance(extra_data, dict):
         raise _invalid("extra_data must be an object.")
     _refuse_credentials(raw, body)
+    if _usable_source(usage_source) and "comfy_usage_source" not in extra_data:
+        body["extra_data"] = extra_data = {**extra_data, "comfy_usage_source": usage_source}
     return PromptBody(
         fields=_without_broker_fields(body),
         class_types=_class_types(body.get("prompt")),
@@ -78,20 +82,13 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return _load_object(raw)
 
 
-def with_usage_source(raw: bytes, source: str) -> bytes:
-    """The body with ComfyUI's `Comfy-Usage-Source` header folded into
-    `extra_data.comfy_usage_source`, as ComfyUI does (a value in the body wins). Bodies
-    that are not a JSON object with an object `extra_data` are left to the checks."""
-    if not 0 < len(source) <= MAX_CLIENT_ID_LENGTH or CONTROL_CHARACTERS.search(source):
-        return raw
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw
-    extra_data = body.get("extra_data", {}) if isinstance(body, dict) else None
-    if not isinstance(extra_data, dict) or "comfy_usage_source" in extra_data:
-        return raw
-    return orjson.dumps({**body, "extra_data": {**extra_data, "comfy_usage_source": source}})
+def _usable_source(source: str | None) -> bool:
+    """A header value ComfyUI would pass on; others are ignored, as before."""
+    return (
+        source is not None
+        and 0 < len(source) <= MAX_CLIENT_ID_LENGTH
+        and not CONTROL_CHARACTERS.search(source)
+    )
 
 
 def _load_object(raw: bytes) -> dict[str, Any]:

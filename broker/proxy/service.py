@@ -89,9 +89,11 @@ async def submit_prompt(
     raw: bytes,
     idempotency_key: str | None,
     timing: Timing,
+    *,
+    usage_source: str | None = None,
 ) -> PromptAnswer:
     _check_idempotency_key(idempotency_key)
-    body = parse_prompt_body(raw)
+    body = parse_prompt_body(raw, usage_source=usage_source)
     body = await namespace.confine_prompt(context.pool, context.sessionmaker, body, acting.user_id)
     upstream, key_nodes = await _choose_upstream(context, body)
     estimate = context.pricer.estimate(
