@@ -31,7 +31,6 @@ from broker.files.policy import FilePolicy
 from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
 from broker.ops.access import AccessMiddleware
-from broker.ops.allow import AllowEveryMethod
 from broker.ops.docs import add_offline_docs
 from broker.ops.health import router as health_router
 from broker.ops.openapi import install_openapi
@@ -157,7 +156,6 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     install_openapi(app)
     add_exception_handlers(app)
     app.add_middleware(ForgetCachesOnAdminChanges)
-    app.add_middleware(AllowEveryMethod)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
     app.add_middleware(CredentialsPrecheck, admin_token=admin_token, throttle=throttle)

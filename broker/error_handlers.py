@@ -12,7 +12,9 @@ from typing import Any
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.errors import BrokerError, DatabaseUnavailable
@@ -100,11 +102,28 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONBody:
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":  # no such route
         message = NO_ROUTE.format(method=request.method, path=request.url.path[:200])
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(_methods_of(request)))}
     return JSONBody(
         with_v2_code(request.url.path, {"error": {"type": error_type, "message": message}}),
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
+
+
+def _methods_of(request: Request) -> set[str]:
+    """Every method of every HTTP route whose path matches (included routers too), for a
+    405's `Allow`: Starlette names only those of the first route whose path matched, and
+    the broker declares GET and POST of one path as two routes (`/prompt`, `/history`, …)."""
+    return {
+        method
+        for context in iter_route_contexts(request.app.routes)
+        if context.methods
+        and context.path
+        and compile_path(context.path)[0].match(request.url.path)
+        for method in context.methods
+    }
 
 
 class UnhandledErrorMiddleware:
