@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from broker.comfy.errors import UpstreamUnreachable
 from broker.comfy.files import FileRef
 from broker.db.session import read_scope
-from broker.errors import BrokerError
 from broker.files.graph import Location, inspect, rewritten
 from broker.files.names import (
     NotAllowed,
@@ -44,12 +43,15 @@ async def confine_prompt(
     sessionmaker: async_sessionmaker[AsyncSession],
     body: PromptBody,
     user_id: uuid.UUID,
+    definitions: dict[str, Any],
 ) -> PromptBody:
     """The body with every file name mapped to the server's; refused (400
-    `file_not_allowed`, nothing forwarded) if any names what the user may not read."""
+    `file_not_allowed`, nothing forwarded) if any names what the user may not read.
+    `definitions`: the node definitions of the server that will run it (their upload and
+    folder flags name file inputs beyond the known core loaders)."""
     graph = body.fields["prompt"]
     own = user_folder(user_id)
-    found = inspect(graph, await _definitions(pool), own, pool.file_policy)
+    found = inspect(graph, definitions, own, pool.file_policy)
     if found.refused:
         raise _refusal(body, found.refused)
     rewrites = dict(found.rewrites)
@@ -67,15 +69,6 @@ async def confine_prompt(
         return body
     fields = {**body.fields, "prompt": rewritten(graph, rewrites)}
     return dataclasses.replace(body, fields=fields)
-
-
-async def _definitions(pool: UpstreamPool) -> dict[str, Any]:
-    """Node definitions for the upload and folder flags. Without them, the known core
-    loaders and the checks of every string still hold."""
-    try:
-        return await pool.choose().object_info.nodes()
-    except BrokerError:
-        return {}
 
 
 def _current(graph: dict[str, Any], where: Location) -> Any:

@@ -94,11 +94,12 @@ async def submit_prompt(
 ) -> PromptAnswer:
     _check_idempotency_key(idempotency_key)
     body = parse_prompt_body(raw, usage_source=usage_source)
-    body = await namespace.confine_prompt(context.pool, context.sessionmaker, body, acting.user_id)
-    upstream, key_nodes = await _choose_upstream(context, body)
-    estimate = context.pricer.estimate(
-        body.fields["prompt"], await upstream.object_info.nodes(), key_nodes
+    upstream, key_nodes = await _choose_upstream(context, body)  # by class types only
+    definitions = await upstream.object_info.nodes()  # of the server that will run it
+    body = await namespace.confine_prompt(
+        context.pool, context.sessionmaker, body, acting.user_id, definitions
     )
+    estimate = context.pricer.estimate(body.fields["prompt"], definitions, key_nodes)
     new = _new_prompt(acting, upstream, body, estimate, idempotency_key)
     sealed = context.sealing is not None
     # Sealed key mode: ComfyUI gets a capability, not the key, recorded with the prompt.
