@@ -4,7 +4,6 @@ enforces budgets at the call."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -28,6 +27,7 @@ from tests.egress.conftest import serving
 from tests.fixtures.app import AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import PAYMENT_REQUIRED, FakeComfyUI
 from tests.fixtures.comfy_api import FakeComfyApi
+from tests.fixtures.waiting import eventually
 from tests.proxy.helpers import submit, wait_for_status
 from tests.proxy.workflows import docs_workflow
 
@@ -42,13 +42,14 @@ async def funded_user(admin_api: AdminApi, api: FakeComfyApi, name: str) -> tupl
 
 
 async def settled(db: async_sessionmaker[AsyncSession], prompt_id: str) -> Prompt:
-    for _ in range(250):
+    async def read() -> Prompt | None:
         async with db() as session:
-            row = await session.get(Prompt, uuid.UUID(prompt_id))
-        if row is not None and row.actual_mc is not None:
-            return row
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"prompt {prompt_id} was not settled")
+            return await session.get(Prompt, uuid.UUID(prompt_id))
+
+    row = await eventually(read, lambda row: row is not None and row.actual_mc is not None)
+    if row is None or row.actual_mc is None:
+        raise AssertionError(f"prompt {prompt_id} was not settled")
+    return row
 
 
 async def calls_of(db: async_sessionmaker[AsyncSession], prompt_id: str) -> list[ComfyApiCall]:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from broker.db.models import PromptStatus
 from tests.fixtures.app import AdminApi, User, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
+from tests.fixtures.waiting import eventually
 from tests.proxy.helpers import wait_for_status
 from tests.proxy.workflows import docs_workflow
 
@@ -55,12 +56,8 @@ async def settled(db: async_sessionmaker[AsyncSession], prompt_ids: list[str]) -
 
 async def spent_once_settled(client: httpx.AsyncClient, user: User, expected: str) -> str:
     """The charge lands with (or just after) the final status: wait a moment for it."""
-    spent = ""
-    for _ in range(100):
-        spent = (await budget(client, user))["spent_credits"]
-        if spent == expected:
-            break
-        await asyncio.sleep(0.02)
+    read = await eventually(lambda: budget(client, user), lambda b: b["spent_credits"] == expected)
+    spent: str = read["spent_credits"]
     return spent
 
 

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from broker.settings import Settings
 from broker.state import state_of
 from tests.fixtures.app import OPERATOR, AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import PAYMENT_REQUIRED, FakeComfyUI
+from tests.fixtures.waiting import eventually
 from tests.proxy.helpers import submit, wait_for_status
 from tests.proxy.workflows import LOCAL_WORKFLOW, docs_workflow
 
@@ -67,11 +69,9 @@ class TestSettlement:
             }
         ]
         done = await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
-        for _ in range(100):  # the settlement lands with the final status; wait for it
-            done = await prompt_row(db, prompt_id)
-            if done.actual_mc is not None:
-                break
-            await asyncio.sleep(0.02)
+        done = await eventually(  # the settlement lands with the final status
+            lambda: prompt_row(db, prompt_id), lambda row: row.actual_mc is not None
+        )
         assert (done.actual_mc, done.actual_source) == (12_660, "progress_text")
         budget = (
             await client.get(
@@ -407,13 +407,15 @@ class TestReports:
         for prompt_id in ids:
             await wait_for_status(db, prompt_id, PromptStatus.SUCCESS)
         base = f"/admin/tenants/{alice.tenant.id}"
-        for _ in range(100):
-            by_user = (
-                await client.get(f"{base}/usage?group_by=user", headers=alice.tenant.admin)
-            ).json()
-            if by_user["total"]["actual_credits"] == "25.320":
-                break
-            await asyncio.sleep(0.02)
+
+        async def by_user_report() -> dict[str, Any]:
+            answer = await client.get(f"{base}/usage?group_by=user", headers=alice.tenant.admin)
+            report: dict[str, Any] = answer.json()
+            return report
+
+        by_user = await eventually(
+            by_user_report, lambda report: report["total"]["actual_credits"] == "25.320"
+        )
         assert {
             row["key"]: (row["external_id"], row["actual_credits"]) for row in by_user["rows"]
         } == {alice.id: ("alice", "12.660"), bob.id: ("bob", "12.660")}
@@ -493,16 +495,16 @@ class TestRollingBudgets:
         assert refused.status_code == 402
         assert refused.json()["error"]["remaining_credits"] == "7.340"
         await wait_for_status(db, first, PromptStatus.SUCCESS)
-        for _ in range(100):
-            read = (
-                await client.get(
-                    f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget",
-                    headers=alice.tenant.admin,
-                )
-            ).json()
-            if read["reserved_credits"] == "0.000":
-                break
-            await asyncio.sleep(0.02)
+
+        async def read_budget() -> dict[str, Any]:
+            answer = await client.get(
+                f"/admin/tenants/{alice.tenant.id}/users/{alice.id}/budget",
+                headers=alice.tenant.admin,
+            )
+            budget: dict[str, Any] = answer.json()
+            return budget
+
+        read = await eventually(read_budget, lambda budget: budget["reserved_credits"] == "0.000")
         assert (read["period"], read["rolling_days"], read["spent_credits"]) == (
             "rolling",
             7,
