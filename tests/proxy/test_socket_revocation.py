@@ -19,6 +19,8 @@ from broker.settings import Settings
 from tests.fixtures.app import AdminApi, User
 from tests.fixtures.live import serve_in_thread
 
+SLACK = 4.0  # seconds past the promised delay that a loaded CI machine may take
+
 
 async def user_token(client: httpx.AsyncClient, user: User, **body: object) -> tuple[str, str]:
     response = await client.post(
@@ -61,8 +63,8 @@ async def test_revocation_closes_open_sockets_on_every_process(
                     f"/admin/tokens/{token_id}", headers=alice.tenant.admin
                 )
                 assert revoked.status_code == 204
-                delay = settings.AUTH_CACHE_SECONDS + CHECK_SECONDS + 1.5
-                assert (await closed_within(here, CHECK_SECONDS + 1.5))[0] == CREDENTIALS_ENDED
+                delay = settings.AUTH_CACHE_SECONDS + CHECK_SECONDS + SLACK
+                assert (await closed_within(here, CHECK_SECONDS + SLACK))[0] == CREDENTIALS_ENDED
                 assert (await closed_within(there, delay))[0] == CREDENTIALS_ENDED
 
 
@@ -75,5 +77,7 @@ async def test_an_expiring_token_closes_its_socket(
     _, token = await user_token(live, alice, expires_at=expires)
     async with connect(ws(str(live.base_url).rstrip("/"), token)) as socket:
         await socket.recv()
-        code, _ = await closed_within(socket, 2 + settings.AUTH_CACHE_SECONDS + CHECK_SECONDS + 2)
+        code, _ = await closed_within(
+            socket, 2 + settings.AUTH_CACHE_SECONDS + CHECK_SECONDS + SLACK
+        )
         assert code == CREDENTIALS_ENDED

@@ -21,6 +21,7 @@ from tests.fixtures.app import KEK_1, SECRET_KEY
 
 TIMEOUT = 1.0  # BROKER_HEADER_TIMEOUT_SECONDS for these servers
 MAX_CONNECTIONS = 20
+LOADED_MACHINE_SLACK = 3.0  # seconds past the deadline a busy CI machine may take to act on it
 CLI = str(Path(sys.executable).parent / "comfy-broker")
 
 
@@ -81,7 +82,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def _open(url: str, first_bytes: bytes = b"") -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.settimeout(TIMEOUT + 3)
+    sock.settimeout(TIMEOUT + 6)
     if first_bytes:
         sock.sendall(first_bytes)
     return sock
@@ -108,7 +109,7 @@ def test_slow_headers_and_bodies_are_cut_off(served: str) -> None:
     )
     for sock in (partial_headers, silent, partial_body):
         with sock:
-            assert _closed_after(sock) <= TIMEOUT + 1.5
+            assert _closed_after(sock) <= TIMEOUT + LOADED_MACHINE_SLACK
     assert httpx.get(f"{served}/healthz").status_code == 200
 
 
@@ -122,7 +123,7 @@ def test_a_header_sent_a_byte_at_a_time_still_has_one_deadline(served: str) -> N
         except (BrokenPipeError, ConnectionResetError):
             pass
         _closed_after(sock)
-        assert time.monotonic() - started <= TIMEOUT + 1.5
+        assert time.monotonic() - started <= TIMEOUT + LOADED_MACHINE_SLACK
 
 
 def test_connections_past_the_cap_are_closed_at_once(served: str) -> None:
