@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.models import Prompt, PromptStatus
 from tests.fixtures.app import User
+from tests.fixtures.waiting import SETTLE_WITHIN
 from tests.proxy.workflows import docs_workflow
 
 
@@ -21,7 +22,10 @@ async def submit(client: httpx.AsyncClient, user: User, **body: object) -> str:
 
 
 async def wait_for_status(
-    db: async_sessionmaker[AsyncSession], prompt_id: str, *statuses: PromptStatus, within: float = 5
+    db: async_sessionmaker[AsyncSession],
+    prompt_id: str,
+    *statuses: PromptStatus,
+    within: float = SETTLE_WITHIN,
 ) -> Prompt:
     deadline = time.monotonic() + within
     while True:
