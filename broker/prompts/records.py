@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from broker.db.models import PromptStatus
+from broker.db.models import FINAL_STATUSES, UNFINISHED_STATUSES
 
 MAX_ERROR_MESSAGE = 1000
 MAX_ERROR_TYPE = 64
-UNFINISHED = frozenset({PromptStatus.PENDING, PromptStatus.QUEUED, PromptStatus.RUNNING})
-FINAL = frozenset(set(PromptStatus) - UNFINISHED)
+UNFINISHED = UNFINISHED_STATUSES
+FINAL = FINAL_STATUSES
 
 
 def storable(text: str | None, limit: int) -> str | None:

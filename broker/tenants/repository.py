@@ -7,7 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import delete, func, select, update
 
-from broker.db.models import ComfyKey, Prompt, PromptStatus, Tenant, Token, User
+from broker.db.models import UNFINISHED_STATUSES, ComfyKey, Prompt, Tenant, Token, User
 from broker.db.repository import Repository
 
 
@@ -76,9 +76,8 @@ class UserRepository(Repository):
     async def count_unfinished_prompts(
         self, tenant_id: uuid.UUID, user_id: uuid.UUID | None
     ) -> int:
-        unfinished = (PromptStatus.PENDING, PromptStatus.QUEUED, PromptStatus.RUNNING)
         statement = select(func.count()).where(
-            Prompt.tenant_id == tenant_id, Prompt.status.in_(unfinished)
+            Prompt.tenant_id == tenant_id, Prompt.status.in_(sorted(UNFINISHED_STATUSES))
         )
         if user_id is not None:
             statement = statement.where(Prompt.user_id == user_id)

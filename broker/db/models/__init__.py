@@ -9,7 +9,12 @@ from broker.db.models.capability import Capability
 from broker.db.models.comfy_api_call import ComfyApiCall
 from broker.db.models.comfy_key import ComfyKey
 from broker.db.models.history_deletion import HistoryDeletion
-from broker.db.models.prompt import Prompt, PromptStatus
+from broker.db.models.prompt import (
+    FINAL_STATUSES,
+    UNFINISHED_STATUSES,
+    Prompt,
+    PromptStatus,
+)
 from broker.db.models.prompt_output import PromptOutput
 from broker.db.models.tenant import Tenant
 from broker.db.models.token import Token, TokenKind
@@ -17,6 +22,8 @@ from broker.db.models.user import User
 from broker.db.models.user_quota import UserQuota
 
 __all__ = [
+    "FINAL_STATUSES",
+    "UNFINISHED_STATUSES",
     "ApiJob",
     "Asset",
     "AuditEvent",

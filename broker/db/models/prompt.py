@@ -30,6 +30,10 @@ class PromptStatus(StrEnum):
     REJECTED = "rejected"  # ComfyUI refused it (validation)
 
 
+UNFINISHED_STATUSES = frozenset({PromptStatus.PENDING, PromptStatus.QUEUED, PromptStatus.RUNNING})
+FINAL_STATUSES = frozenset(set(PromptStatus) - UNFINISHED_STATUSES)
+
+
 class Prompt(CreatedAtMixin, Base):
     """One prompt a user submitted: ownership (for isolation) and the usage record.
 
