@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -47,6 +47,7 @@ log = logging.getLogger("broker.db")
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
+LockedT = TypeVar("LockedT", contravariant=True)
 Work = Callable[[AsyncSession], Awaitable[Any]]
 MAX_BATCH = 64
 # How long a batch of writes nobody waits for (lifecycle events, ComfyUI's answer) may
@@ -59,6 +60,16 @@ SQLITE_LINGER_SECONDS = 0.002
 
 
 @dataclass(frozen=True, eq=False)
+class RowLocks(Generic[LockedT]):
+    """The rows an item will lock (`keys`), and how a batch takes the keys of all its items
+    at once (`take`), before any kind runs: so that every batch locks rows in one order
+    whatever its items' order (broker/prompts/locks.py)."""
+
+    keys: Callable[[LockedT], Iterable[Hashable]]
+    take: Callable[[Tx, frozenset[Hashable]], Awaitable[None]]
+
+
+@dataclass(frozen=True, eq=False)
 class Kind(Generic[ItemT, ResultT]):
     """A step written once for a batch: `run` takes the batch's items of this kind and
     answers, for each in order, its result or the `BrokerError` refusing it. It awaits
@@ -68,6 +79,7 @@ class Kind(Generic[ItemT, ResultT]):
     name: str
     rank: int  # order of the kinds within a transaction (a prompt's: admitted, answered, …)
     run: Callable[[Tx, list[ItemT]], Awaitable[Sequence[ResultT | BrokerError]]]
+    locks: RowLocks[ItemT] | None = None
 
 
 @dataclass
@@ -232,6 +244,7 @@ async def _run_kinds(transaction: Tx, units: list[_Unit]) -> list[_Outcome]:
     for index, unit in enumerate(units):
         assert unit.kind is not None
         by_kind.setdefault(unit.kind, []).append(index)
+    await _take_locks(transaction, units)
     outcomes: list[_Outcome] = [_Outcome()] * len(units)
     for kind in sorted(by_kind, key=lambda kind: kind.rank):
         indexes = by_kind[kind]
@@ -240,6 +253,17 @@ async def _run_kinds(transaction: Tx, units: list[_Unit]) -> list[_Outcome]:
             refused = isinstance(result, BrokerError)
             outcomes[index] = _Outcome(error=result) if refused else _Outcome(result=result)
     return outcomes
+
+
+async def _take_locks(transaction: Tx, units: list[_Unit]) -> None:
+    """The batch's row locks, before any of its kinds runs."""
+    keys: dict[Callable[[Tx, frozenset[Hashable]], Awaitable[None]], set[Hashable]] = {}
+    for unit in units:
+        locks = unit.kind.locks if unit.kind is not None else None
+        if locks is not None:
+            keys.setdefault(locks.take, set()).update(locks.keys(unit.item))
+    for take, batch_keys in keys.items():
+        await take(transaction, frozenset(batch_keys))
 
 
 async def _attempt(session: AsyncSession, unit: _Unit) -> _Outcome:
