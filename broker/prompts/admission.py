@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -142,9 +143,8 @@ async def admit(tx: Tx, items: list[Admit]) -> list[Outcome]:
                 capabilities.append(_capability_row(items[index], now))
             key = keys.get(new.user_id) if items[index].needs_key else None
             outcomes[index] = Admitted(new.prompt_id, key if isinstance(key, str) else None)
-            metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id)).inc(
-                new.estimate.max_mc / MC_PER_CREDIT
-            )
+            counter = metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id))
+            tx.after_commit(partial(counter.inc, new.estimate.max_mc / MC_PER_CREDIT))
     await tx.execute_many(INSERT_PROMPT, rows)
     await tx.execute_many(INSERT_CAPABILITY, capabilities)
     return [outcome for outcome in outcomes if outcome is not None]

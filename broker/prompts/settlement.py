@@ -8,6 +8,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import (
@@ -366,8 +367,12 @@ async def _charge(tx: Tx, settled: list[tuple[Finish, Settled]], now: datetime) 
             budget_charges.append(Charge(
                 prompt.tenant_id, prompt.user_id, actual, reservations, prompt.budgeted
             ))  # fmt: skip
-        metrics.PROMPTS.labels(str(prompt.tenant_id), prompt.status.value).inc()
-        metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc(actual / MC_PER_CREDIT)
+        tx.after_commit(metrics.PROMPTS.labels(str(prompt.tenant_id), prompt.status.value).inc)
+        tx.after_commit(
+            partial(
+                metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc, actual / MC_PER_CREDIT
+            )
+        )
     await tx.execute_many(RECORD_CHARGE, charges)
     await limits.release(tx, slots)
     await budgets.settle(tx, budget_charges, now)
@@ -467,7 +472,8 @@ async def _charge_call(tx: Tx, item: ApiCall, now: datetime, late: LateCharges) 
     if prompt.budgeted:
         late[prompt.tenant_id, prompt.user_id] += actual - was
     if actual > was:  # a counter: it only goes up
-        metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc((actual - was) / MC_PER_CREDIT)
+        counter = metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id))
+        tx.after_commit(partial(counter.inc, (actual - was) / MC_PER_CREDIT))
 
 
 def _call_values(item: ApiCall, now: datetime) -> dict[str, Any]:

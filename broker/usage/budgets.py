@@ -330,16 +330,17 @@ async def refusal(
     scope = _scope(tenant_id, user_id, now)
     for _, tenant, user, period, limit_mc, used in await tx.fetch(CALENDAR_USE, scope):
         if used + needed > limit_mc:
-            return _refused(tenant, user, period, limit_mc, used, amount_mc)
+            return _refused(tx, tenant, user, period, limit_mc, used, amount_mc)
     for budget_id, tenant, user, limit_mc, _, days in await tx.fetch(LOCK_ROLLING, scope):
         used = await _rolling_use(tx, budget_id, days, now)
         if used + needed > limit_mc:
-            return _refused(tenant, user, "rolling", limit_mc, used, amount_mc)
+            return _refused(tx, tenant, user, "rolling", limit_mc, used, amount_mc)
     # Changed since (a budget raised or removed): the prompt may simply try again.
     return PaymentRequired("A budget changed while this prompt was admitted; try again.")
 
 
 def _refused(
+    tx: Tx,
     tenant_id: uuid.UUID,
     user_id: uuid.UUID | None,
     period: str,
@@ -349,7 +350,7 @@ def _refused(
 ) -> PaymentRequired:
     remaining = max(0, limit_mc - used_mc)
     scope = "user" if user_id else "tenant"
-    metrics.BUDGET_REJECTIONS.labels(str(tenant_id), scope).inc()
+    tx.after_commit(metrics.BUDGET_REJECTIONS.labels(str(tenant_id), scope).inc)
     return PaymentRequired(
         f"This prompt needs up to {mc_to_credits(amount_mc)} credits; the "
         f"{scope} budget has {mc_to_credits(remaining)} left.",

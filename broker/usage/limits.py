@@ -208,7 +208,7 @@ async def refusal(
     if not rows or not rows[0][3]:
         return NotFound("User not found.")
     active, per_minute, max_active = rows[0][:3]
-    metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
+    tx.after_commit(metrics.RATE_LIMITED.labels(str(tenant_id)).inc)
     if max_active != UNLIMITED and active >= max_active:
         return TooManyRequests(
             f"You have {active} prompts queued or running, the most allowed.",
