@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from broker.comfy.files import output_files
 from broker.comfy.redaction import scrub_text
 from broker.db.base import UTCDateTime, utc_now
-from broker.db.models import ComfyApiCall, Prompt, PromptOutput, PromptStatus
+from broker.db.models import Budget, ComfyApiCall, Prompt, PromptOutput, PromptStatus
 from broker.db.tx import Tx
 from broker.ops import metrics
 from broker.prompts.records import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE, UNFINISHED, storable
@@ -251,6 +251,7 @@ class Settled:
     reservations: list[dict[str, Any]] = field(default_factory=list)
     metered_mc: int | None = None  # sealed key mode: what the Comfy API charged its calls
     budgeted: bool = False
+    rolling_budgets: bool = False  # one of the budgets over it is a rolling one
 
 
 # What `Settled` reads of a prompt.
@@ -258,6 +259,9 @@ _SETTLED = (
     Prompt.tenant_id, Prompt.user_id, Prompt.status, Prompt.started_at, Prompt.error_type,
     Prompt.reported_mc, Prompt.cached_nodes, Prompt.cost_breakdown, Prompt.reservations,
     Prompt.metered_mc, exists().where(limits.budgets_over(Prompt.tenant_id, Prompt.user_id)),
+    exists().where(
+        limits.budgets_over(Prompt.tenant_id, Prompt.user_id), Budget.period == "rolling"
+    ),
 )  # fmt: skip
 _FROM: list[BindParameter[Any]] = [bindparam(f"from_{n}") for n in range(len(UNFINISHED))]
 SETTLE = (
@@ -365,7 +369,8 @@ async def _charge(tx: Tx, settled: list[tuple[Finish, Settled]], now: datetime) 
         reservations = [Reservation.from_dict(entry) for entry in prompt.reservations]
         if reservations or (prompt.budgeted and actual):
             budget_charges.append(Charge(
-                prompt.tenant_id, prompt.user_id, actual, reservations, prompt.budgeted
+                prompt.tenant_id, prompt.user_id, actual, reservations, prompt.budgeted,
+                prompt.rolling_budgets,
             ))  # fmt: skip
         tx.after_commit(metrics.PROMPTS.labels(str(prompt.tenant_id), prompt.status.value).inc)
         tx.after_commit(

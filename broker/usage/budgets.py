@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -96,6 +96,7 @@ class Charge:
     actual_mc: int
     reservations: Sequence[Reservation]
     budgeted: bool  # some budget applies to its tenant or user
+    rolling: bool = True  # one of them may be a rolling budget
 
 
 def window_start(period: str, now: datetime) -> datetime:
@@ -401,24 +402,31 @@ async def no_room_for_call(
 
 async def settle(tx: Tx, charges: Sequence[Charge], now: datetime) -> None:
     """Release the settled prompts' reservations, and count their actual charges in the
-    current window of every budget of their tenant and user."""
-    for charge in charges:
-        for reservation in charge.reservations:
-            if reservation.rolling:
-                await tx.execute(ADD_TO_DAY, {
-                    "budget": reservation.budget_id, "on_day": reservation.window_start,
-                    "reserved": -reservation.amount_mc, "spent": 0,
-                })  # fmt: skip
-            else:
-                await tx.execute(UNRESERVE_CALENDAR, {
-                    "budget": reservation.budget_id, "window": reservation.window_start,
-                    "amount": reservation.amount_mc, "now": now,
-                })  # fmt: skip
+    current window of every budget of their tenant and user. Each statement once for the
+    batch (the driver sends a statement's rows in one round trip)."""
+    reservations = [reservation for charge in charges for reservation in charge.reservations]
+    await tx.execute_many(ADD_TO_DAY, [
+        {"budget": reservation.budget_id, "on_day": reservation.window_start,
+         "reserved": -reservation.amount_mc, "spent": 0}
+        for reservation in _in_lock_order(reservations) if reservation.rolling
+    ])  # fmt: skip
+    await tx.execute_many(UNRESERVE_CALENDAR, [
+        {"budget": reservation.budget_id, "window": reservation.window_start,
+         "amount": reservation.amount_mc, "now": now}
+        for reservation in _in_lock_order(reservations) if not reservation.rolling
+    ])  # fmt: skip
     spent: defaultdict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
+    rolling: set[tuple[uuid.UUID, uuid.UUID]] = set()
     for charge in charges:
         if charge.budgeted and charge.actual_mc:
             spent[charge.tenant_id, charge.user_id] += charge.actual_mc
-    await _spend(tx, spent, now)
+            if charge.rolling:
+                rolling.add((charge.tenant_id, charge.user_id))
+    await _spend(tx, spent, now, rolling=rolling)
+
+
+def _in_lock_order(reservations: Sequence[Reservation]) -> list[Reservation]:
+    return sorted(reservations, key=lambda r: (r.budget_id, r.window_start))
 
 
 async def count_late_charges(
@@ -431,13 +439,25 @@ async def count_late_charges(
     await _spend(tx, {scope: amount for scope, amount in changes.items() if amount}, now)
 
 
-async def _spend(tx: Tx, spent: Mapping[tuple[uuid.UUID, uuid.UUID], int], now: datetime) -> None:
+async def _spend(
+    tx: Tx,
+    spent: Mapping[tuple[uuid.UUID, uuid.UUID], int],
+    now: datetime,
+    *,
+    rolling: Collection[tuple[uuid.UUID, uuid.UUID]] | None = None,
+) -> None:
+    """Count each scope's spend; on rolling budgets only for the scopes in `rolling` (None:
+    every scope may have one)."""
     today = window_start("day", now)
-    for (tenant_id, user_id), amount in sorted(spent.items()):  # one lock order everywhere
-        values = {**_scope(tenant_id, user_id, now), "amount": amount, "on_day": today}
-        await tx.execute(SPEND_CALENDAR, values)
-        await tx.execute(ENSURE_DAYS_OF_SCOPE[tx.dialect_name], values)
-        await tx.execute(SPEND_ROLLING, values)
+    values = [
+        {**_scope(tenant_id, user_id, now), "amount": amount, "on_day": today}
+        for (tenant_id, user_id), amount in sorted(spent.items())  # one lock order everywhere
+    ]
+    await tx.execute_many(SPEND_CALENDAR, values)
+    if rolling is not None:
+        values = [value for value in values if (value["for_tenant"], value["for_user"]) in rolling]
+    await tx.execute_many(ENSURE_DAYS_OF_SCOPE[tx.dialect_name], values)
+    await tx.execute_many(SPEND_ROLLING, values)
 
 
 async def rolling_counters(
