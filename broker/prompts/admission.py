@@ -304,24 +304,18 @@ async def _count_and_reserve(
 
 async def _try(tx: Tx, group: list[NewPrompt], now: datetime) -> list[Budgeting] | None:
     first = group[0]
-    counted = await limits.count(
-        tx, first.tenant_id, first.user_id, first.token_id, len(group), now
-    )
-    if counted is None:
-        return None
     budgeted = [new for new in group if new.budgeted]
-    if not budgeted or not (counted.calendar_budgets or counted.rolling_budgets):
-        return [([], False)] * len(group)
+    if not budgeted:
+        counted = await limits.count(
+            tx, first.tenant_id, first.user_id, first.token_id, len(group), now
+        )
+        return None if counted is None else [([], False)] * len(group)
     amount = sum(new.estimate.max_mc for new in budgeted)
-    holds = await budgets.reserve(
-        tx, first.tenant_id, first.user_id, amount, now,
+    holds = await budgets.count_and_reserve(
+        tx, first.tenant_id, first.user_id, first.token_id, len(group), amount, now,
         require_room=any(new.estimate.unpriced for new in budgeted),
-        calendar=counted.calendar_budgets, rolling=counted.rolling_budgets,
     )  # fmt: skip
-    if holds is None:
-        await limits.uncount(tx, first.user_id, len(group))
-        return None
-    return _budgeting(group, holds, amount)
+    return None if holds is None else _budgeting(group, holds, amount)
 
 
 def _budgeting(group: list[NewPrompt], holds: list[Hold], amount: int) -> list[Budgeting]:

@@ -29,22 +29,26 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Select,
     Uuid,
     bindparam,
     case,
+    exists,
     func,
     literal,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.db.base import UTCDateTime
 from broker.db.models import Budget, BudgetDay, Prompt
-from broker.db.tx import Tx
+from broker.db.tx import Row, Tx
 from broker.errors import PaymentRequired
 from broker.ops import metrics
-from broker.usage.limits import budgets_over
+from broker.usage import limits
+from broker.usage.limits import Counted, budgets_over
 from broker.usage.pricing import mc_to_credits
 
 PERIODS = ("month", "day", "rolling")
@@ -143,11 +147,25 @@ RESERVE_CALENDAR = (
     .returning(
         Budget.id,
         Budget.window_start,
-        Budget.spent_mc + Budget.reserved_mc,
+        (Budget.spent_mc + Budget.reserved_mc).label("used_mc"),
         Budget.soft_limit_mc,
-        select(func.count()).where(_APPLIES, _CALENDAR).scalar_subquery(),
+        select(func.count()).where(_APPLIES, _CALENDAR).scalar_subquery().label("applying"),
     )
 )
+
+
+def _count_and_reserve(token: bool) -> Select[*tuple[Any, ...]]:
+    """`limits.COUNT_MORE` and, if it counted, `RESERVE_CALENDAR`: one statement, one round
+    trip (PostgreSQL only: SQLite has no UPDATE within WITH). A row per calendar budget
+    reserved (its columns null if none), none if the limits refused."""
+    counted = limits.COUNT_MORE[token].cte("counted")
+    reserved = RESERVE_CALENDAR.where(exists(select(literal(1)).select_from(counted))).cte(
+        "reserved"
+    )
+    return select(counted, reserved).select_from(counted.outerjoin(reserved, true()))
+
+
+COUNT_AND_RESERVE = {token: _count_and_reserve(token) for token in (False, True)}
 UNRESERVE_CALENDAR = (
     update(Budget)
     .where(Budget.id == _BUDGET, Budget.window_start == _WINDOW)
@@ -242,6 +260,47 @@ def _scope(tenant_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> dict[str,
     }
 
 
+async def count_and_reserve(
+    tx: Tx,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    token_id: uuid.UUID | None,
+    n: int,
+    amount_mc: int,
+    now: datetime,
+    *,
+    require_room: bool,
+) -> list[Hold] | None:
+    """Count `n` prompts on the user's rate limits (`limits.count`) and reserve `amount_mc`
+    for them on its budgets (`reserve`); None if either refuses, with nothing changed. On
+    PostgreSQL the limits' UPDATE and the calendar budgets' are one statement: a round trip
+    less in the writer's transaction for a tenant with a budget."""
+    counted: Counted | None = None
+    reserved: list[Row] | None = None
+    if tx.dialect_name == "postgresql":
+        values = {
+            **limits.count_values(tenant_id, user_id, token_id, n, now),
+            **_scope(tenant_id, user_id, now),
+            "amount": amount_mc,
+            "needed": amount_mc + 1 if require_room else amount_mc,
+        }
+        rows = await tx.fetch(COUNT_AND_RESERVE[token_id is not None], values)
+        if rows:
+            counted = Counted(bool(rows[0][0]), bool(rows[0][1]))
+            reserved = [row[2:] for row in rows if row[2] is not None]
+    if counted is None:  # SQLite; or refused, or no counter row yet: as `limits.count` does
+        counted = await limits.count(tx, tenant_id, user_id, token_id, n, now)
+        if counted is None:
+            return None
+    holds = await reserve(
+        tx, tenant_id, user_id, amount_mc, now, require_room=require_room,
+        calendar=counted.calendar_budgets, rolling=counted.rolling_budgets, reserved=reserved,
+    )  # fmt: skip
+    if holds is None:
+        await limits.uncount(tx, user_id, n)
+    return holds
+
+
 async def reserve(
     tx: Tx,
     tenant_id: uuid.UUID,
@@ -252,15 +311,17 @@ async def reserve(
     require_room: bool,
     calendar: bool,
     rolling: bool,
+    reserved: list[Row] | None = None,
 ) -> list[Hold] | None:
     """Reserve `amount_mc` (a group's prompts together) on every budget of the tenant and
     the user; with `require_room`, each must also have a milli-credit left beyond it (a
-    prompt whose cost is unknown). None if one cannot, with nothing changed."""
+    prompt whose cost is unknown). None if one cannot, with nothing changed. `reserved`:
+    `RESERVE_CALENDAR`'s rows, if the caller ran it already (`COUNT_AND_RESERVE`)."""
     needed = amount_mc + 1 if require_room else amount_mc
     holds: list[Hold] = []
     if calendar:
         values = {**_scope(tenant_id, user_id, now), "amount": amount_mc, "needed": needed}
-        rows = await tx.fetch(RESERVE_CALENDAR, values)
+        rows = reserved if reserved is not None else await tx.fetch(RESERVE_CALENDAR, values)
         holds = [Hold(row[0], row[1], False, row[2], row[3]) for row in rows]
         if not rows or len(rows) < rows[0][4]:
             await _unreserve(tx, holds, amount_mc, now)
