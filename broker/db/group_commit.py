@@ -17,6 +17,9 @@ Other units are plain session work (`run`). The batch's order between the two is
 within a run of kind items, kinds go by rank (a prompt's: admitted, answered, started,
 finished), each kind's items in the order they came.
 
+What a batch counts (metrics) it counts once committed (`Tx.after_commit`): a batch
+that fails and is run again counts once.
+
 A kind answers, for each item, its result or a `BrokerError` (a refusal, decided before
 that item wrote anything). Anything it raises rolls back the whole batch: if the
 database itself failed, every unit gets that error; otherwise (a constraint, a bug) the
@@ -31,7 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -39,14 +42,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.db.raw import RawConnections
-from broker.db.tx import SessionTx, Tx
+from broker.db.raw import RawConnections, RawTransaction
+from broker.db.tx import AfterCommit, SessionTx, Tx
 from broker.errors import BrokerError
 
 log = logging.getLogger("broker.db")
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
+LockedT_contra = TypeVar("LockedT_contra", contravariant=True)
 Work = Callable[[AsyncSession], Awaitable[Any]]
 MAX_BATCH = 64
 # How long a batch of writes nobody waits for (lifecycle events, ComfyUI's answer) may
@@ -59,6 +63,16 @@ SQLITE_LINGER_SECONDS = 0.002
 
 
 @dataclass(frozen=True, eq=False)
+class RowLocks(Generic[LockedT_contra]):
+    """The rows an item will lock (`keys`), and how a batch takes the keys of all its items
+    at once (`take`), before any kind runs: so that every batch locks rows in one order
+    whatever its items' order (broker/prompts/locks.py)."""
+
+    keys: Callable[[LockedT_contra], Iterable[Hashable]]
+    take: Callable[[Tx, frozenset[Hashable]], Awaitable[None]]
+
+
+@dataclass(frozen=True, eq=False)
 class Kind(Generic[ItemT, ResultT]):
     """A step written once for a batch: `run` takes the batch's items of this kind and
     answers, for each in order, its result or the `BrokerError` refusing it. It awaits
@@ -68,6 +82,7 @@ class Kind(Generic[ItemT, ResultT]):
     name: str
     rank: int  # order of the kinds within a transaction (a prompt's: admitted, answered, …)
     run: Callable[[Tx, list[ItemT]], Awaitable[Sequence[ResultT | BrokerError]]]
+    locks: RowLocks[ItemT] | None = None
 
 
 @dataclass
@@ -193,7 +208,7 @@ class GroupCommitter:
 
     async def _commit_units(self, units: list[_Unit], *, raw: bool) -> None:
         try:
-            outcomes = await (self._in_raw(units) if raw else self._in_session(units))
+            outcomes, after_commit = await (self._in_raw(units) if raw else self._in_session(units))
         except Exception as exc:  # noqa: BLE001  each unit gets an answer
             log.warning("db.batch_failed units=%d error=%s", len(units), type(exc).__name__)
             if len(units) == 1 or _database_down(exc):
@@ -205,25 +220,34 @@ class GroupCommitter:
             return
         self.batches += 1
         self.units += len(units)
+        for action in after_commit:
+            _run_after_commit(action)
         for unit, outcome in zip(units, outcomes, strict=True):
             _resolve(unit, outcome)
 
-    async def _in_raw(self, units: list[_Unit]) -> list[_Outcome]:
+    async def _in_raw(self, units: list[_Unit]) -> tuple[list[_Outcome], list[AfterCommit]]:
         assert self._raw is not None
-        return await self._raw.run(lambda transaction: _run_kinds(transaction, units))
 
-    async def _in_session(self, units: list[_Unit]) -> list[_Outcome]:
+        async def body(transaction: RawTransaction) -> tuple[list[_Outcome], list[AfterCommit]]:
+            return await _run_kinds(transaction, units), transaction.actions
+
+        return await self._raw.run(body)
+
+    async def _in_session(self, units: list[_Unit]) -> tuple[list[_Outcome], list[AfterCommit]]:
         """Session work in order; a run of kind items (no raw connections) by rank."""
         outcomes: list[_Outcome] = []
+        after_commit: list[AfterCommit] = []
         async with self._sessionmaker() as session:
             for is_kind, run in itertools.groupby(units, key=lambda unit: unit.kind is not None):
                 group = list(run)
                 if is_kind:
-                    outcomes += await _run_kinds(SessionTx(session), group)
+                    transaction = SessionTx(session)
+                    outcomes += await _run_kinds(transaction, group)
+                    after_commit += transaction.actions
                 else:
                     outcomes += [await _attempt(session, unit) for unit in group]
             await session.commit()
-        return outcomes
+        return outcomes, after_commit
 
 
 async def _run_kinds(transaction: Tx, units: list[_Unit]) -> list[_Outcome]:
@@ -232,6 +256,7 @@ async def _run_kinds(transaction: Tx, units: list[_Unit]) -> list[_Outcome]:
     for index, unit in enumerate(units):
         assert unit.kind is not None
         by_kind.setdefault(unit.kind, []).append(index)
+    await _take_locks(transaction, units)
     outcomes: list[_Outcome] = [_Outcome()] * len(units)
     for kind in sorted(by_kind, key=lambda kind: kind.rank):
         indexes = by_kind[kind]
@@ -240,6 +265,17 @@ async def _run_kinds(transaction: Tx, units: list[_Unit]) -> list[_Outcome]:
             refused = isinstance(result, BrokerError)
             outcomes[index] = _Outcome(error=result) if refused else _Outcome(result=result)
     return outcomes
+
+
+async def _take_locks(transaction: Tx, units: list[_Unit]) -> None:
+    """The batch's row locks, before any of its kinds runs."""
+    keys: dict[Callable[[Tx, frozenset[Hashable]], Awaitable[None]], set[Hashable]] = {}
+    for unit in units:
+        locks = unit.kind.locks if unit.kind is not None else None
+        if locks is not None:
+            keys.setdefault(locks.take, set()).update(locks.keys(unit.item))
+    for take, batch_keys in keys.items():
+        await take(transaction, frozenset(batch_keys))
 
 
 async def _attempt(session: AsyncSession, unit: _Unit) -> _Outcome:
@@ -269,6 +305,13 @@ def _database_down(exc: Exception) -> bool:
 
 async def _nothing(_session: AsyncSession) -> None:
     return None
+
+
+def _run_after_commit(action: AfterCommit) -> None:
+    try:
+        action()
+    except Exception:  # a metric's failure is no reason to fail a committed write
+        log.exception("db.after_commit_failed")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

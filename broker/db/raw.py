@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from broker.db.session import SQLITE_BUSY_TIMEOUT_SECONDS, configure_sqlite, read_scope
-from broker.db.tx import Row, SessionTx, Statement, Tx
+from broker.db.tx import PostCommit, Row, SessionTx, Statement, Tx
 
 log = logging.getLogger("broker.db")
 T = TypeVar("T")
@@ -75,13 +75,14 @@ class RawStatement:
         ]
 
 
-class RawTransaction:
+class RawTransaction(PostCommit):
     """Core statements (built once, at import) run in one transaction on the driver: a
-    `broker.db.tx.Tx`."""
+    `broker.db.tx.Tx`. Its caller runs `actions` once `RawConnections.run` returns."""
 
     def __init__(
         self, driver: _Driver, compiled: Callable[[Statement], RawStatement], dialect_name: str
     ) -> None:
+        super().__init__()
         self._driver = driver
         self._compiled = compiled
         self.dialect_name = dialect_name

@@ -8,7 +8,7 @@ the group committer runs it on the driver's connection, and anything holding a s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,6 +17,7 @@ from sqlalchemy.sql.selectable import Select
 
 Statement = UpdateBase | Select[*tuple[Any, ...]]
 Row = tuple[Any, ...]
+AfterCommit = Callable[[], None]
 
 
 class Tx(Protocol):
@@ -37,11 +38,28 @@ class Tx(Protocol):
         self, statement: Statement, values: Sequence[Mapping[str, Any]]
     ) -> None: ...
 
+    def after_commit(self, action: AfterCommit) -> None:
+        """Run `action` once the transaction commits; never if it rolls back (a batch that
+        failed is run again: a metric counted inside it would count twice)."""
+        ...
 
-class SessionTx:
-    """`Tx` over a session's connection (Core execution: no ORM bulk modes)."""
+
+class PostCommit:
+    """The actions a transaction was asked to run once committed (its committer runs them)."""
+
+    def __init__(self) -> None:
+        self.actions: list[AfterCommit] = []
+
+    def after_commit(self, action: AfterCommit) -> None:
+        self.actions.append(action)
+
+
+class SessionTx(PostCommit):
+    """`Tx` over a session's connection (Core execution: no ORM bulk modes). Whoever commits
+    the session runs `actions` after."""
 
     def __init__(self, session: AsyncSession) -> None:
+        super().__init__()
         self._session = session
 
     @property

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -117,37 +118,116 @@ Budgeting = tuple[list[Reservation], bool]  # a prompt's reservations; past a so
 
 
 async def admit(tx: Tx, items: list[Admit]) -> list[Outcome]:
+    """Twins in the batch (one user's Idempotency-Key, or one prompt_id, twice) are decided
+    in turn: a later twin gets what it would get once the first was committed (409, or 422
+    for another body), or goes on if the first was refused. The other prompts are not
+    held back: a unique constraint broken in the batch would have rolled it all back."""
     now = utc_now()
-    outcomes: list[Outcome | None] = [await _replay(tx, item) for item in items]
     keys = await _keys(tx, items)
-    for index, item in enumerate(items):
-        if outcomes[index] is None:
-            outcomes[index] = await _precheck(tx, item, keys.get(item.new.user_id))
-    groups: dict[tuple[uuid.UUID, uuid.UUID, uuid.UUID | None], list[int]] = {}
-    for index, item in enumerate(items):
-        if outcomes[index] is None:
-            new = item.new
-            groups.setdefault((new.tenant_id, new.user_id, new.token_id), []).append(index)
-    rows: list[dict[str, Any]] = []
-    capabilities: list[dict[str, Any]] = []
-    for _, indexes in sorted(groups.items(), key=lambda group: str(group[0][1])):
-        decided = await _count_and_reserve(tx, [items[i].new for i in indexes], now)
-        for index, decision in zip(indexes, decided, strict=True):
-            if isinstance(decision, BrokerError):
-                outcomes[index] = decision
-                continue
-            new = items[index].new
-            rows.append(_row(new, *decision, now))
-            if items[index].needs_key and items[index].capability_hash is not None:
-                capabilities.append(_capability_row(items[index], now))
-            key = keys.get(new.user_id) if items[index].needs_key else None
-            outcomes[index] = Admitted(new.prompt_id, key if isinstance(key, str) else None)
-            metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id)).inc(
-                new.estimate.max_mc / MC_PER_CREDIT
-            )
-    await tx.execute_many(INSERT_PROMPT, rows)
-    await tx.execute_many(INSERT_CAPABILITY, capabilities)
-    return [outcome for outcome in outcomes if outcome is not None]
+    batch = _Batch(items, keys, now)
+    waiting = list(range(len(items)))
+    while waiting:
+        this_round, waiting = _twins_wait(items, waiting)
+        await batch.decide(tx, this_round)
+        waiting = [index for index in waiting if not batch.decide_twin(index)]
+    await tx.execute_many(INSERT_PROMPT, batch.rows)
+    await tx.execute_many(INSERT_CAPABILITY, batch.capabilities)
+    return [outcome for outcome in batch.outcomes if outcome is not None]
+
+
+def _claims(new: NewPrompt) -> list[tuple[Any, ...]]:
+    """What a prompt takes that no other may: its id, and its user's Idempotency-Key."""
+    claims: list[tuple[Any, ...]] = [("prompt_id", new.prompt_id)]
+    if new.idempotency_key is not None:
+        claims.append(("idempotency_key", new.user_id, new.idempotency_key))
+    return claims
+
+
+def _twins_wait(items: list[Admit], waiting: list[int]) -> tuple[list[int], list[int]]:
+    """The first of each set of twins now; the later ones after it is decided."""
+    now: list[int] = []
+    later: list[int] = []
+    seen: set[tuple[Any, ...]] = set()
+    for index in waiting:
+        claims = _claims(items[index].new)
+        (later if seen.intersection(claims) else now).append(index)
+        seen.update(claims)
+    return now, later
+
+
+class _Batch:
+    """A batch's decisions so far, and the rows of the prompts it admitted."""
+
+    def __init__(
+        self, items: list[Admit], keys: dict[uuid.UUID, UnsealedKey | bool], now: datetime
+    ) -> None:
+        self.items = items
+        self.keys = keys
+        self.now = now
+        self.outcomes: list[Outcome | None] = [None] * len(items)
+        self.rows: list[dict[str, Any]] = []
+        self.capabilities: list[dict[str, Any]] = []
+        self.claimed: dict[tuple[Any, ...], int] = {}  # claim -> the admitted prompt's index
+
+    async def decide(self, tx: Tx, indexes: list[int]) -> None:
+        items, outcomes = self.items, self.outcomes
+        for index in indexes:
+            outcomes[index] = await _replay(tx, items[index])
+        for index in indexes:
+            if outcomes[index] is None:
+                key = self.keys.get(items[index].new.user_id)
+                outcomes[index] = await _precheck(tx, items[index], key)
+        groups: dict[tuple[uuid.UUID, uuid.UUID, uuid.UUID | None], list[int]] = {}
+        for index in indexes:
+            if outcomes[index] is None:
+                new = items[index].new
+                groups.setdefault((new.tenant_id, new.user_id, new.token_id), []).append(index)
+        for _, group in sorted(groups.items(), key=lambda group: str(group[0][1])):
+            decided = await _count_and_reserve(tx, [items[i].new for i in group], self.now)
+            for index, decision in zip(group, decided, strict=True):
+                if isinstance(decision, BrokerError):
+                    outcomes[index] = decision
+                else:
+                    self._admitted(tx, index, decision)
+
+    def _admitted(self, tx: Tx, index: int, budgeting: Budgeting) -> None:
+        item = self.items[index]
+        new = item.new
+        self.rows.append(_row(new, *budgeting, self.now))
+        if item.needs_key and item.capability_hash is not None:
+            self.capabilities.append(_capability_row(item, self.now))
+        key = self.keys.get(new.user_id) if item.needs_key else None
+        self.outcomes[index] = Admitted(new.prompt_id, key if isinstance(key, str) else None)
+        self.claimed.update(dict.fromkeys(_claims(new), index))
+        counter = metrics.CREDITS_ESTIMATED.labels(str(new.tenant_id))
+        tx.after_commit(partial(counter.inc, new.estimate.max_mc / MC_PER_CREDIT))
+
+    def decide_twin(self, index: int) -> bool:
+        """A later twin's answer, if its first twin was admitted (as `_replay` and
+        `_precheck` would answer once that one is committed)."""
+        new = self.items[index].new
+        first = (
+            self.claimed.get(("idempotency_key", new.user_id, new.idempotency_key))
+            if new.idempotency_key is not None
+            else None
+        )
+        if first is not None:
+            same_body = self.items[first].new.request_hash == new.request_hash
+            self.outcomes[index] = Conflict(IN_PROGRESS) if same_body else _key_reused()
+        elif ("prompt_id", new.prompt_id) in self.claimed:
+            self.outcomes[index] = _id_in_use()
+        return self.outcomes[index] is not None
+
+
+def _key_reused() -> Unprocessable:
+    return Unprocessable(
+        "This Idempotency-Key was used with a different request body.",
+        error_type="idempotency_key_reused",
+    )
+
+
+def _id_in_use() -> Conflict:
+    return Conflict("This prompt_id is already in use.", error_type="prompt_id_in_use")
 
 
 def _capability_row(item: Admit, now: datetime) -> dict[str, Any]:
@@ -181,10 +261,7 @@ async def _replay(tx: Tx, item: Admit) -> Replayed | BrokerError | None:
         return None
     prompt_id, request_hash, response_status, response_body, status, number = rows[0]
     if request_hash != new.request_hash:
-        return Unprocessable(
-            "This Idempotency-Key was used with a different request body.",
-            error_type="idempotency_key_reused",
-        )
+        return _key_reused()
     if response_status is not None and response_body is not None:
         return Replayed(response_status, response_body)
     if status is PromptStatus.PENDING:
@@ -207,7 +284,7 @@ async def _precheck(tx: Tx, item: Admit, key: object) -> BrokerError | None:
             error_type="comfy_key_unreadable",
         )
     if new.proposed_id and await tx.fetch(TAKEN, {"proposed": new.prompt_id}):
-        return Conflict("This prompt_id is already in use.", error_type="prompt_id_in_use")
+        return _id_in_use()
     if new.estimate.unpriced:
         return await unpriced.refusal(tx, new.tenant_id, new.user_id)
     return None
@@ -227,24 +304,18 @@ async def _count_and_reserve(
 
 async def _try(tx: Tx, group: list[NewPrompt], now: datetime) -> list[Budgeting] | None:
     first = group[0]
-    counted = await limits.count(
-        tx, first.tenant_id, first.user_id, first.token_id, len(group), now
-    )
-    if counted is None:
-        return None
     budgeted = [new for new in group if new.budgeted]
-    if not budgeted or not (counted.calendar_budgets or counted.rolling_budgets):
-        return [([], False)] * len(group)
+    if not budgeted:
+        counted = await limits.count(
+            tx, first.tenant_id, first.user_id, first.token_id, len(group), now
+        )
+        return None if counted is None else [([], False)] * len(group)
     amount = sum(new.estimate.max_mc for new in budgeted)
-    holds = await budgets.reserve(
-        tx, first.tenant_id, first.user_id, amount, now,
+    holds = await budgets.count_and_reserve(
+        tx, first.tenant_id, first.user_id, first.token_id, len(group), amount, now,
         require_room=any(new.estimate.unpriced for new in budgeted),
-        calendar=counted.calendar_budgets, rolling=counted.rolling_budgets,
     )  # fmt: skip
-    if holds is None:
-        await limits.uncount(tx, first.user_id, len(group))
-        return None
-    return _budgeting(group, holds, amount)
+    return None if holds is None else _budgeting(group, holds, amount)
 
 
 def _budgeting(group: list[NewPrompt], holds: list[Hold], amount: int) -> list[Budgeting]:

@@ -7,7 +7,7 @@ accepted), running, what it reported or was charged, finished.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -15,24 +15,45 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.base import utc_now
-from broker.db.group_commit import GroupCommitter, Kind
+from broker.db.group_commit import GroupCommitter, Kind, RowLocks
 from broker.db.models import Prompt, PromptStatus
 from broker.db.session import read_scope
-from broker.prompts import admission, settlement
+from broker.prompts import admission, locks, settlement
 from broker.prompts.admission import Admit, Admitted, Replayed
 from broker.prompts.records import UNFINISHED
 from broker.prompts.settlement import Answer, ApiCall, Cached, Finish, Outputs, ReportedPrice
 
-ADMIT: Kind[Admit, Admitted | Replayed] = Kind("prompts.admit", 0, admission.admit)
-ANSWERED: Kind[Answer, None] = Kind("prompts.answered", 1, settlement.record_answers)
-ACCEPTED: Kind[uuid.UUID, None] = Kind("prompts.accepted", 1, settlement.record_accepted)
-RUNNING: Kind[uuid.UUID, None] = Kind("prompts.running", 2, settlement.record_running)
-CACHED: Kind[Cached, None] = Kind("prompts.cached", 3, settlement.record_cached)
-PRICED: Kind[ReportedPrice, None] = Kind("prompts.priced", 3, settlement.record_prices)
+
+def _prompt_row(prompt_id: uuid.UUID) -> list[Hashable]:
+    return [locks.PromptRow(prompt_id)]
+
+
+# The rows each step locks, taken for its batch up front (broker/prompts/locks.py).
+_ADMITTING: RowLocks[Admit] = RowLocks(
+    lambda item: [locks.Scope(item.new.tenant_id, item.new.user_id)], locks.take
+)
+_ONE_PROMPT: RowLocks[uuid.UUID] = RowLocks(_prompt_row, locks.take)
+_ITS_PROMPT: RowLocks[Answer | Cached | ReportedPrice] = RowLocks(
+    lambda item: _prompt_row(item.prompt_id), locks.take
+)
+_CHARGING: RowLocks[ApiCall] = RowLocks(
+    lambda call: [] if call.credits_mc is None else [locks.Settling(call.prompt_id)], locks.take
+)
+_SETTLING: RowLocks[Finish] = RowLocks(lambda item: [locks.Settling(item.prompt_id)], locks.take)
+
+ADMIT: Kind[Admit, Admitted | Replayed] = Kind("prompts.admit", 0, admission.admit, _ADMITTING)
+ANSWERED: Kind[Answer, None] = Kind("prompts.answered", 1, settlement.record_answers, _ITS_PROMPT)
+ACCEPTED: Kind[uuid.UUID, None] = Kind(
+    "prompts.accepted", 1, settlement.record_accepted, _ONE_PROMPT
+)
+RUNNING: Kind[uuid.UUID, None] = Kind("prompts.running", 2, settlement.record_running, _ONE_PROMPT)
+CACHED: Kind[Cached, None] = Kind("prompts.cached", 3, settlement.record_cached, _ITS_PROMPT)
+PRICED: Kind[ReportedPrice, None] = Kind("prompts.priced", 3, settlement.record_prices, _ITS_PROMPT)
+# Outputs refer to their prompt and change no counter: they need no lock of their own.
 OUTPUTS: Kind[Outputs, None] = Kind("prompts.outputs", 3, settlement.record_outputs)
 # Sealed key mode: before `finished`, so a prompt settling in the same batch charges it.
-CALLED: Kind[ApiCall, None] = Kind("prompts.called", 3, settlement.record_calls)
-FINISHED: Kind[Finish, bool] = Kind("prompts.finished", 4, settlement.finish)
+CALLED: Kind[ApiCall, None] = Kind("prompts.called", 3, settlement.record_calls, _CHARGING)
+FINISHED: Kind[Finish, bool] = Kind("prompts.finished", 4, settlement.finish, _SETTLING)
 
 NO_TRACE = "ComfyUI has no trace of this prompt."
 

@@ -8,6 +8,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import (
@@ -31,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from broker.comfy.files import output_files
 from broker.comfy.redaction import scrub_text
 from broker.db.base import UTCDateTime, utc_now
-from broker.db.models import ComfyApiCall, Prompt, PromptOutput, PromptStatus
+from broker.db.models import Budget, ComfyApiCall, Prompt, PromptOutput, PromptStatus
 from broker.db.tx import Tx
 from broker.ops import metrics
 from broker.prompts.records import MAX_ERROR_MESSAGE, MAX_ERROR_TYPE, UNFINISHED, storable
@@ -250,6 +251,7 @@ class Settled:
     reservations: list[dict[str, Any]] = field(default_factory=list)
     metered_mc: int | None = None  # sealed key mode: what the Comfy API charged its calls
     budgeted: bool = False
+    rolling_budgets: bool = False  # one of the budgets over it is a rolling one
 
 
 # What `Settled` reads of a prompt.
@@ -257,6 +259,9 @@ _SETTLED = (
     Prompt.tenant_id, Prompt.user_id, Prompt.status, Prompt.started_at, Prompt.error_type,
     Prompt.reported_mc, Prompt.cached_nodes, Prompt.cost_breakdown, Prompt.reservations,
     Prompt.metered_mc, exists().where(limits.budgets_over(Prompt.tenant_id, Prompt.user_id)),
+    exists().where(
+        limits.budgets_over(Prompt.tenant_id, Prompt.user_id), Budget.period == "rolling"
+    ),
 )  # fmt: skip
 _FROM: list[BindParameter[Any]] = [bindparam(f"from_{n}") for n in range(len(UNFINISHED))]
 SETTLE = (
@@ -364,10 +369,15 @@ async def _charge(tx: Tx, settled: list[tuple[Finish, Settled]], now: datetime) 
         reservations = [Reservation.from_dict(entry) for entry in prompt.reservations]
         if reservations or (prompt.budgeted and actual):
             budget_charges.append(Charge(
-                prompt.tenant_id, prompt.user_id, actual, reservations, prompt.budgeted
+                prompt.tenant_id, prompt.user_id, actual, reservations, prompt.budgeted,
+                prompt.rolling_budgets,
             ))  # fmt: skip
-        metrics.PROMPTS.labels(str(prompt.tenant_id), prompt.status.value).inc()
-        metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc(actual / MC_PER_CREDIT)
+        tx.after_commit(metrics.PROMPTS.labels(str(prompt.tenant_id), prompt.status.value).inc)
+        tx.after_commit(
+            partial(
+                metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc, actual / MC_PER_CREDIT
+            )
+        )
     await tx.execute_many(RECORD_CHARGE, charges)
     await limits.release(tx, slots)
     await budgets.settle(tx, budget_charges, now)
@@ -467,7 +477,8 @@ async def _charge_call(tx: Tx, item: ApiCall, now: datetime, late: LateCharges) 
     if prompt.budgeted:
         late[prompt.tenant_id, prompt.user_id] += actual - was
     if actual > was:  # a counter: it only goes up
-        metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id)).inc((actual - was) / MC_PER_CREDIT)
+        counter = metrics.CREDITS_ACTUAL.labels(str(prompt.tenant_id))
+        tx.after_commit(partial(counter.inc, (actual - was) / MC_PER_CREDIT))
 
 
 def _call_values(item: ApiCall, now: datetime) -> dict[str, Any]:

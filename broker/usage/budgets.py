@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,22 +29,26 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Select,
     Uuid,
     bindparam,
     case,
+    exists,
     func,
     literal,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.db.base import UTCDateTime
 from broker.db.models import Budget, BudgetDay, Prompt
-from broker.db.tx import Tx
+from broker.db.tx import Row, Tx
 from broker.errors import PaymentRequired
 from broker.ops import metrics
-from broker.usage.limits import budgets_over
+from broker.usage import limits
+from broker.usage.limits import Counted, budgets_over
 from broker.usage.pricing import mc_to_credits
 
 PERIODS = ("month", "day", "rolling")
@@ -96,6 +100,7 @@ class Charge:
     actual_mc: int
     reservations: Sequence[Reservation]
     budgeted: bool  # some budget applies to its tenant or user
+    rolling: bool = True  # one of them may be a rolling budget
 
 
 def window_start(period: str, now: datetime) -> datetime:
@@ -142,11 +147,25 @@ RESERVE_CALENDAR = (
     .returning(
         Budget.id,
         Budget.window_start,
-        Budget.spent_mc + Budget.reserved_mc,
+        (Budget.spent_mc + Budget.reserved_mc).label("used_mc"),
         Budget.soft_limit_mc,
-        select(func.count()).where(_APPLIES, _CALENDAR).scalar_subquery(),
+        select(func.count()).where(_APPLIES, _CALENDAR).scalar_subquery().label("applying"),
     )
 )
+
+
+def _count_and_reserve(token: bool) -> Select[*tuple[Any, ...]]:
+    """`limits.COUNT_MORE` and, if it counted, `RESERVE_CALENDAR`: one statement, one round
+    trip (PostgreSQL only: SQLite has no UPDATE within WITH). A row per calendar budget
+    reserved (its columns null if none), none if the limits refused."""
+    counted = limits.COUNT_MORE[token].cte("counted")
+    reserved = RESERVE_CALENDAR.where(exists(select(literal(1)).select_from(counted))).cte(
+        "reserved"
+    )
+    return select(counted, reserved).select_from(counted.outerjoin(reserved, true()))
+
+
+COUNT_AND_RESERVE = {token: _count_and_reserve(token) for token in (False, True)}
 UNRESERVE_CALENDAR = (
     update(Budget)
     .where(Budget.id == _BUDGET, Budget.window_start == _WINDOW)
@@ -241,6 +260,47 @@ def _scope(tenant_id: uuid.UUID, user_id: uuid.UUID, now: datetime) -> dict[str,
     }
 
 
+async def count_and_reserve(
+    tx: Tx,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    token_id: uuid.UUID | None,
+    n: int,
+    amount_mc: int,
+    now: datetime,
+    *,
+    require_room: bool,
+) -> list[Hold] | None:
+    """Count `n` prompts on the user's rate limits (`limits.count`) and reserve `amount_mc`
+    for them on its budgets (`reserve`); None if either refuses, with nothing changed. On
+    PostgreSQL the limits' UPDATE and the calendar budgets' are one statement: a round trip
+    less in the writer's transaction for a tenant with a budget."""
+    counted: Counted | None = None
+    reserved: list[Row] | None = None
+    if tx.dialect_name == "postgresql":
+        values = {
+            **limits.count_values(tenant_id, user_id, token_id, n, now),
+            **_scope(tenant_id, user_id, now),
+            "amount": amount_mc,
+            "needed": amount_mc + 1 if require_room else amount_mc,
+        }
+        rows = await tx.fetch(COUNT_AND_RESERVE[token_id is not None], values)
+        if rows:
+            counted = Counted(bool(rows[0][0]), bool(rows[0][1]))
+            reserved = [row[2:] for row in rows if row[2] is not None]
+    if counted is None:  # SQLite; or refused, or no counter row yet: as `limits.count` does
+        counted = await limits.count(tx, tenant_id, user_id, token_id, n, now)
+        if counted is None:
+            return None
+    holds = await reserve(
+        tx, tenant_id, user_id, amount_mc, now, require_room=require_room,
+        calendar=counted.calendar_budgets, rolling=counted.rolling_budgets, reserved=reserved,
+    )  # fmt: skip
+    if holds is None:
+        await limits.uncount(tx, user_id, n)
+    return holds
+
+
 async def reserve(
     tx: Tx,
     tenant_id: uuid.UUID,
@@ -251,15 +311,17 @@ async def reserve(
     require_room: bool,
     calendar: bool,
     rolling: bool,
+    reserved: list[Row] | None = None,
 ) -> list[Hold] | None:
     """Reserve `amount_mc` (a group's prompts together) on every budget of the tenant and
     the user; with `require_room`, each must also have a milli-credit left beyond it (a
-    prompt whose cost is unknown). None if one cannot, with nothing changed."""
+    prompt whose cost is unknown). None if one cannot, with nothing changed. `reserved`:
+    `RESERVE_CALENDAR`'s rows, if the caller ran it already (`COUNT_AND_RESERVE`)."""
     needed = amount_mc + 1 if require_room else amount_mc
     holds: list[Hold] = []
     if calendar:
         values = {**_scope(tenant_id, user_id, now), "amount": amount_mc, "needed": needed}
-        rows = await tx.fetch(RESERVE_CALENDAR, values)
+        rows = reserved if reserved is not None else await tx.fetch(RESERVE_CALENDAR, values)
         holds = [Hold(row[0], row[1], False, row[2], row[3]) for row in rows]
         if not rows or len(rows) < rows[0][4]:
             await _unreserve(tx, holds, amount_mc, now)
@@ -330,16 +392,17 @@ async def refusal(
     scope = _scope(tenant_id, user_id, now)
     for _, tenant, user, period, limit_mc, used in await tx.fetch(CALENDAR_USE, scope):
         if used + needed > limit_mc:
-            return _refused(tenant, user, period, limit_mc, used, amount_mc)
+            return _refused(tx, tenant, user, period, limit_mc, used, amount_mc)
     for budget_id, tenant, user, limit_mc, _, days in await tx.fetch(LOCK_ROLLING, scope):
         used = await _rolling_use(tx, budget_id, days, now)
         if used + needed > limit_mc:
-            return _refused(tenant, user, "rolling", limit_mc, used, amount_mc)
+            return _refused(tx, tenant, user, "rolling", limit_mc, used, amount_mc)
     # Changed since (a budget raised or removed): the prompt may simply try again.
     return PaymentRequired("A budget changed while this prompt was admitted; try again.")
 
 
 def _refused(
+    tx: Tx,
     tenant_id: uuid.UUID,
     user_id: uuid.UUID | None,
     period: str,
@@ -349,7 +412,7 @@ def _refused(
 ) -> PaymentRequired:
     remaining = max(0, limit_mc - used_mc)
     scope = "user" if user_id else "tenant"
-    metrics.BUDGET_REJECTIONS.labels(str(tenant_id), scope).inc()
+    tx.after_commit(metrics.BUDGET_REJECTIONS.labels(str(tenant_id), scope).inc)
     return PaymentRequired(
         f"This prompt needs up to {mc_to_credits(amount_mc)} credits; the "
         f"{scope} budget has {mc_to_credits(remaining)} left.",
@@ -400,24 +463,31 @@ async def no_room_for_call(
 
 async def settle(tx: Tx, charges: Sequence[Charge], now: datetime) -> None:
     """Release the settled prompts' reservations, and count their actual charges in the
-    current window of every budget of their tenant and user."""
-    for charge in charges:
-        for reservation in charge.reservations:
-            if reservation.rolling:
-                await tx.execute(ADD_TO_DAY, {
-                    "budget": reservation.budget_id, "on_day": reservation.window_start,
-                    "reserved": -reservation.amount_mc, "spent": 0,
-                })  # fmt: skip
-            else:
-                await tx.execute(UNRESERVE_CALENDAR, {
-                    "budget": reservation.budget_id, "window": reservation.window_start,
-                    "amount": reservation.amount_mc, "now": now,
-                })  # fmt: skip
+    current window of every budget of their tenant and user. Each statement once for the
+    batch (the driver sends a statement's rows in one round trip)."""
+    reservations = [reservation for charge in charges for reservation in charge.reservations]
+    await tx.execute_many(ADD_TO_DAY, [
+        {"budget": reservation.budget_id, "on_day": reservation.window_start,
+         "reserved": -reservation.amount_mc, "spent": 0}
+        for reservation in _in_lock_order(reservations) if reservation.rolling
+    ])  # fmt: skip
+    await tx.execute_many(UNRESERVE_CALENDAR, [
+        {"budget": reservation.budget_id, "window": reservation.window_start,
+         "amount": reservation.amount_mc, "now": now}
+        for reservation in _in_lock_order(reservations) if not reservation.rolling
+    ])  # fmt: skip
     spent: defaultdict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
+    rolling: set[tuple[uuid.UUID, uuid.UUID]] = set()
     for charge in charges:
         if charge.budgeted and charge.actual_mc:
             spent[charge.tenant_id, charge.user_id] += charge.actual_mc
-    await _spend(tx, spent, now)
+            if charge.rolling:
+                rolling.add((charge.tenant_id, charge.user_id))
+    await _spend(tx, spent, now, rolling=rolling)
+
+
+def _in_lock_order(reservations: Sequence[Reservation]) -> list[Reservation]:
+    return sorted(reservations, key=lambda r: (r.budget_id, r.window_start))
 
 
 async def count_late_charges(
@@ -430,13 +500,25 @@ async def count_late_charges(
     await _spend(tx, {scope: amount for scope, amount in changes.items() if amount}, now)
 
 
-async def _spend(tx: Tx, spent: Mapping[tuple[uuid.UUID, uuid.UUID], int], now: datetime) -> None:
+async def _spend(
+    tx: Tx,
+    spent: Mapping[tuple[uuid.UUID, uuid.UUID], int],
+    now: datetime,
+    *,
+    rolling: Collection[tuple[uuid.UUID, uuid.UUID]] | None = None,
+) -> None:
+    """Count each scope's spend; on rolling budgets only for the scopes in `rolling` (None:
+    every scope may have one)."""
     today = window_start("day", now)
-    for (tenant_id, user_id), amount in sorted(spent.items()):  # one lock order everywhere
-        values = {**_scope(tenant_id, user_id, now), "amount": amount, "on_day": today}
-        await tx.execute(SPEND_CALENDAR, values)
-        await tx.execute(ENSURE_DAYS_OF_SCOPE[tx.dialect_name], values)
-        await tx.execute(SPEND_ROLLING, values)
+    values = [
+        {**_scope(tenant_id, user_id, now), "amount": amount, "on_day": today}
+        for (tenant_id, user_id), amount in sorted(spent.items())  # one lock order everywhere
+    ]
+    await tx.execute_many(SPEND_CALENDAR, values)
+    if rolling is not None:
+        values = [value for value in values if (value["for_tenant"], value["for_user"]) in rolling]
+    await tx.execute_many(ENSURE_DAYS_OF_SCOPE[tx.dialect_name], values)
+    await tx.execute_many(SPEND_ROLLING, values)
 
 
 async def rolling_counters(

@@ -114,8 +114,8 @@ def _count_more(*, token: bool) -> Any:
             active_count=UserQuota.active_count + _COUNT,
         )
         .returning(
-            exists().where(applies, Budget.period != "rolling"),
-            exists().where(applies, Budget.period == "rolling"),
+            exists().where(applies, Budget.period != "rolling").label("calendar_budgets"),
+            exists().where(applies, Budget.period == "rolling").label("rolling_budgets"),
         )
     )
 
@@ -152,7 +152,7 @@ _QUOTA_AND_LIMITS = select(
 _TOKEN_VALID = select(token_is_valid(_TOKEN, _NOW))
 
 
-def _values(
+def count_values(
     tenant_id: uuid.UUID, user_id: uuid.UUID, token_id: uuid.UUID | None, count: int, now: datetime
 ) -> Mapping[str, Any]:
     return {
@@ -175,7 +175,7 @@ async def count(
 ) -> Counted | None:
     """Count `n` more prompts for the user if the limits allow all of them (else None,
     and nothing changed)."""
-    values = _values(tenant_id, user_id, token_id, n, now)
+    values = count_values(tenant_id, user_id, token_id, n, now)
     statement = COUNT_MORE[token_id is not None]
     rows = await tx.fetch(statement, values)
     if not rows:  # no counter row yet (created here, or concurrently), or a refusal
@@ -201,14 +201,14 @@ async def refusal(
 ) -> BrokerError:
     """Why `count` refused one prompt: a token revoked or expired since it was cached
     (401), or which limit (429, with Retry-After)."""
-    values = _values(tenant_id, user_id, token_id, 1, now)
+    values = count_values(tenant_id, user_id, token_id, 1, now)
     if token_id is not None and not (await tx.fetch(_TOKEN_VALID, values))[0][0]:
         return Unauthorized(INVALID_TOKEN)
     rows = await tx.fetch(_QUOTA_AND_LIMITS, values)
     if not rows or not rows[0][3]:
         return NotFound("User not found.")
     active, per_minute, max_active = rows[0][:3]
-    metrics.RATE_LIMITED.labels(str(tenant_id)).inc()
+    tx.after_commit(metrics.RATE_LIMITED.labels(str(tenant_id)).inc)
     if max_active != UNLIMITED and active >= max_active:
         return TooManyRequests(
             f"You have {active} prompts queued or running, the most allowed.",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import func, select
@@ -15,10 +16,10 @@ from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import Prompt, Tenant, Token, TokenKind, User
 from broker.db.raw import RawConnections
-from broker.errors import TooManyRequests, Unauthorized
+from broker.errors import Conflict, TooManyRequests, Unauthorized, Unprocessable
 from broker.keys.service import KeyCustody
 from broker.prompts import lifecycle
-from broker.prompts.admission import Admit, Admitted, NewPrompt
+from broker.prompts.admission import IN_PROGRESS, Admit, Admitted, NewPrompt
 from broker.settings import Settings
 from broker.usage.pricing import Estimate
 
@@ -92,3 +93,81 @@ async def test_a_group_over_the_limit_is_decided_prompt_by_prompt(
     assert [type(outcome) for outcome in outcomes] == [Admitted] * 2 + [TooManyRequests] * 3
     assert await prompts_of(db, owner[1]) == 2
     assert committer.batches <= 2  # they were one group (the first batch may be alone)
+
+
+# twins in one batch -------------------------------------------------------------------
+
+
+def twin(
+    custody: KeyCustody,
+    owner: tuple[uuid.UUID, uuid.UUID, uuid.UUID],
+    *,
+    key: str | None = None,
+    body: str = "h",
+    prompt_id: uuid.UUID | None = None,
+) -> Admit:
+    item = admit(custody, *owner)
+    new = replace(
+        item.new,
+        idempotency_key=key,
+        request_hash=body,
+        prompt_id=prompt_id or item.new.prompt_id,
+        proposed_id=prompt_id is not None,
+    )
+    return replace(item, new=new)
+
+
+async def one_batch(committer: GroupCommitter, items: list[Admit]) -> list[object]:
+    """The items in one batch, which must commit the first time."""
+    batches = committer.batches
+    outcomes: list[object] = await asyncio.gather(
+        *(committer.run_kind(lifecycle.ADMIT, item) for item in items), return_exceptions=True
+    )
+    assert committer.batches == batches + 1  # not failed, and not run again unit by unit
+    return outcomes
+
+
+async def test_a_twin_idempotency_key_in_the_batch_is_409_and_costs_the_others_nothing(
+    committer: GroupCommitter,
+    db: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    custody = KeyCustody.from_settings(settings)
+    owner, other = await a_user(db), await a_user(db)
+    outcomes = await one_batch(committer, [
+        twin(custody, owner, key="k"),
+        twin(custody, other, key="k"),  # another user's key: not a twin
+        twin(custody, owner, key="k"),
+        twin(custody, owner, key="k", body="another body"),
+        twin(custody, owner),
+    ])  # fmt: skip
+    assert [type(outcome) for outcome in outcomes] == [
+        Admitted, Admitted, Conflict, Unprocessable, Admitted
+    ]  # fmt: skip
+    assert isinstance(outcomes[2], Conflict)
+    assert outcomes[2].message == IN_PROGRESS
+    assert isinstance(outcomes[3], Unprocessable)
+    assert outcomes[3].type == "idempotency_key_reused"
+    assert (await prompts_of(db, owner[1]), await prompts_of(db, other[1])) == (2, 1)
+    assert "batch_failed" not in caplog.text
+
+
+async def test_a_twin_prompt_id_in_the_batch_is_409_unless_the_first_was_refused(
+    committer: GroupCommitter, db: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    custody = KeyCustody.from_settings(settings)
+    owner, other, full = await a_user(db), await a_user(db), await a_user(db, max_active=0)
+    taken, free = uuid.uuid4(), uuid.uuid4()
+    outcomes = await one_batch(committer, [
+        twin(custody, owner, prompt_id=taken),
+        twin(custody, other, prompt_id=taken),
+        twin(custody, full, prompt_id=free),  # refused: its twin goes on
+        twin(custody, other, prompt_id=free),
+    ])  # fmt: skip
+    assert [type(outcome) for outcome in outcomes] == [
+        Admitted, Conflict, TooManyRequests, Admitted
+    ]  # fmt: skip
+    assert isinstance(outcomes[1], Conflict)
+    assert outcomes[1].type == "prompt_id_in_use"
+    assert (await prompts_of(db, owner[1]), await prompts_of(db, other[1])) == (1, 1)
