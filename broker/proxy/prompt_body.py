@@ -99,7 +99,7 @@ def _load_object(raw: bytes) -> dict[str, Any]:
         raise _invalid("The request body is not valid JSON.", error_type="invalid_json") from None
     if not isinstance(body, dict):
         raise _invalid("The request body must be a JSON object.")
-    if _deeper_than(body, MAX_DEPTH):
+    if not _brackets_shallower_than(raw, MAX_DEPTH) and _deeper_than(body, MAX_DEPTH):
         raise _invalid(f"The request body is nested deeper than {MAX_DEPTH} levels.")
     return body
 
@@ -115,6 +115,37 @@ def _refuse_too_many_values(raw: bytes) -> None:
             f"The request body has more than {MAX_JSON_VALUES:,} JSON values.",
             error_type="too_many_values",
         )
+
+
+def _brackets_shallower_than(raw: bytes, limit: int) -> bool:
+    """Whether no container of `raw` (valid JSON: orjson parsed it) is nested `limit`
+    deep, decided on the bytes (measured: a quarter of the walk's time on a 583-node body,
+    and no slower on the docs' 3-node one).
+    Then nothing sits deeper than `limit`; otherwise the walk decides (it also knows
+    whether a container at the limit holds anything).
+
+    What is left once the strings are gone is the brackets' nesting. A string's quotes are
+    the only unescaped ones, so with the escapes out of the way each pair of quotes with
+    no bracket between them is a whole string or the end of one and the start of the
+    next: dropping it changes no bracket's count of quotes before it, i.e. whether it
+    is inside a string. The few strings left (those with a bracket) are then dropped
+    whole. Each pass then removes every innermost pair of brackets: `limit - 1` passes
+    empty what nests less than `limit` deep."""
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")  # \\ first: `\\"` ends a string
+    nesting = raw.translate(_BRACKETS, _NOT_BRACKETS_OR_QUOTES).replace(b'""', b"")
+    if b'"' in nesting:
+        nesting = _QUOTED.sub(b"", nesting)
+    for _ in range(limit - 1):
+        if not nesting:
+            return True
+        nesting = nesting.replace(b"()", b"")
+    return not nesting
+
+
+_BRACKETS = bytes.maketrans(b"{[}]", b"(())")
+_NOT_BRACKETS_OR_QUOTES = bytes(set(range(256)) - set(b'"{}[]'))
+_QUOTED = re.compile(rb'"[^"]*"')
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
