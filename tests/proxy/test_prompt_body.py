@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 import random
 import tracemalloc
+import uuid
 from typing import Any
 
 import orjson
 import pytest
 
 from broker.proxy.errors import PromptError
-from broker.proxy.prompt_body import MAX_DEPTH, _brackets_shallower_than, parse_prompt_body
+from broker.proxy.prompt_body import (
+    MAX_DEPTH,
+    _brackets_shallower_than,
+    parse_prompt_body,
+    upstream_body,
+    with_encoded_graph,
+)
 from broker.settings import Settings
 
 
@@ -198,3 +205,26 @@ def test_a_credential_name_hidden_behind_a_json_escape_is_refused() -> None:
 def test_the_name_as_a_value_is_not_a_credential() -> None:
     body = {"prompt": {"1": {"class_type": "X", "inputs": {"text": "api_key_comfy_org"}}}}
     assert parse_prompt_body(orjson.dumps(body)).class_types == {"1": "X"}
+
+
+# what ComfyUI gets -------------------------------------------------------------------
+
+
+def test_the_graph_encoded_early_is_forwarded_byte_for_byte() -> None:
+    graph = {
+        "1": {
+            "class_type": "KSampler",
+            "inputs": {"seed": 2**63 - 1, "cfg": 7.5, "model": ["2", 0]},
+        },
+        "2": {"class_type": "X", "inputs": {"text": 'é \u2028 "q" \\', "deep": [{"a": None}]}},
+    }
+    raw = orjson.dumps({"prompt": graph, "extra_data": {"a": 1}, "number": 3})
+    body = parse_prompt_body(raw, usage_source="s")
+    early = with_encoded_graph(body)
+    assert type(early.fields["prompt"]) is orjson.Fragment  # the parsed graph is let go
+    forwarded = [
+        upstream_body(each, prompt_id=uuid.UUID(int=1), client_id="c", api_key="comfyui-k")
+        for each in (body, early)
+    ]
+    assert forwarded[0] == forwarded[1]
+    assert orjson.loads(forwarded[1])["prompt"] == graph
