@@ -28,6 +28,8 @@ MAX_JSON_VALUES = 100_000
 MAX_CLIENT_ID_LENGTH = 200
 QUEUE_CONTROL_FIELDS = ("number", "front")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# How every one of SENSITIVE_KEYS ends (tests/proxy/test_prompt_body.py checks it).
+CREDENTIAL_NAMES_END = b"_comfy_org"
 LOWERCASE_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -186,8 +188,10 @@ def _refuse_credentials(raw: bytes, body: dict[str, Any]) -> None:
     """Refuse a credential-named key anywhere: at the top, in `extra_data`, as a node
     input (a node declaring the hidden input would otherwise get the client's value),
     or deeper. Most bodies name none of them and use no `\\u` escape, which is decided on
-    the raw bytes without walking the parsed body."""
-    if b"\\u" not in raw and not any(key.encode() in raw for key in SENSITIVE_KEYS):
+    the raw bytes without walking the parsed body: one scan for the names' common ending,
+    one for a backslash (a byte: much quicker to find than two), then for `\\u`."""
+    escaped = b"\\" in raw and b"\\u" in raw
+    if not escaped and CREDENTIAL_NAMES_END not in raw:
         return
     sent = sorted(_keys_named(body, SENSITIVE_KEYS))
     if sent:

@@ -12,8 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
+from broker.comfy.redaction import SENSITIVE_KEYS
 from broker.proxy.errors import PromptError
 from broker.proxy.prompt_body import (
+    CREDENTIAL_NAMES_END,
     MAX_DEPTH,
     _brackets_shallower_than,
     parse_prompt_body,
@@ -228,3 +230,15 @@ def test_the_graph_encoded_early_is_forwarded_byte_for_byte() -> None:
     ]
     assert forwarded[0] == forwarded[1]
     assert orjson.loads(forwarded[1])["prompt"] == graph
+
+
+def test_one_scan_finds_every_credential_name() -> None:
+    """The raw body is scanned for the names' common ending only (see _refuse_credentials)."""
+    assert all(key.encode().endswith(CREDENTIAL_NAMES_END) for key in SENSITIVE_KEYS)
+
+
+def test_a_credential_name_after_other_escapes_is_refused() -> None:
+    raw = b'{"prompt": {"1": {"class_type": "X", "inputs": {"t": "a\\nb", "auth_token\\u005fcomfy_org": 1}}}}'
+    with pytest.raises(PromptError) as refused:
+        parse_prompt_body(raw)
+    assert refused.value.type == "credentials_not_allowed"
