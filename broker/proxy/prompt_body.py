@@ -68,8 +68,8 @@ def with_encoded_graph(body: PromptBody) -> PromptBody:
     Once checked, mapped and priced, the graph is only forwarded; held parsed through
     admission and the upstream call, a big workflow's thousands of objects reach the
     garbage collector's oldest generation, whose collections then walk every prompt in
-    flight (measured on the 583-node body: ~0.8 ms of collections a prompt with 16 in
-    flight, ~0.1 ms this way)."""
+    flight (the benchmark's 583-node body at c=16: collections took 16 % of the broker's
+    CPU, 12 % this way; see also namespace._server_names)."""
     graph = orjson.Fragment(orjson.dumps(body.fields["prompt"]))
     return dataclasses.replace(body, fields={**body.fields, "prompt": graph})
 
@@ -133,10 +133,9 @@ def _refuse_too_many_values(raw: bytes) -> None:
 
 def _brackets_shallower_than(raw: bytes, limit: int) -> bool:
     """Whether no container of `raw` (valid JSON: orjson parsed it) is nested `limit`
-    deep, decided on the bytes (measured: a quarter of the walk's time on a 583-node body,
-    and no slower on the docs' 3-node one).
-    Then nothing sits deeper than `limit`; otherwise the walk decides (it also knows
-    whether a container at the limit holds anything).
+    deep: then nothing sits deeper than `limit`. Otherwise the walk decides (it also
+    knows whether a container at the limit holds anything). Decided on the bytes: a
+    quarter of the walk's time on a 583-node body, and no slower on the docs' 3-node one.
 
     What is left once the strings are gone is the brackets' nesting. A string's quotes are
     the only unescaped ones, so with the escapes out of the way each pair of quotes with
