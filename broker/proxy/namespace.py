@@ -57,10 +57,7 @@ async def confine_prompt(
     rewrites = dict(found.rewrites)
     if found.uses:
         resolver = Resolver(pool, sessionmaker, user_id)
-        names = list(dict.fromkeys(use.name for use in found.uses))
-        mapped = dict(
-            zip(names, await asyncio.gather(*map(resolver.prompt_name, names)), strict=True)
-        )
+        mapped = await _server_names(resolver, list(dict.fromkeys(use.name for use in found.uses)))
         rewrites |= {use.location: mapped[use.name] for use in found.uses}
     rewrites = {
         where: value for where, value in rewrites.items() if _current(graph, where) != value
@@ -69,6 +66,17 @@ async def confine_prompt(
         return body
     fields = {**body.fields, "prompt": rewritten(graph, rewrites)}
     return dataclasses.replace(body, fields=fields)
+
+
+async def _server_names(resolver: Resolver, names: list[UserName]) -> dict[UserName, str]:
+    """Each name's server name, asked at once. One name (a typical workflow's) is asked in
+    this task: with the answer remembered that takes no turn of the event loop, so a big
+    parsed workflow is let go before other requests run and allocate (the benchmark's
+    583-node body at c=16: garbage collections took 12 % of the broker's CPU, 5 % this
+    way) and the docs' 3-node body saves a task (15 us)."""
+    if len(names) == 1:
+        return {names[0]: await resolver.prompt_name(names[0])}
+    return dict(zip(names, await asyncio.gather(*map(resolver.prompt_name, names)), strict=True))
 
 
 def _current(graph: dict[str, Any], where: Location) -> Any:

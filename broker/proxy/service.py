@@ -50,7 +50,12 @@ from broker.proxy import namespace
 from broker.proxy.errors import PromptError, node_error
 from broker.proxy.fanout import Owner
 from broker.proxy.pool import Upstream, UpstreamPool
-from broker.proxy.prompt_body import PromptBody, parse_prompt_body, upstream_body
+from broker.proxy.prompt_body import (
+    PromptBody,
+    parse_prompt_body,
+    upstream_body,
+    with_encoded_graph,
+)
 from broker.tenants.auth import ActingUser
 from broker.usage.pricing import Estimate, Pricer
 
@@ -100,6 +105,7 @@ async def submit_prompt(
         context.pool, context.sessionmaker, body, acting.user_id, definitions
     )
     estimate = context.pricer.estimate(body.fields["prompt"], definitions, key_nodes)
+    body = with_encoded_graph(body)  # only forwarded from here on
     new = _new_prompt(acting, upstream, body, estimate, idempotency_key)
     sealed = context.sealing is not None
     # Sealed key mode: ComfyUI gets a capability, not the key, recorded with the prompt.

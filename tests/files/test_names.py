@@ -125,6 +125,27 @@ def test_policy_denies_and_trusts_classes() -> None:
     assert not FilePolicy.from_settings("", "").denies("Image Load")
 
 
+def test_each_node_is_looked_at_though_the_walk_remembers_what_it_saw() -> None:
+    """The walk decides once per class and tests a string once: a name seen first as
+    plain text (or a link's source) is still a file name in a file input, and every node
+    of a class is refused, not only the first."""
+    plain_first = {
+        "1": {"class_type": "Custom", "inputs": {"text": "x.png", "cfg": ["y.png", 0]}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "y.png"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "/etc/passwd"}},
+        "5": {"class_type": "Custom", "inputs": {"text": "/etc/passwd"}},
+        "6": {"class_type": "Denied", "inputs": {}},
+        "7": {"class_type": "Denied", "inputs": {}},
+        "8": {"class_type": "Trusted", "inputs": {"path": "/data/x"}},
+        "9": {"class_type": "Trusted", "inputs": {"path": "/data/y"}},
+    }
+    policy = FilePolicy(deny=frozenset({"Denied"}), allow=frozenset({"Trusted"}))
+    found = inspect(plain_first, {}, OWN, policy)
+    assert found.refused == ["4", "5", "6", "7"]
+    assert [use.location for use in found.uses] == [("2", ("image",)), ("3", ("image",))]
+
+
 def test_users_see_their_own_names_only() -> None:
     answer = {
         "outputs": {"9": {"images": [{"filename": "a.png", "subfolder": OWN, "type": "output"}]}},

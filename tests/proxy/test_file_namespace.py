@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
+import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.comfy.files import FileRef
 from broker.db.models import PromptStatus
+from broker.files.names import user_folder
+from broker.files.policy import FilePolicy
+from broker.proxy import namespace
+from broker.proxy.pool import UpstreamPool
+from broker.proxy.prompt_body import parse_prompt_body
 from tests.files.spellings import loader_graphs, refused_names
 from tests.fixtures.app import AdminApi, User
 from tests.fixtures.comfy import FakeComfyUI
@@ -315,3 +324,28 @@ async def test_websocket_messages_show_the_users_names(
     assert "No such file or directory: 'gone.png'" in error["exception_message"]
     assert "cbk-" not in json.dumps(events)
     assert fake_comfy.base_dir not in json.dumps(events)
+
+
+def test_a_remembered_name_is_mapped_without_a_turn_of_the_event_loop() -> None:
+    """A workflow's one input file, already seen: the body is mapped within one step of
+    the request's task, so a big parsed graph is let go before another request runs."""
+    user_id = uuid.UUID(int=9)
+    own = user_folder(user_id)
+    graph = load_and_save("x.png") | {
+        str(i): {"class_type": "KSampler", "inputs": {"model": ["1", 0]}} for i in range(10, 20)
+    }
+    body = parse_prompt_body(orjson.dumps({"prompt": graph}))
+    pool = cast(UpstreamPool, SimpleNamespace(file_policy=FilePolicy()))
+    sessions = cast(async_sessionmaker[AsyncSession], None)  # not asked: nothing is recorded
+    namespace._UPLOADS_SEEN[user_id] = {FileRef("input", own, "x.png"): True}
+    try:
+        step = namespace.confine_prompt(pool, sessions, body, user_id, {}).send(None)
+    except StopIteration as done:
+        confined = done.value.fields["prompt"]
+    else:
+        step.cancel()
+        pytest.fail("mapping the names waited for the event loop")
+    finally:
+        namespace.forget_uploads(user_id)
+    assert confined["1"]["inputs"]["image"] == f"{own}/x.png"
+    assert confined["2"]["inputs"]["filename_prefix"] == f"{own}/out"

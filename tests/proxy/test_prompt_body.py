@@ -3,13 +3,25 @@
 
 from __future__ import annotations
 
+import json
+import random
 import tracemalloc
+import uuid
+from typing import Any
 
 import orjson
 import pytest
 
+from broker.comfy.redaction import SENSITIVE_KEYS
 from broker.proxy.errors import PromptError
-from broker.proxy.prompt_body import MAX_DEPTH, parse_prompt_body
+from broker.proxy.prompt_body import (
+    CREDENTIAL_NAMES_END,
+    MAX_DEPTH,
+    _brackets_shallower_than,
+    parse_prompt_body,
+    upstream_body,
+    with_encoded_graph,
+)
 from broker.settings import Settings
 
 
@@ -32,6 +44,76 @@ def test_one_level_more_is_refused(leaf: object) -> None:
     deeper = body_of_depth(MAX_DEPTH + 1, leaf=leaf)
     with pytest.raises(PromptError, match="nested deeper"):
         parse_prompt_body(deeper)
+
+
+def body_hiding_depth(spell: str) -> bytes:
+    """A body 4 levels deeper than the limit, with a string of 12 closing brackets (and
+    escaped quotes) 16 levels down, and one of 12 opening brackets after the deeper part:
+    counted with the brackets inside strings, it would nest only 24 deep."""
+    closers, openers = "]}" * 6 + '\\"\\\\', '\\\\"' + "[{" * 6
+    value: Any = 1
+    for depth in range(MAX_DEPTH + 4, 4, -1):  # body → prompt → node → inputs hold the rest
+        value = [closers, value, openers] if depth == 16 else {"a": value}
+    graph = {"1": {"class_type": "SaveImage", "inputs": value}}
+    if spell == "json indented":
+        return json.dumps({"prompt": graph}, indent=1).encode()
+    if spell == "json ascii":
+        return json.dumps({"prompt": graph, "t": "\u00e9"}).encode()
+    return orjson.dumps({"prompt": graph})
+
+
+def all_brackets_nesting(raw: bytes) -> int:
+    depth = deepest = 0
+    for byte in raw.translate(None, bytes(set(range(256)) - set(b"{}[]"))):
+        depth += 1 if byte in b"{[" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@pytest.mark.parametrize("spell", ["orjson", "json indented", "json ascii"])
+def test_brackets_inside_strings_cannot_hide_depth(spell: str) -> None:
+    assert all_brackets_nesting(body_hiding_depth(spell)) < MAX_DEPTH
+    with pytest.raises(PromptError, match="nested deeper"):
+        parse_prompt_body(body_hiding_depth(spell))
+
+
+def random_value(rng: random.Random, depth: int) -> Any:
+    alphabet = 'ab[]{}"\\/ :,\n\u00e9\u2028'
+    kind = rng.choice("sslidd" if depth < 40 else "ss")
+    if kind == "s":
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
+    if kind == "l":
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == "d":
+        keys = ("".join(rng.choice(alphabet) for _ in range(3)) for _ in range(rng.randrange(4)))
+        return {key: random_value(rng, depth + 1) for key in keys}
+    return rng.choice([1, -2.5, True, None])
+
+
+def container_height(value: Any) -> int:
+    """How deep the deepest container sits (the body is depth 1)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if not isinstance(value, list):
+        return 0
+    return 1 + max(map(container_height, value), default=0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_bracket_count_is_the_nesting_of_the_parsed_body(seed: int) -> None:
+    """The depth check on the raw bytes agrees with the parsed body, however the body
+    spells its strings (escapes, brackets and quotes inside them, whitespace)."""
+    rng = random.Random(seed)
+    body = {"prompt": random_value(rng, 1), "x": [random_value(rng, 2) for _ in range(5)]}
+    height = container_height(body)
+    for raw in (
+        orjson.dumps(body),
+        json.dumps(body).encode(),  # \uXXXX escapes
+        json.dumps(body, indent=2, ensure_ascii=False).encode(),
+    ):
+        assert orjson.loads(raw) == body
+        for limit in range(max(2, height - 2), height + 3):
+            assert _brackets_shallower_than(raw, limit) == (height < limit), (raw, limit)
 
 
 # memory under JSON bombs ------------------------------------------------------
@@ -125,3 +207,38 @@ def test_a_credential_name_hidden_behind_a_json_escape_is_refused() -> None:
 def test_the_name_as_a_value_is_not_a_credential() -> None:
     body = {"prompt": {"1": {"class_type": "X", "inputs": {"text": "api_key_comfy_org"}}}}
     assert parse_prompt_body(orjson.dumps(body)).class_types == {"1": "X"}
+
+
+# what ComfyUI gets -------------------------------------------------------------------
+
+
+def test_the_graph_encoded_early_is_forwarded_byte_for_byte() -> None:
+    graph = {
+        "1": {
+            "class_type": "KSampler",
+            "inputs": {"seed": 2**63 - 1, "cfg": 7.5, "model": ["2", 0]},
+        },
+        "2": {"class_type": "X", "inputs": {"text": 'é \u2028 "q" \\', "deep": [{"a": None}]}},
+    }
+    raw = orjson.dumps({"prompt": graph, "extra_data": {"a": 1}, "number": 3})
+    body = parse_prompt_body(raw, usage_source="s")
+    early = with_encoded_graph(body)
+    assert type(early.fields["prompt"]) is orjson.Fragment  # the parsed graph is let go
+    forwarded = [
+        upstream_body(each, prompt_id=uuid.UUID(int=1), client_id="c", api_key="comfyui-k")
+        for each in (body, early)
+    ]
+    assert forwarded[0] == forwarded[1]
+    assert orjson.loads(forwarded[1])["prompt"] == graph
+
+
+def test_one_scan_finds_every_credential_name() -> None:
+    """The raw body is scanned for the names' common ending only (see _refuse_credentials)."""
+    assert all(key.encode().endswith(CREDENTIAL_NAMES_END) for key in SENSITIVE_KEYS)
+
+
+def test_a_credential_name_after_other_escapes_is_refused() -> None:
+    raw = b'{"prompt": {"1": {"class_type": "X", "inputs": {"t": "a\\nb", "auth_token\\u005fcomfy_org": 1}}}}'
+    with pytest.raises(PromptError) as refused:
+        parse_prompt_body(raw)
+    assert refused.value.type == "credentials_not_allowed"
