@@ -40,6 +40,7 @@ from broker.proxy.bus import EventBus
 from broker.proxy.catalog import CatalogCache
 from broker.proxy.catalog_endpoints import assets_router
 from broker.proxy.catalog_endpoints import router as catalog_router
+from broker.proxy.endpoints import prompt_route
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
@@ -180,6 +181,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(userdata_router, prefix="/api", tags=["comfyui user data under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
+    # POST /prompt before any other route (its match is a string comparison), served
+    # without FastAPI's per-request machinery.
+    app.router.routes.insert(0, prompt_route())
     return app
 
 
