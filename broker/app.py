@@ -14,9 +14,8 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker import __version__
-from broker.admin.cache_invalidation import ForgetCachesOnAdminChanges
 from broker.admin.router import router as admin_router
-from broker.body_limit import BodyLimitMiddleware
+from broker.body_limit import BodyLimit
 from broker.comfy.client import ComfyClient, create_http_client
 from broker.comfy.object_info import ObjectInfoCache
 from broker.db.group_commit import SQLITE_LINGER_SECONDS, GroupCommitter
@@ -25,15 +24,15 @@ from broker.db.session import create_engine, create_sessionmaker
 from broker.db.wal import WalCheckpointer
 from broker.egress.endpoints import router as egress_router
 from broker.egress.service import Egress
-from broker.error_handlers import UnhandledErrorMiddleware, add_exception_handlers
+from broker.error_handlers import add_exception_handlers
 from broker.files.names import USER_FOLDER_PREFIX
 from broker.files.policy import FilePolicy
 from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
-from broker.ops.access import AccessMiddleware
 from broker.ops.docs import add_offline_docs
 from broker.ops.health import router as health_router
 from broker.ops.openapi import install_openapi
+from broker.ops.pipeline import RequestPipeline
 from broker.origins import OriginCheck, parse_allowed_origins
 from broker.prompts import lifecycle
 from broker.proxy.bus import EventBus
@@ -47,7 +46,6 @@ from broker.proxy.fanout import Subscribers
 from broker.proxy.jobs_endpoints import router as jobs_router
 from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
-from broker.proxy.timing import ServerTimingMiddleware
 from broker.proxy.userdata import ComfyUsers
 from broker.proxy.userdata_endpoints import router as userdata_router
 from broker.proxy.websocket import router as websocket_router
@@ -156,14 +154,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     add_offline_docs(app)
     install_openapi(app)
     add_exception_handlers(app)
-    app.add_middleware(ForgetCachesOnAdminChanges)
-    app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
-    app.add_middleware(CredentialsPrecheck, admin_token=admin_token, throttle=throttle)
-    app.add_middleware(OriginCheck, allowed=parse_allowed_origins(settings.ALLOWED_ORIGINS))
-    app.add_middleware(ServerTimingMiddleware)
-    app.add_middleware(UnhandledErrorMiddleware)
-    app.add_middleware(AccessMiddleware)
+    app.add_middleware(
+        RequestPipeline,
+        origins=OriginCheck(parse_allowed_origins(settings.ALLOWED_ORIGINS)),
+        credentials=CredentialsPrecheck(admin_token, throttle),
+        body_limit=BodyLimit(_body_limits(settings)),
+    )
     if settings.KEY_MODE is KeyMode.SEALED:  # first: ComfyUI calls it for every API node's poll
         app.include_router(egress_router)
     # Routes are matched in order: then ComfyUI's surface (POST /prompt), the busiest.
