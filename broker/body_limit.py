@@ -11,7 +11,7 @@ from broker.errors import PayloadTooLarge
 
 class BodyLimit:
     """Caps bodies per request by `limit_for(path)`; asked by the request pipeline
-    (broker/ops/edge.py) before the application runs.
+    (broker/ops/pipeline.py) before the application runs.
 
     With a Content-Length, an oversized request is refused before anything is read.
     Without one (chunked), the body is read up to the limit first: refusing it later,

@@ -128,7 +128,7 @@ def _methods_of(request: Request) -> set[str]:
 
 def unhandled_error(scope: Scope, exc: Exception) -> JSONBody:
     """The JSON 500 for an unexpected exception, which the request pipeline
-    (broker/ops/edge.py) stops there.
+    (broker/ops/pipeline.py) stops there.
 
     Starlette's own handler re-raises after answering, so the server would log the
     traceback with the exception's text, which may quote a request body and so a

@@ -44,7 +44,7 @@ def _canonical(origin: str) -> str:
 
 
 class OriginCheck:
-    """Asked by the request pipeline (broker/ops/edge.py) for HTTP requests and websocket
+    """Asked by the request pipeline (broker/ops/pipeline.py) for HTTP requests and websocket
     upgrades; a refused websocket is closed with 1008 before it is accepted."""
 
     def __init__(self, allowed: frozenset[str] | None) -> None:

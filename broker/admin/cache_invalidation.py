@@ -16,7 +16,7 @@ def is_admin_change(scope: Scope) -> bool:
 
 def forget_caches_on_success(scope: Scope, status: int) -> None:
     """Calls the application's `forget_caches()` (broker/state.py) when an admin change
-    succeeded, as its answer starts (the request pipeline, broker/ops/edge.py, calls this):
+    succeeded, as its answer starts (the request pipeline, broker/ops/pipeline.py, calls this):
     the change is committed by then (the request's session commits before the response is
     sent)."""
     if status < 400:

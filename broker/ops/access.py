@@ -1,4 +1,4 @@
-"""Per request (the request pipeline, broker/ops/edge.py, asks): an id (X-Request-ID,
+"""Per request (the request pipeline, broker/ops/pipeline.py, asks): an id (X-Request-ID,
 echoed or minted), one access log line, and the request metrics. The line reads on its
 own in text logs (`GET /prompt 200 12.3ms id=…`) and carries the same as fields in JSON
 lines. The path is logged without its query string (`?token=`); health probes are logged

@@ -257,7 +257,7 @@ class CredentialsPrecheck:
     """Refuses with 401 HTTP requests whose credentials cannot be valid (none, or nothing
     shaped like a broker token) before the application reads their body: anonymous
     clients get no upload parsed and no word from the body's validation. Asked by the
-    request pipeline (broker/ops/edge.py).
+    request pipeline (broker/ops/pipeline.py).
 
     The real check (the token's hash in the database) is still the route's dependency.
     """
