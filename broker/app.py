@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,12 +12,14 @@ from datetime import timedelta
 
 import httpx
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
+from opentelemetry import metrics, trace
+from opentelemetry._logs import get_logger_provider
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker import __version__
-from broker.admin.cache_invalidation import ForgetCachesOnAdminChanges
 from broker.admin.router import router as admin_router
-from broker.body_limit import BodyLimitMiddleware
+from broker.body_limit import BodyLimit
 from broker.comfy.client import ComfyClient, create_http_client
 from broker.comfy.object_info import ObjectInfoCache
 from broker.db.group_commit import SQLITE_LINGER_SECONDS, GroupCommitter
@@ -25,28 +28,28 @@ from broker.db.session import create_engine, create_sessionmaker
 from broker.db.wal import WalCheckpointer
 from broker.egress.endpoints import router as egress_router
 from broker.egress.service import Egress
-from broker.error_handlers import UnhandledErrorMiddleware, add_exception_handlers
+from broker.error_handlers import add_exception_handlers
 from broker.files.names import USER_FOLDER_PREFIX
 from broker.files.policy import FilePolicy
 from broker.keys.service import KeyCustody
 from broker.logs import configure_logging, install_redaction, redact_literally
-from broker.ops.access import AccessMiddleware
 from broker.ops.docs import add_offline_docs
 from broker.ops.health import router as health_router
 from broker.ops.openapi import install_openapi
+from broker.ops.pipeline import RequestPipeline
 from broker.origins import OriginCheck, parse_allowed_origins
 from broker.prompts import lifecycle
 from broker.proxy.bus import EventBus
 from broker.proxy.catalog import CatalogCache
 from broker.proxy.catalog_endpoints import assets_router
 from broker.proxy.catalog_endpoints import router as catalog_router
+from broker.proxy.endpoints import prompt_route
 from broker.proxy.endpoints import router as proxy_router
 from broker.proxy.events import EventHub
 from broker.proxy.fanout import Subscribers
 from broker.proxy.jobs_endpoints import router as jobs_router
 from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
-from broker.proxy.timing import ServerTimingMiddleware
 from broker.proxy.userdata import ComfyUsers
 from broker.proxy.userdata_endpoints import router as userdata_router
 from broker.proxy.websocket import router as websocket_router
@@ -151,18 +154,18 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app = FastAPI(
         title="Comfy key broker", version=__version__, description=DESCRIPTION, lifespan=lifespan,
         docs_url=None, redoc_url=None,  # served from the package below: no CDN
+        telemetry=_fastapi_telemetry(),
     )  # fmt: skip
     add_offline_docs(app)
     install_openapi(app)
     add_exception_handlers(app)
-    app.add_middleware(ForgetCachesOnAdminChanges)
-    app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     admin_token = settings.ADMIN_TOKEN.get_secret_value() if settings.ADMIN_TOKEN else None
-    app.add_middleware(CredentialsPrecheck, admin_token=admin_token, throttle=throttle)
-    app.add_middleware(OriginCheck, allowed=parse_allowed_origins(settings.ALLOWED_ORIGINS))
-    app.add_middleware(ServerTimingMiddleware)
-    app.add_middleware(UnhandledErrorMiddleware)
-    app.add_middleware(AccessMiddleware)
+    app.add_middleware(
+        RequestPipeline,
+        origins=OriginCheck(parse_allowed_origins(settings.ALLOWED_ORIGINS)),
+        credentials=CredentialsPrecheck(admin_token, throttle),
+        body_limit=BodyLimit(_body_limits(settings)),
+    )
     if settings.KEY_MODE is KeyMode.SEALED:  # first: ComfyUI calls it for every API node's poll
         app.include_router(egress_router)
     # Routes are matched in order: then ComfyUI's surface (POST /prompt), the busiest.
@@ -180,7 +183,37 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     app.include_router(userdata_router, prefix="/api", tags=["comfyui user data under /api"])
     app.include_router(websocket_router)
     app.include_router(websocket_router, prefix="/api")
+    # POST /prompt before any other route (its match is a string comparison), served
+    # without FastAPI's per-request machinery.
+    app.router.routes.insert(0, prompt_route())
     return app
+
+
+# What OpenTelemetry's API hands out until a provider is set (as FastAPI tells them apart).
+OTEL_STAND_INS = frozenset({
+    ("opentelemetry.trace", "ProxyTracerProvider"),
+    ("opentelemetry.metrics._internal", "_ProxyMeterProvider"),
+    ("opentelemetry._logs._internal", "ProxyLoggerProvider"),
+})  # fmt: skip
+
+
+def _fastapi_telemetry() -> TelemetryConfig:
+    """FastAPI's native OpenTelemetry, for each kind whose provider is set by the time the
+    app is made (`opentelemetry-instrument comfy-broker serve`), or all of it when FastAPI
+    configures the exporters itself at start-up (FASTAPI_OTEL_AUTO_CONFIGURE). Left on
+    where no provider is set, it asked the three global providers on every request
+    whether one had been set since: ~10-25 µs a request (docs/benchmarks.md, session 6)."""
+    if os.getenv("FASTAPI_OTEL_AUTO_CONFIGURE", "").lower() == "true":
+        return {}
+
+    def configured(provider: object) -> bool:
+        return (type(provider).__module__, type(provider).__name__) not in OTEL_STAND_INS
+
+    return {
+        "tracing": configured(trace.get_tracer_provider()),
+        "metrics": configured(metrics.get_meter_provider()),
+        "logs": configured(get_logger_provider()),
+    }
 
 
 def _bus(settings: Settings, pool: UpstreamPool, authenticator: Authenticator) -> EventBus | None:

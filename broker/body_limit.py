@@ -4,44 +4,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope
 
-from broker.error_handlers import render_error
 from broker.errors import PayloadTooLarge
 
 
-class BodyLimitMiddleware:
-    """Caps bodies per request by `limit_for(path)`.
+class BodyLimit:
+    """Caps bodies per request by `limit_for(path)`; asked by the request pipeline
+    (broker/ops/pipeline.py) before the application runs.
 
     With a Content-Length, an oversized request is refused before anything is read.
     Without one (chunked), the body is read up to the limit first: refusing it later,
     from inside the application's own body parsing, would come out as a 400.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int | None]) -> None:
-        self.app = app
+    def __init__(self, limit_for: Callable[[str], int | None]) -> None:
         self.limit_for = limit_for
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def admit(self, scope: Scope, receive: Receive) -> Receive | PayloadTooLarge:
+        """The `receive` to give the application (the body read so far replayed first),
+        or the error to refuse the request with."""
         limit = self.limit_for(scope["path"])
         if limit is None:  # the route streams the body and counts it itself
-            await self.app(scope, receive, send)
-            return
+            return receive
         declared = _content_length(scope)
         if declared is not None:
-            if declared > limit:
-                await _refuse(scope, receive, send, limit)
-                return
-            await self.app(scope, receive, send)
-            return
+            return receive if declared <= limit else _too_large(limit)
         buffered = await _read_up_to(receive, limit)
         if buffered is None:
-            await _refuse(scope, receive, send, limit)
-            return
-        await self.app(scope, _replay(buffered, receive), send)
+            return _too_large(limit)
+        return _replay(buffered, receive)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -79,7 +71,5 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    error = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    request_id = scope.get("state", {}).get("request_id")
-    await render_error(scope["path"], error, request_id)(scope, receive, send)
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from broker.errors import BrokerError, DatabaseUnavailable
 from broker.responses import JSONBody
@@ -126,38 +126,17 @@ def _methods_of(request: Request) -> set[str]:
     }
 
 
-class UnhandledErrorMiddleware:
-    """Turns any unexpected exception into a JSON 500 and stops it there.
+def unhandled_error(scope: Scope, exc: Exception) -> JSONBody:
+    """The JSON 500 for an unexpected exception, which the request pipeline
+    (broker/ops/pipeline.py) stops there.
 
     Starlette's own handler re-raises after answering, so the server would log the
     traceback with the exception's text, which may quote a request body and so a
     key. Here only the exception's class is logged.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:  # noqa: BLE001  (the point of this middleware)
-            log.error("request.unhandled_error path=%s error=%s", scope["path"], type(exc).__name__)
-            if not started:
-                request_id = scope.get("state", {}).get("request_id")
-                response = error_response(
-                    500, "internal_error", "Internal error.", request_id=request_id
-                )
-                await response(scope, receive, send)
+    log.error("request.unhandled_error path=%s error=%s", scope["path"], type(exc).__name__)
+    request_id = scope.get("state", {}).get("request_id")
+    return error_response(500, "internal_error", "Internal error.", request_id=request_id)
 
 
 async def handle_database_error(request: Request, exc: Exception) -> JSONBody:

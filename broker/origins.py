@@ -18,9 +18,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
-from broker.error_handlers import render_error
 from broker.errors import BrokerError, Forbidden
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -45,32 +44,24 @@ def _canonical(origin: str) -> str:
 
 
 class OriginCheck:
-    def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
-        self.app = app
+    """Asked by the request pipeline (broker/ops/pipeline.py) for HTTP requests and websocket
+    upgrades; a refused websocket is closed with 1008 before it is accepted."""
+
+    def __init__(self, allowed: frozenset[str] | None) -> None:
         self._allowed = allowed
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        error: BrokerError | None = None
+    def refusal(self, scope: Scope, headers: Headers) -> BrokerError | None:
+        """The error to refuse the request with, or None to let it through."""
         if not self._origin_allowed(headers.get("origin"), headers.get("host")):
-            error = Forbidden(
+            return Forbidden(
                 "Requests from this web origin are not allowed (BROKER_ALLOWED_ORIGINS).",
                 error_type="origin_not_allowed",
             )
-        elif scope["type"] == "http" and _needs_json(scope, headers):
-            error = UnsupportedMediaType(
+        if scope["type"] == "http" and _needs_json(scope, headers):
+            return UnsupportedMediaType(
                 "Send the body as application/json (requests with Basic credentials must)."
             )
-        if error is None:
-            await self.app(scope, receive, send)
-        elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": ""})
-        else:
-            request_id = scope.get("state", {}).get("request_id")
-            await render_error(scope["path"], error, request_id)(scope, receive, send)
+        return None
 
     def _origin_allowed(self, origin: str | None, host: str | None) -> bool:
         if origin is None or self._allowed is None:

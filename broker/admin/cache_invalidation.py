@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from broker.state import state_of
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class ForgetCachesOnAdminChanges:
-    """Calls the application's `forget_caches()` (broker/state.py) when a change through
-    `/admin` succeeds, as its answer starts: the change is committed by then (the
-    request's session commits before the response is sent)."""
+def is_admin_change(scope: Scope) -> bool:
+    """A request through `/admin` that may change what the caches hold."""
+    return scope["method"] not in READ_ONLY_METHODS and scope["path"].startswith("/admin/")
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] in READ_ONLY_METHODS
-            or not scope["path"].startswith("/admin/")
-        ):
-            await self.app(scope, receive, send)
-            return
-
-        async def send_and_forget(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] < 400:
-                state_of(scope["app"]).forget_caches()
-            await send(message)
-
-        await self.app(scope, receive, send_and_forget)
+def forget_caches_on_success(scope: Scope, status: int) -> None:
+    """Calls the application's `forget_caches()` (broker/state.py) when an admin change
+    succeeded, as its answer starts (the request pipeline, broker/ops/pipeline.py, calls this):
+    the change is committed by then (the request's session commits before the response is
+    sent)."""
+    if status < 400:
+        state_of(scope["app"]).forget_caches()

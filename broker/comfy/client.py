@@ -5,7 +5,9 @@ cookies, Authorization) ever reaches ComfyUI.
 
 The client speaks httpx's API over aiohttp's connection handling (`httpx-aiohttp`):
 measured here, a bare proxy forwards 5-7× as many requests per second with it as with
-httpx's default transport (docs/benchmarks.md).
+httpx's default transport (docs/benchmarks.md). The prompt's submit, the busiest call,
+goes to the same aiohttp session directly: httpx's request and response models cost
+about as much again as aiohttp's own (docs/benchmarks.md, session 6).
 """
 
 from __future__ import annotations
@@ -31,23 +33,36 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 LARGE_BODY_BYTES = 1024 * 1024
 
 
+class UpstreamHttp(httpx.AsyncClient):
+    """httpx's API over one aiohttp session, and that session itself (`session`, with the
+    same timeouts in `timeout_for_session`) for the calls that skip httpx's models."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, *, connect_timeout: float, read_timeout: float
+    ) -> None:
+        super().__init__(
+            transport=AiohttpTransport(client=session, trust_env=False),
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.session = session
+        # What httpx-aiohttp makes of the httpx.Timeout above: `connect` bounds the wait
+        # for a pooled connection (httpx's pool timeout defaults to the read timeout).
+        self.timeout_for_session = aiohttp.ClientTimeout(
+            total=None, connect=read_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+
+
 def create_http_client(
     *, connect_timeout: float, read_timeout: float, max_connections: int = 64
-) -> httpx.AsyncClient:
+) -> UpstreamHttp:
     """The process-wide client: keep-alive, bounded pool, explicit timeouts. Call it
     within the event loop that will use it."""
-
-    def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60)
-        # trust_env=False: never route requests carrying keys through an env proxy.
-        return aiohttp.ClientSession(connector=connector, trust_env=False)
-
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(client=session, trust_env=False),
-        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-        follow_redirects=False,
-        trust_env=False,
-    )
+    connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60)
+    # trust_env=False: never route requests carrying keys through an env proxy.
+    session = aiohttp.ClientSession(connector=connector, trust_env=False)
+    return UpstreamHttp(session, connect_timeout=connect_timeout, read_timeout=read_timeout)
 
 
 class ComfyClient:
@@ -66,13 +81,14 @@ class ComfyClient:
 
     async def submit_prompt(self, body: bytes) -> dict[str, Any]:
         """POST /prompt. Returns ComfyUI's 200 answer; raises PromptRejected on its 400."""
-        response = await self._send("POST", "/prompt", **_json_body(body))
-        if response.status_code == 400:
-            raise PromptRejected(_json_object(response, fallback_type="invalid_prompt"))
-        return _expect_json_object(response)
+        status, content = await self._post_for_content("/prompt", body)
+        if status == 400:
+            raise PromptRejected(_json_object(content, fallback_type="invalid_prompt"))
+        return _expect_json_object(status, content)
 
     async def get_json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
-        return _expect_json_object(await self._send("GET", path, params=params))
+        response = await self._send("GET", path, params=params)
+        return _expect_json_object(response.status_code, response.content)
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Any request (httpx arguments), answered as ComfyUI answers it, status included."""
@@ -93,6 +109,25 @@ class ComfyClient:
     async def open_stream(self, path: str, params: list[tuple[str, str]]) -> httpx.Response:
         """GET with the body left unread, for streaming it on. The caller must `aclose()` it."""
         return await self._send("GET", path, params=params, stream=True)
+
+    async def _post_for_content(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST a JSON body: the answer's status and body, through aiohttp directly when
+        the client has its session (every client the broker makes; `doctor`'s does not)."""
+        if not isinstance(self._http, UpstreamHttp):
+            sent = await self._send("POST", path, **_json_body(body))
+            return sent.status_code, sent.content
+        arguments = _json_body(body)
+        try:
+            async with self._http.session.post(
+                self.base_url + path,
+                data=arguments["content"],
+                headers=arguments["headers"],
+                timeout=self._http.timeout_for_session,
+                allow_redirects=False,
+            ) as answer:
+                return answer.status, await answer.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _upstream_error(exc, f"POST {path}") from exc
 
     async def _send(
         self, method: str, path: str, *, stream: bool = False, **kwargs: Any
@@ -138,15 +173,15 @@ def _upstream_error(exc: Exception, what: str) -> BrokerError:
     return UpstreamConnectionLost(f"The connection to ComfyUI failed ({type(cause).__name__}).")
 
 
-def _expect_json_object(response: httpx.Response) -> dict[str, Any]:
-    if response.status_code != 200:
-        raise UpstreamUnavailable(f"ComfyUI answered {response.status_code}.")
-    return _json_object(response, fallback_type=None)
+def _expect_json_object(status: int, content: bytes) -> dict[str, Any]:
+    if status != 200:
+        raise UpstreamUnavailable(f"ComfyUI answered {status}.")
+    return _json_object(content, fallback_type=None)
 
 
-def _json_object(response: httpx.Response, *, fallback_type: str | None) -> dict[str, Any]:
+def _json_object(content: bytes, *, fallback_type: str | None) -> dict[str, Any]:
     try:
-        parsed = orjson.loads(response.content)
+        parsed = orjson.loads(content)
     except orjson.JSONDecodeError:
         parsed = None
     if isinstance(parsed, dict):

@@ -1,18 +1,17 @@
-"""Per request: an id (X-Request-ID, echoed or minted), one access log line, and the
-request metrics. The line reads on its own in text logs (`GET /prompt 200 12.3ms
-id=…`) and carries the same as fields in JSON lines. The path is logged without its
-query string (`?token=`); health probes are logged at DEBUG."""
+"""Per request (the request pipeline, broker/ops/pipeline.py, asks): an id (X-Request-ID,
+echoed or minted), one access log line, and the request metrics. The line reads on its
+own in text logs (`GET /prompt 200 12.3ms id=…`) and carries the same as fields in JSON
+lines. The path is logged without its query string (`?token=`); health probes are logged
+at DEBUG."""
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from broker.ops import metrics
 
@@ -22,33 +21,8 @@ PROBES = frozenset({"/healthz", "/readyz"})  # polled every few seconds by load 
 CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class AccessMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id = _request_id(scope)
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            _observe(scope, status, time.perf_counter() - started)
-
-
-def _request_id(scope: Scope) -> str:
+def request_id(scope: Scope) -> str:
+    """The client's X-Request-ID if it is a sensible one, else a new id."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             candidate = str(value.decode("latin-1"))
@@ -57,7 +31,8 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def _observe(scope: Scope, status: int, seconds: float) -> None:
+def observe(scope: Scope, status: int, seconds: float) -> None:
+    """The access line and the request metrics, once the request is over."""
     state: dict[str, Any] = scope.get("state", {})
     route = getattr(scope.get("route"), "path", "unmatched")
     timing = state.get("timing")

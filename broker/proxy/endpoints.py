@@ -6,16 +6,25 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.background import BackgroundTask
+from starlette.routing import BaseRoute, Match, NoMatchFound, request_response
+from starlette.types import Receive, Scope, Send
 
 from broker.comfy.errors import PromptRejected
 from broker.db.base import utc_now
-from broker.dependencies import CurrentUser, DbSession, OperatorCaller
+from broker.dependencies import (
+    CurrentUser,
+    DbSession,
+    OperatorCaller,
+    get_acting_user,
+    get_current_caller,
+)
 from broker.errors import error_responses
 from broker.files import present
 from broker.proxy import history, interrupt, queue, uploads, view
 from broker.proxy import service as proxy_service
-from broker.proxy.dependencies import Proxy
+from broker.proxy.dependencies import Proxy, get_proxy
 from broker.proxy.operator_routes import relay_to_operator, relayed_path
 from broker.proxy.schemas import (
     ComfyError,
@@ -80,6 +89,42 @@ async def post_prompt(
     except PromptRejected as exc:  # ComfyUI's validation, by the user's own file names
         raise PromptRejected(present.for_user(exc.body(), acting.user_id, errors=True)) from None
     return _answer(answer, acting)
+
+
+async def serve_prompt(request: Request) -> Response:
+    """`post_prompt` with its dependencies called in the order FastAPI solves them, for
+    `PromptRoute` (a test keeps the two lists of dependencies the same)."""
+    acting = await get_acting_user(request, await get_current_caller(request))
+    proxy = await get_proxy(request)
+    return await post_prompt(request, acting, proxy, request.headers.get("idempotency-key"))
+
+
+class PromptRoute(BaseRoute):
+    """POST /prompt and /api/prompt, the busiest route, matched by exact path ahead of
+    every other route and served by `serve_prompt`: FastAPI's per-request dependency
+    solving and its route lookup through the included routers were ~15 % of a prompt's
+    CPU (docs/benchmarks.md, session 6). The FastAPI route above stays for the OpenAPI
+    document, and serves nothing; errors reach the same exception handlers."""
+
+    PATHS = frozenset({"/prompt", "/api/prompt"})
+
+    def __init__(self, documented: APIRoute) -> None:
+        self.documented = documented  # named in scope["route"] as FastAPI would (access log)
+        self.app = request_response(serve_prompt)
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # Behind a root path FastAPI's route matches instead: the same answer, slower.
+        served = scope["type"] == "http" and scope["method"] == "POST"
+        if served and scope["path"] in self.PATHS:
+            return Match.FULL, {}
+        return Match.NONE, {}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.documented
+        await self.app(scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> Any:
+        raise NoMatchFound(name, path_params)
 
 
 def _answer(answer: PromptAnswer, acting: ActingUser) -> Response:
@@ -264,3 +309,12 @@ for _method, _path, _summary in OPERATOR_ROUTES:
     router.add_api_route(
         _path, relay_for_operator, methods=[_method], summary=_summary, tags=["operator"]
     )
+
+
+def prompt_route() -> PromptRoute:
+    documented = next(
+        route
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.endpoint is post_prompt
+    )
+    return PromptRoute(documented)

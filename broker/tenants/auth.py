@@ -21,14 +21,13 @@ from cachetools import TTLCache
 from fastapi import WebSocket
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from broker.audit.service import Actor
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
 from broker.db.models import Token, TokenKind
 from broker.db.session import read_scope
-from broker.error_handlers import render_error
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -255,39 +254,37 @@ def _is_egress(scope: Scope) -> bool:
 
 
 class CredentialsPrecheck:
-    """Answers 401 to HTTP requests whose credentials cannot be valid (none, or nothing
+    """Refuses with 401 HTTP requests whose credentials cannot be valid (none, or nothing
     shaped like a broker token) before the application reads their body: anonymous
-    clients get no upload parsed and no word from the body's validation.
+    clients get no upload parsed and no word from the body's validation. Asked by the
+    request pipeline (broker/ops/pipeline.py).
 
     The real check (the token's hash in the database) is still the route's dependency.
     """
 
-    def __init__(self, app: ASGIApp, admin_token: str | None, throttle: FailedAuthThrottle) -> None:
-        self.app = app
+    def __init__(self, admin_token: str | None, throttle: FailedAuthThrottle) -> None:
         self._admin_token_hash = hash_token(admin_token) if admin_token else None
         self._throttle = throttle
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_public(scope["path"]) or _is_egress(scope):
-            await self.app(scope, receive, send)
-            return
-        authorization = Headers(scope=scope).get("authorization")
-        client = scope["client"][0] if scope.get("client") else None
+    def refusal(self, scope: Scope, headers: Headers) -> BrokerError | None:
+        """The error to answer an HTTP request with, or None to let it through."""
+        if _is_public(scope["path"]) or _is_egress(scope):
+            return None
+        authorization = headers.get("authorization")
         try:
             self._check(authorization)
         except Unauthorized as error:
-            failure: BrokerError = error
-            if authorization:  # bad credentials count; none at all do not
-                credentials = _throttled_as(authorization)
-                try:
-                    self._throttle.check(client, credentials)
-                    self._throttle.failed(client, credentials)
-                except TooManyRequests as throttled:
-                    failure = throttled
-            request_id = scope.get("state", {}).get("request_id")
-            await render_error(scope["path"], failure, request_id)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+            if not authorization:  # bad credentials count; none at all do not
+                return error
+            client = scope["client"][0] if scope.get("client") else None
+            credentials = _throttled_as(authorization)
+            try:
+                self._throttle.check(client, credentials)
+                self._throttle.failed(client, credentials)
+            except TooManyRequests as throttled:
+                return throttled
+            return error
+        return None
 
     def _check(self, authorization: str | None) -> None:
         raw = token_from_header(authorization)
