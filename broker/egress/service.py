@@ -38,7 +38,7 @@ from broker.egress.errors import EgressRefusal, no_budget, unauthorized
 from broker.egress.repository import Holder
 from broker.egress.rewrite import Rewriter
 from broker.keys import service as keys_service
-from broker.keys.service import KeyCustody, KeyUnreadable, UnsealedKey
+from broker.keys.service import KeyCustody, KeyUnreadable
 from broker.prompts import lifecycle
 from broker.prompts.settlement import ApiCall
 from broker.settings import Settings
@@ -135,22 +135,17 @@ class Egress:
         self, request: Request, target: str, grant: str | None
     ) -> tuple[Holder, str]:
         """The prompt the call is for and its user's key, or a refusal (recorded when it is
-        the budget's). Reads only, on the driver's connection: on SQLite it takes no write
-        lock."""
+        the budget's). Reads only, on the driver's connection (on SQLite it takes no write
+        lock): one statement, and the budgets' for a charging call if any apply."""
         charging = request.method not in FREE_METHODS
 
-        async def read(tx: Tx) -> tuple[Holder | None, NoRoom | None, UnsealedKey]:
+        async def read(tx: Tx) -> tuple[Holder | None, NoRoom | None]:
             holder = await self._holder(tx, request.headers, target, grant)
             if holder is None or not _job_matches(request.headers, holder.prompt_id):
-                return None, None, None
-            full = await exhausted_budget(tx, holder, utc_now()) if charging else None
-            if full is not None:
-                return holder, full, None
-            owner = (holder.tenant_id, holder.user_id)
-            keys = await keys_service.unseal_for_prompts(tx, self.custody, [owner])
-            return holder, None, keys[holder.user_id]
+                return None, None
+            return holder, await exhausted_budget(tx, holder, utc_now()) if charging else None
 
-        holder, full, api_key = await self.reads.run(read)
+        holder, full = await self.reads.run(read)
         if holder is None:
             raise unauthorized()
         if full is not None:
@@ -159,10 +154,13 @@ class Egress:
             )
             await self._record_refusal(holder, request.method, target, "budget_exhausted")
             raise no_budget(full.scope)
+        if holder.stored_key is None:
+            raise unauthorized()
+        api_key = keys_service.unseal_stored(
+            self.custody, holder.tenant_id, holder.user_id, holder.stored_key
+        )
         if isinstance(api_key, KeyUnreadable):
             log.error("egress.key_unreadable user_id=%s", holder.user_id)
-            raise unauthorized()
-        if api_key is None:
             raise unauthorized()
         return holder, api_key
 
