@@ -152,9 +152,7 @@ def main() -> None:
                 say(f"upstream: {args.upstream} fake Comfy API at {api_url}")
                 say(f"load generator: {load.name}; {args.repeats} × {args.duration} s per run")
                 results = {
-                    (call.name, concurrency): _measure(
-                        load, urls, servers, call, concurrency, args
-                    )
+                    (call.name, concurrency): _measure(load, urls, servers, call, concurrency, args)
                     for call in calls
                     for concurrency in (1, 16)
                 }

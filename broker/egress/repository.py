@@ -52,9 +52,7 @@ _VALID = or_(
     *(Prompt.status == status for status in sorted(UNFINISHED)),
     func.coalesce(Prompt.finished_at, Prompt.updated_at) > bindparam("since", type_=UTCDateTime()),
 )
-_BUDGETED = (
-    select(Budget.id).where(budgets_over(Capability.tenant_id, Capability.user_id)).exists()
-)
+_BUDGETED = select(Budget.id).where(budgets_over(Capability.tenant_id, Capability.user_id)).exists()
 _HOLDER = (
     select(
         Capability.token_hash, Capability.prompt_id, Capability.tenant_id, Capability.user_id,
@@ -87,5 +85,10 @@ async def valid_for_prompt(
 
 
 def _holder(row: Sequence[Any]) -> Holder:
+    token_hash, prompt_id, tenant_id, user_id, reservations, metered_mc, status, budgeted = row[:8]
     stored_key = tuple(row[8:])
-    return Holder(*row[:8], stored_key=stored_key if stored_key[0] is not None else None)
+    return Holder(
+        token_hash, prompt_id, tenant_id, user_id, reservations, metered_mc, status,
+        budgeted=bool(budgeted),
+        stored_key=stored_key if stored_key[0] is not None else None,
+    )  # fmt: skip

@@ -101,7 +101,7 @@ class Egress:
 
     async def stop(self) -> None:
         await self.http.aclose()
-        self.reads.close()
+        await self.reads.close()
 
     @property
     def grace(self) -> timedelta:
