@@ -126,9 +126,8 @@ class Egress:
             await self._record(holder, request.method, path, refusal.status, started, None)
             return refusal.response()
         await self._record(holder, request.method, path, upstream.status_code, started, upstream)
-        base = str(request.base_url).rstrip("/") + PREFIX + "/"
         sign = functools.partial(self.grants.sign, holder.prompt_id, holder.token_hash)
-        rewriter = Rewriter(self.settings.COMFY_API_URL, base, sign)
+        rewriter = Rewriter(self.settings.COMFY_API_URL, functools.partial(_base, request), sign)
         return await _answer(upstream, rewriter, api_key)
 
     async def _authorize(
@@ -262,6 +261,11 @@ class Egress:
             )  # fmt: skip
 
 
+def _base(request: Request) -> str:
+    """The egress's own URL, as the caller reached it."""
+    return str(request.base_url).rstrip("/") + PREFIX + "/"
+
+
 def _presented(headers: Headers) -> str | None:
     key = headers.get("x-api-key")
     if key:
@@ -378,7 +382,7 @@ async def _answer(upstream: httpx.Response, rewriter: Rewriter, api_key: str) ->
 
 
 def _cleaned(body: bytes, is_json: bool, rewriter: Rewriter, api_key: str) -> bytes:
-    if is_json:
+    if is_json and rewriter.may_rewrite(body):
         try:
             value = orjson.loads(body)
         except orjson.JSONDecodeError:
