@@ -49,6 +49,9 @@ class CountingTx:
     async def execute_many(self, statement: Statement, values: Sequence[Mapping[str, Any]]) -> None:
         raise AssertionError("the egress's authorization only reads")
 
+    def after_commit(self, action: Any) -> None:
+        raise AssertionError("the egress's authorization only reads")
+
 
 @pytest.fixture
 def statements_per_call(monkeypatch: pytest.MonkeyPatch) -> list[int]:
