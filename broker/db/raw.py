@@ -268,14 +268,20 @@ class RawReads:
     SQLite: a `sqlite3` connection of its own, read in the event loop's thread, one short
     read transaction per `run` (in WAL mode a reader never waits for the writer). Should it
     ever be refused (SQLITE_BUSY while another connection recovers the log), `run` reads
-    through a session instead. PostgreSQL: a pooled connection per `run`, each statement
-    on its own (autocommit)."""
+    through a session instead. PostgreSQL: each statement on its own (autocommit), on a
+    connection kept for these reads (up to `KEPT` of them, one per concurrent `run`): a
+    checkout from the engine's pool pings the server first (`pool_pre_ping`: three round
+    trips with asyncpg), more than the reads themselves. A kept connection found broken is
+    replaced and the reads run again, once, on a fresh one (they change nothing)."""
+
+    KEPT = 4
 
     def __init__(self, engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self._engine = engine
         self._sessionmaker = sessionmaker
         self._compile = Compiled(engine.dialect)
         self._sqlite: sqlite3.Connection | None = None
+        self._kept: list[tuple[AsyncConnection, Any]] = []  # PostgreSQL: idle, its driver's
 
     async def run(self, body: Callable[[Tx], Coroutine[Any, Any, T]]) -> T:
         """`body` may await only the transaction's methods."""
@@ -288,13 +294,45 @@ class RawReads:
                     return await body(SessionTx(session))
             except sqlite3.Error as exc:  # as the session path raises it (503, not 500)
                 raise _as_sqlalchemy_error(exc) from exc
-        async with self._engine.connect() as connection:
+        kept = await self._kept_connection()
+        if kept is not None:
+            try:
+                return await self._run_on_postgres(kept, body)
+            except _CONNECTION_LOST as exc:  # while it was kept: the server restarted, say
+                log.info("db.raw_read_reconnect error=%s", type(exc).__name__)
+            except asyncpg.PostgresError as exc:
+                raise _as_sqlalchemy_error(exc) from exc
+        try:
+            return await self._run_on_postgres(await self._engine.connect(), body)
+        except (*_CONNECTION_LOST, asyncpg.PostgresError) as exc:
+            raise _as_sqlalchemy_error(exc) from exc
+
+    async def _kept_connection(self) -> AsyncConnection | None:
+        """An idle kept connection, if one is left that the driver has not seen closed."""
+        while self._kept:
+            connection, driver = self._kept.pop()
+            if not driver.is_closed():
+                return connection
+            await _discard(connection)
+        return None
+
+    async def _run_on_postgres(
+        self, connection: AsyncConnection, body: Callable[[Tx], Coroutine[Any, Any, T]]
+    ) -> T:
+        """`body` on `connection`, kept afterwards; discarded if `body` did not finish (an
+        error, or cancelled mid-read: its state is unknown)."""
+        try:
             raw = await connection.get_raw_connection()
             driver = _PostgresDriver(raw.driver_connection)
-            try:
-                return await body(RawTransaction(driver, self._compile, "postgresql"))
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                raise _as_sqlalchemy_error(exc) from exc
+            result = await body(RawTransaction(driver, self._compile, "postgresql"))
+        except BaseException:
+            await asyncio.shield(_discard(connection))
+            raise
+        if len(self._kept) < self.KEPT:
+            self._kept.append((connection, raw.driver_connection))
+        else:
+            await connection.close()
+        return result
 
     async def _run_on_sqlite(self, body: Callable[[Tx], Coroutine[Any, Any, T]]) -> T:
         if self._sqlite is None:
@@ -306,10 +344,27 @@ class RawReads:
         finally:
             _roll_back(connection)  # it only read; a snapshot kept would hold checkpoints back
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        kept, self._kept = self._kept, []
+        for connection, _ in kept:
+            await connection.close()
         if self._sqlite is not None:
             self._sqlite.close()
             self._sqlite = None
+
+
+# A kept connection that fails with one of these is replaced, and the reads run again.
+# InternalClientError: the server closed it, and asyncpg had not noticed yet.
+_CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.InternalClientError,
+                    asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+                    OSError)  # fmt: skip
+
+
+async def _discard(connection: AsyncConnection) -> None:
+    try:
+        await connection.invalidate()
+    except Exception as exc:  # noqa: BLE001  it is being thrown away anyway
+        log.debug("db.raw_discard_failed error=%s", type(exc).__name__)
 
 
 def _open_sqlite(

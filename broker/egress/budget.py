@@ -15,6 +15,8 @@ async def exhausted_budget(tx: Tx, holder: Holder, now: datetime) -> NoRoom | No
     """The first budget over the prompt's user or tenant with no room left, if any. A
     settled prompt holds no reservation any more, and what it was charged is already in
     the budgets' spend: a late call is measured against the spend alone."""
+    if not holder.budgeted:
+        return None
     if holder.settled:
         return await budgets.no_room_for_call(tx, holder.tenant_id, holder.user_id, (), 0, now)
     own = [Reservation.from_dict(item) for item in holder.reservations]

@@ -6,6 +6,7 @@ for exactly that URL (broker/egress/capabilities.py)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +14,22 @@ from broker.egress.capabilities import with_grant
 
 
 class Rewriter:
-    def __init__(self, api_url: str, egress_base: str, sign: Callable[[str], str]) -> None:
+    def __init__(
+        self, api_url: str, egress_base: Callable[[], str], sign: Callable[[str], str]
+    ) -> None:
         self.api_url = api_url.rstrip("/")
-        self.egress_base = egress_base  # ends with "/"
+        self._api_url_bytes = self.api_url.encode()
+        self._egress_base = egress_base  # ends with "/"; asked only for a URL rewritten
         self._sign = sign
+
+    @functools.cached_property
+    def egress_base(self) -> str:
+        return self._egress_base()
+
+    def may_rewrite(self, body: bytes) -> bool:
+        """Whether a JSON answer may hold a Comfy API URL: it names the API's URL, or has
+        an escape that might spell it (most answers, polls among them, do neither)."""
+        return self._api_url_bytes in body or b"\\" in body
 
     def url(self, value: str) -> str:
         """`value` pointed at the egress if it points at the Comfy API, else as it is."""

@@ -38,7 +38,7 @@ from broker.egress.errors import EgressRefusal, no_budget, unauthorized
 from broker.egress.repository import Holder
 from broker.egress.rewrite import Rewriter
 from broker.keys import service as keys_service
-from broker.keys.service import KeyCustody, KeyUnreadable, UnsealedKey
+from broker.keys.service import KeyCustody, KeyUnreadable
 from broker.prompts import lifecycle
 from broker.prompts.settlement import ApiCall
 from broker.settings import Settings
@@ -101,7 +101,7 @@ class Egress:
 
     async def stop(self) -> None:
         await self.http.aclose()
-        self.reads.close()
+        await self.reads.close()
 
     @property
     def grace(self) -> timedelta:
@@ -126,31 +126,25 @@ class Egress:
             await self._record(holder, request.method, path, refusal.status, started, None)
             return refusal.response()
         await self._record(holder, request.method, path, upstream.status_code, started, upstream)
-        base = str(request.base_url).rstrip("/") + PREFIX + "/"
         sign = functools.partial(self.grants.sign, holder.prompt_id, holder.token_hash)
-        rewriter = Rewriter(self.settings.COMFY_API_URL, base, sign)
+        rewriter = Rewriter(self.settings.COMFY_API_URL, functools.partial(_base, request), sign)
         return await _answer(upstream, rewriter, api_key)
 
     async def _authorize(
         self, request: Request, target: str, grant: str | None
     ) -> tuple[Holder, str]:
         """The prompt the call is for and its user's key, or a refusal (recorded when it is
-        the budget's). Reads only, on the driver's connection: on SQLite it takes no write
-        lock."""
+        the budget's). Reads only, on the driver's connection (on SQLite it takes no write
+        lock): one statement, and the budgets' for a charging call if any apply."""
         charging = request.method not in FREE_METHODS
 
-        async def read(tx: Tx) -> tuple[Holder | None, NoRoom | None, UnsealedKey]:
+        async def read(tx: Tx) -> tuple[Holder | None, NoRoom | None]:
             holder = await self._holder(tx, request.headers, target, grant)
             if holder is None or not _job_matches(request.headers, holder.prompt_id):
-                return None, None, None
-            full = await exhausted_budget(tx, holder, utc_now()) if charging else None
-            if full is not None:
-                return holder, full, None
-            owner = (holder.tenant_id, holder.user_id)
-            keys = await keys_service.unseal_for_prompts(tx, self.custody, [owner])
-            return holder, None, keys[holder.user_id]
+                return None, None
+            return holder, await exhausted_budget(tx, holder, utc_now()) if charging else None
 
-        holder, full, api_key = await self.reads.run(read)
+        holder, full = await self.reads.run(read)
         if holder is None:
             raise unauthorized()
         if full is not None:
@@ -159,10 +153,13 @@ class Egress:
             )
             await self._record_refusal(holder, request.method, target, "budget_exhausted")
             raise no_budget(full.scope)
+        if holder.stored_key is None:
+            raise unauthorized()
+        api_key = keys_service.unseal_stored(
+            self.custody, holder.tenant_id, holder.user_id, holder.stored_key
+        )
         if isinstance(api_key, KeyUnreadable):
             log.error("egress.key_unreadable user_id=%s", holder.user_id)
-            raise unauthorized()
-        if api_key is None:
             raise unauthorized()
         return holder, api_key
 
@@ -262,6 +259,11 @@ class Egress:
                 "egress.record_failed prompt_id=%s credits_mc=%s error=%s",
                 call.prompt_id, call.credits_mc, type(exc).__name__,
             )  # fmt: skip
+
+
+def _base(request: Request) -> str:
+    """The egress's own URL, as the caller reached it."""
+    return str(request.base_url).rstrip("/") + PREFIX + "/"
 
 
 def _presented(headers: Headers) -> str | None:
@@ -380,7 +382,7 @@ async def _answer(upstream: httpx.Response, rewriter: Rewriter, api_key: str) ->
 
 
 def _cleaned(body: bytes, is_json: bool, rewriter: Rewriter, api_key: str) -> bytes:
-    if is_json:
+    if is_json and rewriter.may_rewrite(body):
         try:
             value = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import SecretStr
 from sqlalchemy import Uuid, bindparam, select
@@ -150,9 +151,9 @@ class KeyUnreadable:
 
 
 UnsealedKey = str | KeyUnreadable | None  # None: no key is stored
-_KEY_OF_USER = select(
-    ComfyKey.id, ComfyKey.kek_id, ComfyKey.wrapped_data_key, ComfyKey.ciphertext
-).where(
+# What `unseal_stored` needs of a stored key (a statement of another room may join them in).
+STORED_KEY = (ComfyKey.id, ComfyKey.kek_id, ComfyKey.wrapped_data_key, ComfyKey.ciphertext)
+_KEY_OF_USER = select(*STORED_KEY).where(
     ComfyKey.tenant_id == bindparam("for_tenant", type_=Uuid()),
     ComfyKey.user_id == bindparam("for_user", type_=Uuid()),
 )
@@ -169,16 +170,22 @@ async def unseal_for_prompts(
         if user_id in keys:
             continue
         rows = await tx.fetch(_KEY_OF_USER, {"for_tenant": tenant_id, "for_user": user_id})
-        keys[user_id] = None
-        if rows:
-            key_id, kek_id, wrapped, ciphertext = rows[0]
-            try:
-                keys[user_id] = custody.keyring.unseal(
-                    SealedKey(kek_id, wrapped, ciphertext), KeyContext(tenant_id, user_id, key_id)
-                )
-            except UnsealError:  # the keyring logged which KEK and what to do
-                keys[user_id] = KeyUnreadable(kek_id)
+        keys[user_id] = unseal_stored(custody, tenant_id, user_id, rows[0]) if rows else None
     return keys
+
+
+def unseal_stored(
+    custody: KeyCustody, tenant_id: uuid.UUID, user_id: uuid.UUID, stored: Sequence[Any]
+) -> str | KeyUnreadable:
+    """The plaintext of a key read as `STORED_KEY`'s columns, for the same uses as
+    `unseal_for_prompts` (the egress reads them with its capability, in one statement)."""
+    key_id, kek_id, wrapped, ciphertext = stored
+    try:
+        return custody.keyring.unseal(
+            SealedKey(kek_id, wrapped, ciphertext), KeyContext(tenant_id, user_id, key_id)
+        )
+    except UnsealError:  # the keyring logged which KEK and what to do
+        return KeyUnreadable(kek_id)
 
 
 async def keys_stored(tx: Tx, owners: Iterable[tuple[uuid.UUID, uuid.UUID]]) -> set[uuid.UUID]:
