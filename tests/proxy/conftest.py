@@ -24,7 +24,9 @@ def settings(settings: Settings, fake_comfy: FakeComfyUI) -> Settings:
 async def live(
     settings: Settings, db: async_sessionmaker[AsyncSession]
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The broker on a real loopback port (websockets need one)."""
+    """The broker on a real loopback port (websockets need one). The client waits longer
+    than httpx's 5 s: no test here is about the client's timeout, and a loaded CI machine
+    has taken longer than that to answer."""
     with serve_in_thread(create_app(settings)) as url:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             yield client
