@@ -61,6 +61,11 @@ async def test_comfyui_workflow_client(
 
 
 async def test_comfy_script(live: httpx.AsyncClient, alice: User, fake_comfy: FakeComfyUI) -> None:
+    # comfy-script's websocket watcher connects from a thread after load(), while the script
+    # goes on to queue its workflow; a prompt that ends at once (the fake's 10 ms) could end
+    # before the watcher is there, and comfy-script waits for it forever. A real one takes
+    # seconds; a second here is enough for the watcher.
+    fake_comfy.execution_time = 1.0
     answer = await run_client("run_comfy_script.py", live, alice)
     prompt_id = answer["prompt_id"]
     entry = (await live.get(f"/history/{prompt_id}", headers=alice.auth)).json()[prompt_id]
