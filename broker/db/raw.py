@@ -218,12 +218,8 @@ class RawConnections:
     async def _discard(self) -> None:
         """Give the connection up (rolled back): the next transaction takes a fresh one."""
         connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        try:
-            await connection.invalidate()
-        except Exception as exc:  # noqa: BLE001  it is being thrown away anyway
-            log.debug("db.raw_discard_failed error=%s", type(exc).__name__)
+        if connection is not None:
+            await _discard(connection)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

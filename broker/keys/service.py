@@ -164,7 +164,7 @@ async def unseal_for_prompts(
 ) -> dict[uuid.UUID, UnsealedKey]:
     """Each user's plaintext key (by user id), for the prompts being admitted (inject mode)
     or a Comfy API call going on (sealed mode's egress): only to be put into what goes to
-    ComfyUI or the Comfy API. The one place that unseals a key."""
+    ComfyUI or the Comfy API. With `unseal_stored`, the only code that unseals a key."""
     keys: dict[uuid.UUID, UnsealedKey] = {}
     for tenant_id, user_id in owners:
         if user_id in keys:
