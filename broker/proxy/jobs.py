@@ -17,7 +17,7 @@ from broker.db.models import Prompt, PromptStatus
 from broker.db.session import session_scope
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.proxy import history, interrupt, queue
-from broker.proxy.repository import JobRow, OwnPromptRepository
+from broker.proxy.repository import JobOrder, JobRow, OwnPromptRepository
 from broker.proxy.service import ProxyContext
 from broker.tenants.auth import ActingUser
 from broker.usage.repository import PromptRepository
@@ -36,6 +36,8 @@ JOB_OF_PROMPT = {
     PromptStatus.INTERRUPTED: CANCELLED,
 }  # `rejected` prompts never reached a queue: they are no jobs
 UNFINISHED = frozenset({PENDING, IN_PROGRESS})
+# ComfyUI lists running jobs, then pending ones, then its history, and then sorts (stably).
+LISTED_FIRST = {PromptStatus.RUNNING: 0, PromptStatus.PENDING: 1, PromptStatus.QUEUED: 1}
 # A workflow_id filter needs each job's workflow from its server: the latest this many.
 WORKFLOW_SCAN_LIMIT = 500
 PREVIEWABLE = frozenset({"images", "video", "audio", "3d", "text"})
@@ -79,18 +81,20 @@ def parse_query(
 async def list_jobs(context: ProxyContext, acting: ActingUser, query: JobQuery) -> dict[str, Any]:
     wanted = set(query.statuses or JOB_STATUSES)
     prompt_statuses = [status for status, job in JOB_OF_PROMPT.items() if job in wanted]
-    async with session_scope(context.sessionmaker) as session:
-        rows = await OwnPromptRepository.from_session(session).job_rows(
-            acting.user_id, prompt_statuses
-        )
-    rows = _sorted(rows, query.sort_by, query.sort_order)
+    order = JobOrder(
+        by_duration=query.sort_by == "execution_duration",
+        descending=query.sort_order == "desc",
+        phases=LISTED_FIRST,
+    )
     if query.workflow_id:
-        rows = rows[:WORKFLOW_SCAN_LIMIT]
+        rows, _ = await _job_rows(context, acting, prompt_statuses, order, 0, WORKFLOW_SCAN_LIMIT)
         jobs = [job for job in await _jobs(context, acting, rows) if _workflow(job, query)]
         total, page = len(jobs), _page(jobs, query)
     else:
-        total = len(rows)
-        page = await _jobs(context, acting, _page(rows, query))
+        rows, total = await _job_rows(
+            context, acting, prompt_statuses, order, query.offset, query.limit
+        )
+        page = await _jobs(context, acting, rows)
     return {
         "jobs": page,
         "pagination": {
@@ -102,6 +106,20 @@ async def list_jobs(context: ProxyContext, acting: ActingUser, query: JobQuery) 
     }
 
 
+async def _job_rows(
+    context: ProxyContext,
+    acting: ActingUser,
+    statuses: list[PromptStatus],
+    order: JobOrder,
+    offset: int,
+    limit: int | None,
+) -> tuple[list[JobRow], int]:
+    async with session_scope(context.sessionmaker) as session:
+        return await OwnPromptRepository.from_session(session).job_page(
+            acting.user_id, statuses, order, offset=offset, limit=limit
+        )
+
+
 def _workflow(job: dict[str, Any], query: JobQuery) -> bool:
     return bool(job.get("workflow_id") == query.workflow_id)
 
@@ -109,22 +127,6 @@ def _workflow(job: dict[str, Any], query: JobQuery) -> bool:
 def _page(items: list[Any], query: JobQuery) -> list[Any]:
     end = None if query.limit is None else query.offset + query.limit
     return items[query.offset : end]
-
-
-def _sorted(rows: list[JobRow], sort_by: str, sort_order: str) -> list[JobRow]:
-    """Running, then pending, then finished (ComfyUI's order before sorting, which is
-    stable), then by creation time or by execution duration (0 when unknown)."""
-    phase = {IN_PROGRESS: 0, PENDING: 1}
-    rows = sorted(rows, key=lambda row: (phase.get(JOB_OF_PROMPT[row.status], 2), row.created_at))
-    if sort_by == "execution_duration":
-        return sorted(rows, key=_duration, reverse=sort_order == "desc")
-    return sorted(rows, key=lambda row: row.created_at, reverse=sort_order == "desc")
-
-
-def _duration(row: JobRow) -> float:
-    if row.started_at is None or row.finished_at is None:
-        return 0.0
-    return (row.finished_at - row.started_at).total_seconds()
 
 
 async def _jobs(

@@ -4,13 +4,15 @@ owning user, skipping the prompts the user removed from their history."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, select
+from sqlalchemy import ColumnElement, ColumnExpressionArgument, Select, case, func, insert, select
 
 from broker.db.base import utc_now
+from broker.db.expressions import elapsed_ms
 from broker.db.models import HistoryDeletion, Prompt, PromptStatus
 from broker.db.repository import Repository
 
@@ -29,6 +31,27 @@ class JobRow:
     started_at: datetime | None
     finished_at: datetime | None
     upstream: str
+
+
+@dataclass(frozen=True)
+class JobOrder:
+    """A job list's order: by the key (`created_at`, or the execution's duration in
+    milliseconds, 0 when unknown), ties by `phases` (a status's place: ComfyUI lists
+    running, then pending, then finished jobs before it sorts), then oldest first."""
+
+    by_duration: bool
+    descending: bool
+    phases: Mapping[PromptStatus, int]
+
+    def keys(self) -> list[ColumnExpressionArgument[Any]]:
+        key: ColumnElement[Any] = Prompt.created_at.expression
+        if self.by_duration:
+            key = func.coalesce(elapsed_ms(Prompt.started_at, Prompt.finished_at), 0)
+        phase = case(
+            dict(self.phases),
+            value=Prompt.status, else_=max(self.phases.values(), default=0) + 1,
+        )  # fmt: skip
+        return [key.desc() if self.descending else key.asc(), phase, Prompt.created_at, Prompt.id]
 
 
 class OwnPromptRepository(Repository):
@@ -56,15 +79,24 @@ class OwnPromptRepository(Repository):
             statement = statement.where(Prompt.id == only)
         return list(await self.session.scalars(statement.offset(offset).limit(limit)))
 
-    async def job_rows(self, user_id: uuid.UUID, statuses: list[PromptStatus]) -> list[JobRow]:
-        deleted = select(HistoryDeletion.prompt_id).where(HistoryDeletion.prompt_id == Prompt.id)
-        rows = await self.session.execute(
-            select(
-                Prompt.id, Prompt.status, Prompt.number, Prompt.created_at,
-                Prompt.started_at, Prompt.finished_at, Prompt.upstream,
-            ).where(Prompt.user_id == user_id, Prompt.status.in_(statuses), ~deleted.exists())
-        )  # fmt: skip
-        return [JobRow(*row) for row in rows.all()]
+    async def job_page(
+        self,
+        user_id: uuid.UUID,
+        statuses: list[PromptStatus],
+        order: JobOrder,
+        *,
+        offset: int,
+        limit: int | None,
+    ) -> tuple[list[JobRow], int]:
+        """One page of the user's visible prompts in `statuses`, sorted as `order` says,
+        and how many there are in all."""
+        visible = self._visible(user_id, statuses)
+        page = visible.with_only_columns(
+            Prompt.id, Prompt.status, Prompt.number, Prompt.created_at,
+            Prompt.started_at, Prompt.finished_at, Prompt.upstream,
+        ).order_by(*order.keys()).offset(offset).limit(limit)  # fmt: skip
+        rows = [JobRow(*row) for row in (await self.session.execute(page)).all()]
+        return rows, await self.history_count(user_id, statuses)
 
     async def forget_history(
         self, user_id: uuid.UUID, prompt_ids: list[uuid.UUID] | None
