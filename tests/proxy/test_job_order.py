@@ -41,7 +41,9 @@ def made_prompt(rng: random.Random, tenant_id: uuid.UUID, user_id: uuid.UUID) ->
     )  # fmt: skip
 
 
-def comfyuis_order(made: list[Made], statuses: set[PromptStatus], order: JobOrder) -> list[uuid.UUID]:
+def comfyuis_order(
+    made: list[Made], statuses: set[PromptStatus], order: JobOrder
+) -> list[uuid.UUID]:
     """ComfyUI's rule: the queue's running and pending jobs, then the history, each oldest
     first, then a stable sort by the key (reversed for `desc`, which keeps ties in order)."""
     listed = [m.prompt for m in made if m.prompt.status in statuses and not m.deleted]
@@ -58,7 +60,9 @@ def comfyuis_order(made: list[Made], statuses: set[PromptStatus], order: JobOrde
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_pages_come_in_comfyuis_order(db: async_sessionmaker[AsyncSession], seed: int) -> None:
+async def test_pages_come_in_comfyuis_order(
+    db: async_sessionmaker[AsyncSession], seed: int
+) -> None:
     rng = random.Random(seed)
     async with db() as session:
         tenant = Tenant(name=f"acme-{seed}")
