@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from broker.comfy.redaction import SENSITIVE_KEYS
+from broker.files.graph import plain_text
 from broker.proxy.errors import PromptError, node_error
 
 MAX_DEPTH = 32
@@ -41,6 +42,8 @@ class PromptBody:
     proposed_prompt_id: uuid.UUID | None
     size: int
     digest: str  # SHA-256 of the raw body, for Idempotency-Key checks
+    # No string of the body can name a file but those of file inputs (files.graph.plain_text).
+    plain_text: bool = False
 
 
 def parse_prompt_body(raw: bytes, *, usage_source: str | None = None) -> PromptBody:
@@ -60,6 +63,7 @@ def parse_prompt_body(raw: bytes, *, usage_source: str | None = None) -> PromptB
         proposed_prompt_id=_proposed_prompt_id(body.get("prompt_id")),
         size=len(raw),
         digest=hashlib.sha256(raw).hexdigest(),
+        plain_text=plain_text(raw),
     )
 
 
