@@ -126,7 +126,11 @@ def _refuse_too_many_values(raw: bytes) -> None:
     """Refuse, before parsing, a body that would become too many Python objects: every
     value after the first in an array or object follows a comma, and every container
     opens with a bracket. Those inside strings count too, so this can only overcount
-    (C-speed: about 1 ms for the largest body allowed)."""
+    (C-speed: about 1 ms for the largest body allowed). Each counted byte is one of the
+    body's bytes, and no quote is one: a body of fewer bytes than the limit, once its
+    quotes are left out, is under it (one scan instead of three on a 100 KB workflow)."""
+    if len(raw) <= MAX_JSON_VALUES or len(raw) - raw.count(b'"') <= MAX_JSON_VALUES:
+        return
     values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
     if values > MAX_JSON_VALUES:
         raise _invalid(

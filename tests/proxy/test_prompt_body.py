@@ -17,6 +17,7 @@ from broker.proxy.errors import PromptError
 from broker.proxy.prompt_body import (
     CREDENTIAL_NAMES_END,
     MAX_DEPTH,
+    MAX_JSON_VALUES,
     _brackets_shallower_than,
     parse_prompt_body,
     upstream_body,
@@ -161,6 +162,23 @@ def test_bodies_of_too_many_values_are_refused_before_parsing(label: str, raw: b
     outcome, peak = peak_while_parsing(raw)
     assert outcome == "too_many_values", label
     assert peak < 1, f"{label}: {peak:.1f} MiB"  # nothing was built from the body
+
+
+def body_of_values(counted: int, item: bytes) -> bytes:
+    """A prompt whose commas and opening brackets number `counted` (one input: an array)."""
+    head, tail = b'{"prompt":{"1":{"class_type":"A","inputs":{"a":[', b"]}}}}"
+    in_head = head.count(b",") + head.count(b"{") + head.count(b"[")
+    return head + b",".join([item] * (counted - in_head + 1)) + tail
+
+
+@pytest.mark.parametrize("item", [b"1", b'"ab"', b'""', b"null"])
+def test_the_value_limit_is_exact_however_many_quotes(item: bytes) -> None:
+    """At the limit a body is parsed, one more is refused, whether the body is mostly
+    quotes (the quotes are left out of a first bound) or has none."""
+    assert parse_prompt_body(body_of_values(MAX_JSON_VALUES, item)).class_types == {"1": "A"}
+    with pytest.raises(PromptError) as refused:
+        parse_prompt_body(body_of_values(MAX_JSON_VALUES + 1, item))
+    assert refused.value.type == "too_many_values"
 
 
 def test_a_large_real_workflow_is_well_under_the_value_limit() -> None:
