@@ -3,27 +3,35 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import tracemalloc
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
 from broker.comfy.redaction import SENSITIVE_KEYS
+from broker.proxy import service
 from broker.proxy.errors import PromptError
 from broker.proxy.prompt_body import (
     CREDENTIAL_NAMES_END,
     MAX_DEPTH,
     MAX_JSON_VALUES,
+    PromptBody,
     _brackets_shallower_than,
+    collections_held,
     parse_prompt_body,
     upstream_body,
     with_encoded_graph,
 )
 from broker.settings import Settings
+from tests.fixtures.app import AdminApi, comfy_key
+from tests.proxy.workflows import docs_workflow
 
 
 def body_of_depth(depth: int, *, leaf: object) -> bytes:
@@ -260,3 +268,46 @@ def test_a_credential_name_after_other_escapes_is_refused() -> None:
     with pytest.raises(PromptError) as refused:
         parse_prompt_body(raw)
     assert refused.value.type == "credentials_not_allowed"
+
+
+# the garbage collector -----------------------------------------------------------------
+
+
+def test_collections_are_held_and_given_back_by_whoever_held_them() -> None:
+    with collections_held():
+        assert not gc.isenabled()
+        with collections_held():  # another request's stretch inside this one's
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(PromptError), collections_held():
+        parse_prompt_body(b"[]")
+    assert gc.isenabled()
+    gc.disable()  # an operator's choice is left as it was
+    try:
+        with collections_held():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+async def test_no_collection_while_the_parsed_graph_is_in_hand(
+    client: httpx.AsyncClient, admin_api: AdminApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = await admin_api.user(await admin_api.tenant("acme"), "alice", comfy_key())
+    seen: list[tuple[str, bool]] = []
+
+    def watched(function: Callable[..., PromptBody]) -> Callable[..., PromptBody]:
+        def call(*args: Any, **kwargs: Any) -> PromptBody:
+            seen.append((function.__name__, gc.isenabled()))
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in ("parse_prompt_body", "with_encoded_graph"):
+        monkeypatch.setattr(service, name, watched(getattr(service, name)))
+    response = await client.post("/prompt", json={"prompt": docs_workflow()}, headers=alice.auth)
+    assert response.status_code == 200, response.text
+    assert seen == [("parse_prompt_body", False), ("with_encoded_graph", False)]
+    assert gc.isenabled()
