@@ -50,6 +50,10 @@ FOLDER_FLAGS = frozenset({"upload", "image_folder"})
 # "..", or "cbk-" in any case (see _may_be_a_path).
 PATH_CHARACTERS = re.compile(r"[/\\\[~:\x00]")
 USER_FOLDER_PREFIX = re.compile("cbk-", re.IGNORECASE)
+# Python's case-insensitive `cbk-` also matches the Kelvin sign for `k` (no other character:
+# tests/files/test_plain_text.py checks every one).
+KELVIN_SIGN = "\u212a".encode()
+MAX_HYPHENS_LOOKED_AT = 32
 
 Location = tuple[str, tuple[str | int, ...]]  # node id, then keys down to the string
 
@@ -85,26 +89,62 @@ def _names_files(options: dict[str, Any]) -> bool:
     return flagged or not FOLDER_FLAGS.isdisjoint(options)
 
 
+def plain_text(raw: bytes) -> bool:
+    """Whether no string of the JSON `raw` can be an annotated name (`x [output]`), a host
+    path, a climb (`..`) or a user folder, decided on the bytes. Each needs bytes that a
+    string without escapes spells as they are: a slash or backslash (every host path has
+    one), `..`, `cbk-` in any case, or `]` closing the string (`x [output]"`: in JSON's own
+    syntax no quote follows a bracket); an escape (a NUL, `\\u002f`) needs a backslash.
+    Then, of a graph parsed from `raw`, only file inputs and filename prefixes can name files:
+    `inspect(..., plain_text=True)` looks at nothing else. Single bytes first: each of the
+    two-byte searches costs about as much as a count of the body's commas."""
+    if b"\\" in raw or b"/" in raw or _may_name_user_folder(raw):
+        return False
+    return b".." not in raw and b']"' not in raw
+
+
+def _may_name_user_folder(raw: bytes) -> bool:
+    """Whether `raw` may hold `cbk-` in some case: each hyphen's three bytes before are looked
+    at (quicker than a case-insensitive search when there are few hyphens)."""
+    hyphen = raw.find(b"-")
+    for _ in range(MAX_HYPHENS_LOOKED_AT):
+        if hyphen < 0:
+            return False
+        before = raw[max(hyphen - 5, 0) : hyphen].lower()
+        if before.endswith((b"cbk", b"cb" + KELVIN_SIGN)):
+            return True
+        hyphen = raw.find(b"-", hyphen + 1)
+    return hyphen >= 0 and (b"cbk-" in raw.lower() or KELVIN_SIGN + b"-" in raw)
+
+
 def inspect(
     graph: dict[str, Any],
     definitions: dict[str, Any],
     own_folder: str,
     policy: FilePolicy,
+    *,
+    plain_text: bool = False,
 ) -> Inspection:
+    """`plain_text`: the graph was parsed from bytes that `plain_text` found plain; then a
+    node is looked at only if it has a file input or a filename prefix (the others' strings
+    cannot be refused or name a file)."""
     found = Inspection()
-    rules: dict[str, tuple[bool, bool, frozenset[str]]] = {}  # per class, decided once
+    rules: dict[str, tuple[bool, bool, frozenset[str], frozenset[str]]] = {}  # per class
     plain: set[str] = set()  # strings already seen not to be possible paths
     for node_id, node in graph.items():
         class_type = str(node.get("class_type"))
         rule = rules.get(class_type)
         if rule is None:
             rule = rules[class_type] = _class_rule(class_type, definitions, policy)
-        denied, trusted, names = rule
+        denied, trusted, names, naming = rule
         if denied:
             found.refused.append(node_id)
         elif not trusted:
+            inputs = node.get("inputs")
+            if plain_text and (not isinstance(inputs, dict) or naming.isdisjoint(inputs)):
+                continue
             try:
-                _inspect_inputs(node_id, node.get("inputs"), names, own_folder, found, plain)
+                _inspect_inputs(node_id, inputs, names, own_folder, found, plain)
             except NotAllowed:
                 found.refused.append(node_id)
     return found
@@ -112,10 +152,11 @@ def inspect(
 
 def _class_rule(
     class_type: str, definitions: dict[str, Any], policy: FilePolicy
-) -> tuple[bool, bool, frozenset[str]]:
-    """Whether the class is denied, trusted, and its file inputs."""
+) -> tuple[bool, bool, frozenset[str], frozenset[str]]:
+    """Whether the class is denied, trusted, its file inputs, and every input that names a
+    file (file inputs and filename prefixes)."""
     names = file_inputs(class_type, definitions.get(class_type))
-    return policy.denies(class_type), policy.trusts(class_type), names
+    return policy.denies(class_type), policy.trusts(class_type), names, names | PREFIX_INPUTS
 
 
 def _inspect_inputs(

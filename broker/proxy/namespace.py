@@ -51,7 +51,7 @@ async def confine_prompt(
     folder flags name file inputs beyond the known core loaders)."""
     graph = body.fields["prompt"]
     own = user_folder(user_id)
-    found = inspect(graph, definitions, own, pool.file_policy)
+    found = inspect(graph, definitions, own, pool.file_policy, plain_text=body.plain_text)
     if found.refused:
         raise _refusal(body, found.refused)
     rewrites = dict(found.rewrites)

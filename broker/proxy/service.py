@@ -52,6 +52,7 @@ from broker.proxy.fanout import Owner
 from broker.proxy.pool import Upstream, UpstreamPool
 from broker.proxy.prompt_body import (
     PromptBody,
+    collections_held,
     parse_prompt_body,
     upstream_body,
     with_encoded_graph,
@@ -98,14 +99,15 @@ async def submit_prompt(
     usage_source: str | None = None,
 ) -> PromptAnswer:
     _check_idempotency_key(idempotency_key)
-    body = parse_prompt_body(raw, usage_source=usage_source)
-    upstream, key_nodes = await _choose_upstream(context, body)  # by class types only
-    definitions = await upstream.object_info.nodes()  # of the server that will run it
-    body = await namespace.confine_prompt(
-        context.pool, context.sessionmaker, body, acting.user_id, definitions
-    )
-    estimate = context.pricer.estimate(body.fields["prompt"], definitions, key_nodes)
-    body = with_encoded_graph(body)  # only forwarded from here on
+    with collections_held():  # while the parsed graph is in hand
+        body = parse_prompt_body(raw, usage_source=usage_source)
+        upstream, key_nodes = await _choose_upstream(context, body)  # by class types only
+        definitions = await upstream.object_info.nodes()  # of the server that will run it
+        body = await namespace.confine_prompt(
+            context.pool, context.sessionmaker, body, acting.user_id, definitions
+        )
+        estimate = context.pricer.estimate(body.fields["prompt"], definitions, key_nodes)
+        body = with_encoded_graph(body)  # only forwarded from here on
     new = _new_prompt(acting, upstream, body, estimate, idempotency_key)
     sealed = context.sealing is not None
     # Sealed key mode: ComfyUI gets a capability, not the key, recorded with the prompt.

@@ -3,26 +3,35 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import tracemalloc
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
 from broker.comfy.redaction import SENSITIVE_KEYS
+from broker.proxy import service
 from broker.proxy.errors import PromptError
 from broker.proxy.prompt_body import (
     CREDENTIAL_NAMES_END,
     MAX_DEPTH,
+    MAX_JSON_VALUES,
+    PromptBody,
     _brackets_shallower_than,
+    collections_held,
     parse_prompt_body,
     upstream_body,
     with_encoded_graph,
 )
 from broker.settings import Settings
+from tests.fixtures.app import AdminApi, comfy_key
+from tests.proxy.workflows import docs_workflow
 
 
 def body_of_depth(depth: int, *, leaf: object) -> bytes:
@@ -163,6 +172,23 @@ def test_bodies_of_too_many_values_are_refused_before_parsing(label: str, raw: b
     assert peak < 1, f"{label}: {peak:.1f} MiB"  # nothing was built from the body
 
 
+def body_of_values(counted: int, item: bytes) -> bytes:
+    """A prompt whose commas and opening brackets number `counted` (one input: an array)."""
+    head, tail = b'{"prompt":{"1":{"class_type":"A","inputs":{"a":[', b"]}}}}"
+    in_head = head.count(b",") + head.count(b"{") + head.count(b"[")
+    return head + b",".join([item] * (counted - in_head + 1)) + tail
+
+
+@pytest.mark.parametrize("item", [b"1", b'"ab"', b'""', b"null"])
+def test_the_value_limit_is_exact_however_many_quotes(item: bytes) -> None:
+    """At the limit a body is parsed, one more is refused, whether the body is mostly
+    quotes (the quotes are left out of a first bound) or has none."""
+    assert parse_prompt_body(body_of_values(MAX_JSON_VALUES, item)).class_types == {"1": "A"}
+    with pytest.raises(PromptError) as refused:
+        parse_prompt_body(body_of_values(MAX_JSON_VALUES + 1, item))
+    assert refused.value.type == "too_many_values"
+
+
 def test_a_large_real_workflow_is_well_under_the_value_limit() -> None:
     graph = {str(i): {"class_type": "KSampler", "inputs": {"seed": i, "steps": 20, "cfg": 7.0,
              "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0]}} for i in range(2_000)}  # fmt: skip
@@ -242,3 +268,46 @@ def test_a_credential_name_after_other_escapes_is_refused() -> None:
     with pytest.raises(PromptError) as refused:
         parse_prompt_body(raw)
     assert refused.value.type == "credentials_not_allowed"
+
+
+# the garbage collector -----------------------------------------------------------------
+
+
+def test_collections_are_held_and_given_back_by_whoever_held_them() -> None:
+    with collections_held():
+        assert not gc.isenabled()
+        with collections_held():  # another request's stretch inside this one's
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(PromptError), collections_held():
+        parse_prompt_body(b"[]")
+    assert gc.isenabled()
+    gc.disable()  # an operator's choice is left as it was
+    try:
+        with collections_held():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+async def test_no_collection_while_the_parsed_graph_is_in_hand(
+    client: httpx.AsyncClient, admin_api: AdminApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = await admin_api.user(await admin_api.tenant("acme"), "alice", comfy_key())
+    seen: list[tuple[str, bool]] = []
+
+    def watched(function: Callable[..., PromptBody]) -> Callable[..., PromptBody]:
+        def call(*args: Any, **kwargs: Any) -> PromptBody:
+            seen.append((function.__name__, gc.isenabled()))
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in ("parse_prompt_body", "with_encoded_graph"):
+        monkeypatch.setattr(service, name, watched(getattr(service, name)))
+    response = await client.post("/prompt", json={"prompt": docs_workflow()}, headers=alice.auth)
+    assert response.status_code == 200, response.text
+    assert seen == [("parse_prompt_body", False), ("with_encoded_graph", False)]
+    assert gc.isenabled()
