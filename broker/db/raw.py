@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
+from sqlalchemy import DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -51,6 +52,10 @@ class RawStatement:
         for name in names:
             bind = compiled.binds[name]
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None and isinstance(
+                getattr(bind.type, "impl", bind.type), DateTime
+            ):
+                processor = _remembering_last(processor)
             self._binds.append((bind.key, bind.required, bind.effective_value, processor))
         self._results: list[Processor] = [
             column.type.dialect_impl(dialect).result_processor(dialect, None)
@@ -67,13 +72,31 @@ class RawStatement:
         return tuple(out)
 
     def rows(self, raw_rows: Sequence[Sequence[Any]]) -> list[Row]:
+        results = self._results
         return [
-            tuple(
+            tuple([
                 value if processor is None else processor(value)
-                for value, processor in zip(row, self._results, strict=True)
-            )
+                for value, processor in zip(row, results, strict=True)
+            ])
             for row in raw_rows
-        ]
+        ]  # fmt: skip
+
+
+def _remembering_last(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`processor`, converting a value again only if it is not the last one: a batch's
+    rows share one `now` (created_at, updated_at, …), and SQLite's DATETIME is formatted in
+    Python. Values are immutable datetimes: the same object, the same text."""
+    last: list[Any] = [_NOTHING, None]
+
+    def process(value: Any) -> Any:
+        if value is not last[0]:
+            last[0], last[1] = value, processor(value)
+        return last[1]
+
+    return process
+
+
+_NOTHING = object()
 
 
 class RawTransaction(PostCommit):
