@@ -14,13 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import func, select
 
 from broker.db.base import utc_now
+from broker.db.migrations import alembic_config
 from broker.db.models import Tenant
 from broker.db.raw import RawConnections
 from broker.db.session import create_engine
-from tests.test_wal import insert_tenants, sqlite_path  # noqa: F401  (a fixture)
+from tests.test_wal import insert_tenants
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    """A migrated SQLite database of the test's own (as tests/test_wal.py's)."""
+    path = tmp_path / "raw.db"
+    config = alembic_config(f"sqlite+aiosqlite:///{path}")
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+    return path
 
 
 class CountingThread(ThreadPoolExecutor):
@@ -36,7 +48,9 @@ class CountingThread(ThreadPoolExecutor):
 
 
 def tenants(count: int) -> list[dict[str, Any]]:
-    return [{"id": uuid.uuid4(), "name": f"t-{uuid.uuid4()}", "now": utc_now()} for _ in range(count)]
+    return [
+        {"id": uuid.uuid4(), "name": f"t-{uuid.uuid4()}", "now": utc_now()} for _ in range(count)
+    ]
 
 
 def count_tenants(path: Path) -> int:

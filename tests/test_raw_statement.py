@@ -15,8 +15,10 @@ from broker.db.base import UTCDateTime
 from broker.db.raw import RawStatement
 from tests.test_group_commit import INSERT_TENANT
 
+DIALECTS = [sqlite.dialect(), postgresql.asyncpg.dialect()]  # type: ignore[no-untyped-call]
 
-@pytest.mark.parametrize("dialect", [sqlite.dialect(), postgresql.asyncpg.dialect()])
+
+@pytest.mark.parametrize("dialect", DIALECTS)
 def test_rows_sharing_a_datetime_convert_it_once(
     dialect: Dialect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -41,8 +43,9 @@ def test_rows_sharing_a_datetime_convert_it_once(
     assert again[-1] != parameters[0][-1]
     # An equal datetime that is another object: converted again, to the same value.
     same = datetime(2026, 12, 3, 18, 0, tzinfo=UTC)
-    assert statement.parameters({"id": uuid.uuid4(), "name": "t", "now": same})[-1] == (
-        parameters[0][-1]
+    assert (
+        statement.parameters({"id": uuid.uuid4(), "name": "t", "now": same})[-1]
+        == (parameters[0][-1])
     )
 
 

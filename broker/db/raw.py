@@ -51,7 +51,7 @@ class RawStatement:
         self._binds: list[tuple[str, bool, Any, Processor]] = []
         for name in names:
             bind = compiled.binds[name]
-            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            processor: Processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None and isinstance(
                 getattr(bind.type, "impl", bind.type), DateTime
             ):

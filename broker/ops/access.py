@@ -45,7 +45,7 @@ class _RouteMetrics:
     takes a lock each time), and made when first used, as `labels()` would: a child made
     is a series in /metrics."""
 
-    __slots__ = ("_route", "_requests", "_broker", "_upstream")
+    __slots__ = ("_broker", "_requests", "_route", "_upstream")
 
     def __init__(self, route: str) -> None:
         self._route = route
