@@ -40,7 +40,7 @@ MC_PER_CREDIT = 1000
 LONGEST_SECONDS = 20  # a per-second price with an unknown duration is reserved for this long
 MULTIPLIER = re.compile(r"[x×]\s*(\d+)")
 # JSONata's functions whose result is not the context's alone: such a badge is not remembered.
-IMPURE = re.compile(r"\$(?:now|millis|random)\b")
+IMPURE = re.compile(r"\$(?:now|millis|random|eval)\b")  # $eval: could call them
 MAX_REMEMBERED = 4096  # badge results (expression, context); all forgotten when full
 MAX_REMEMBERED_CONTEXT = 1024  # characters of a context's repr (a long text widget: not kept)
 

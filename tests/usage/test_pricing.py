@@ -272,10 +272,11 @@ def test_equal_values_of_other_types_are_other_contexts() -> None:
     assert pricer.evaluated == 3
 
 
-def test_a_badge_that_is_not_the_contexts_alone_is_evaluated_every_time() -> None:
+@pytest.mark.parametrize("usd", ["$random() * 0", '$eval("$random()") * 0', "$millis() * 0"])
+def test_a_badge_that_is_not_the_contexts_alone_is_evaluated_every_time(usd: str) -> None:
     random_badge = {
         **FLUX_ULTRA,
-        "price_badge": {"engine": "jsonata", "expr": '{"type": "usd", "usd": $random() * 0}'},
+        "price_badge": {"engine": "jsonata", "expr": f'{{"type": "usd", "usd": {usd}}}'},
     }
     pricer = CountingPricer()
     graph = {"1": {"class_type": "Random", "inputs": {}}}
