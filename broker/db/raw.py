@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
+from sqlalchemy import DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -32,6 +33,7 @@ from broker.db.tx import PostCommit, Row, SessionTx, Statement, Tx
 log = logging.getLogger("broker.db")
 T = TypeVar("T")
 Processor = Callable[[Any], Any] | None
+SQLITE_BUSY_TIMEOUT_MS = SQLITE_BUSY_TIMEOUT_SECONDS * 1000
 
 
 class RawStatement:
@@ -49,7 +51,11 @@ class RawStatement:
         self._binds: list[tuple[str, bool, Any, Processor]] = []
         for name in names:
             bind = compiled.binds[name]
-            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            processor: Processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None and isinstance(
+                getattr(bind.type, "impl", bind.type), DateTime
+            ):
+                processor = _remembering_last(processor)
             self._binds.append((bind.key, bind.required, bind.effective_value, processor))
         self._results: list[Processor] = [
             column.type.dialect_impl(dialect).result_processor(dialect, None)
@@ -66,13 +72,31 @@ class RawStatement:
         return tuple(out)
 
     def rows(self, raw_rows: Sequence[Sequence[Any]]) -> list[Row]:
+        results = self._results
         return [
-            tuple(
+            tuple([
                 value if processor is None else processor(value)
-                for value, processor in zip(row, self._results, strict=True)
-            )
+                for value, processor in zip(row, results, strict=True)
+            ])
             for row in raw_rows
-        ]
+        ]  # fmt: skip
+
+
+def _remembering_last(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`processor`, converting a value again only if it is not the last one: a batch's
+    rows share one `now` (created_at, updated_at, …), and SQLite's DATETIME is formatted in
+    Python. Values are immutable datetimes: the same object, the same text."""
+    last: list[Any] = [_NOTHING, None]
+
+    def process(value: Any) -> Any:
+        if value is not last[0]:
+            last[0], last[1] = value, processor(value)
+        return last[1]
+
+    return process
+
+
+_NOTHING = object()
 
 
 class RawTransaction(PostCommit):
@@ -191,9 +215,13 @@ class RawConnections:
     async def _run_on_sqlite(self, body: Callable[[RawTransaction], Coroutine[Any, Any, T]]) -> T:
         """What may wait (the write lock, the commit's fsync) runs on the connection's
         thread; the statements in between, which hold the write lock and so never wait
-        for another connection, run here: a few µs each, and no thread switch."""
+        for another connection, run here: a few µs each, and no thread switch. The write
+        lock is first asked for here, without waiting: it is almost always free, and a
+        trip to the thread and back costs more than the batch's statements."""
         loop = asyncio.get_running_loop()
-        connection = await loop.run_in_executor(self._sqlite_thread, self._begin_immediately)
+        connection = self._begin_at_once()
+        if connection is None:
+            connection = await loop.run_in_executor(self._sqlite_thread, self._begin_immediately)
         try:
             transaction = RawTransaction(_SQLiteDriver(connection), self._compile, "sqlite")
             result = await body(transaction)
@@ -202,6 +230,20 @@ class RawConnections:
             await asyncio.shield(loop.run_in_executor(self._sqlite_thread, _roll_back, connection))
             raise
         return result
+
+    def _begin_at_once(self) -> sqlite3.Connection | None:
+        """The transaction begun, if the write lock is free now (None: someone holds it)."""
+        connection = self._sqlite
+        if connection is None:
+            return None  # opened on the thread
+        connection.execute("PRAGMA busy_timeout=0")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # busy: waited for on the thread
+            return None
+        finally:
+            connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        return connection
 
     def _begin_immediately(self) -> sqlite3.Connection:
         if self._sqlite is None:

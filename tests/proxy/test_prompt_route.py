@@ -13,9 +13,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Match
+from starlette.types import Message, Receive, Scope, Send
 
 from broker.dependencies import get_acting_user, get_current_caller
+from broker.proxy import endpoints
 from broker.proxy.dependencies import get_proxy
 from broker.proxy.endpoints import PromptRoute
 from broker.settings import Settings
@@ -152,3 +156,36 @@ async def test_a_service_token_acts_for_its_user(
     assert response.status_code == 200, response.text
     history = await client.get("/history", headers=alice.auth)
     assert response.json()["prompt_id"] in history.json()
+
+
+async def test_the_answer_is_sent_without_a_layer_of_its_own(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exceptions reach the handlers through the application's ExceptionMiddleware (the test
+    above): the route wraps neither the request nor its `send` in another layer."""
+    used: list[Any] = []
+
+    class Recorded(Response):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            used.append(send)
+
+    async def serve(request: Request) -> Response:
+        used.append(request)
+        return Recorded()
+
+    monkeypatch.setattr(endpoints, "serve_prompt", serve)
+    route = app.router.routes[0]
+    assert isinstance(route, PromptRoute)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("not sent by this test")
+
+    scope = {"type": "http", "method": "POST", "path": "/prompt", "headers": []}
+    await route.handle(scope, receive, send)
+    request, sent_with = used
+    assert sent_with is send
+    assert request.scope is scope
+    assert scope["route"] is route.documented

@@ -221,3 +221,66 @@ def test_without_badge_the_price_table_then_unpriced() -> None:
 )
 def test_result_shapes(result: Any, bounds: tuple[int, int] | None) -> None:
     assert result_bounds(result) == bounds
+
+
+class CountingPricer(Pricer):
+    """Counts the badge evaluations JSONata actually runs."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.evaluated = 0
+
+    def _compile(self, expression: str) -> Any:
+        compiled = super()._compile(expression)
+        pricer = self
+
+        class Counted:
+            def evaluate(self, context: Any) -> Any:
+                pricer.evaluated += 1
+                return compiled.evaluate(context)
+
+        return Counted()
+
+
+def test_a_badge_is_evaluated_once_per_context() -> None:
+    pricer = CountingPricer()
+    inputs = {"quality": "high", "n": 4, "model": "gpt-image-1.5"}
+    graph = {"1": {"class_type": "OpenAIGPTImage1", "inputs": inputs}}
+    first = pricer.estimate(graph, NODES, ["OpenAIGPTImage1"])
+    assert pricer.evaluated == 1
+    again = pricer.estimate(graph, NODES, ["OpenAIGPTImage1"])
+    assert pricer.evaluated == 1
+    assert again == first
+    assert credits(again) == ("113.096", "202.560")
+    # Another value is another context; "4" is coerced to 4 first, the same context.
+    for n in (2, "4"):
+        other = {"1": {"class_type": "OpenAIGPTImage1", "inputs": {**inputs, "n": n}}}
+        assert pricer.estimate(other, NODES, ["OpenAIGPTImage1"]) == estimate(
+            "OpenAIGPTImage1", {**inputs, "n": n}
+        )
+    assert pricer.evaluated == 2
+
+
+def test_equal_values_of_other_types_are_other_contexts() -> None:
+    pricer = CountingPricer()
+    expression = '{"type": "usd", "usd": $type(widgets.n) = "boolean" ? 2 : widgets.n}'
+    answers = [
+        pricer._evaluate(expression, {"widgets": {"n": n}}, "Typed") for n in (1, True, 1.0, 1)
+    ]
+    one, two = (211_000, 211_000), (422_000, 422_000)
+    assert answers == [one, two, one, one]
+    assert pricer.evaluated == 3
+
+
+@pytest.mark.parametrize("usd", ["$random() * 0", '$eval("$random()") * 0', "$millis() * 0"])
+def test_a_badge_that_is_not_the_contexts_alone_is_evaluated_every_time(usd: str) -> None:
+    random_badge = {
+        **FLUX_ULTRA,
+        "price_badge": {"engine": "jsonata", "expr": f'{{"type": "usd", "usd": {usd}}}'},
+    }
+    pricer = CountingPricer()
+    graph = {"1": {"class_type": "Random", "inputs": {}}}
+    for _ in range(3):
+        priced = pricer.estimate(graph, {"Random": random_badge}, ["Random"])
+        assert credits(priced) == ("0.000", "0.000")
+    assert pricer.evaluated == 3
