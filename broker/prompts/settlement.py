@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import ColumnClause
 
 from broker.comfy.files import output_files
@@ -300,7 +301,7 @@ _SETTLING = (
     .table_valued(*(c for _, c in _SETTLING_COLUMNS))
     .render_derived(name="settling")
 )
-_SETTLED_TOGETHER = (
+SETTLE_ALL = (
     update(Prompt)
     .where(
         Prompt.id == _SETTLING.c.id,
@@ -315,11 +316,16 @@ _SETTLED_TOGETHER = (
         updated_at=_NOW,
     )
     .returning(Prompt.id, *_SETTLED)
-    .cte("settled")
 )
-SETTLE_TOGETHER = select(_SETTLED_TOGETHER).add_cte(
-    limits.release_of(_SETTLED_TOGETHER).cte("released")
-)
+
+
+def settle_together_of(settling: Update) -> Select[*tuple[Any, ...]]:
+    """`settling` (`SETTLE_ALL`), with the settled prompts' slots released."""
+    settled = settling.cte("settled")
+    return select(settled).add_cte(limits.release_of(settled).cte("released"))
+
+
+SETTLE_TOGETHER = settle_together_of(SETTLE_ALL)
 RECORD_CHARGE = (
     update(Prompt)
     .where(Prompt.id == _PROMPT)

@@ -25,7 +25,7 @@ from broker.db.raw import RawConnections
 from broker.keys.service import KeyCustody
 from broker.prompts import lifecycle
 from broker.prompts.admission import Admit, Admitted, NewPrompt
-from broker.prompts.settlement import Answer, Finish
+from broker.prompts.settlement import Answer, Finish, ReportedPrice
 from broker.settings import Settings
 from broker.usage import controls
 from broker.usage.pricing import Estimate, NodePrice
@@ -135,16 +135,16 @@ async def test_a_batch_of_admissions_and_one_of_settlements(
 
     prompts = await admitted(committer, settings, owner)
     admitting = round_trips.take()
-    # BEGIN; the row locks; the limits' count with the budgets' reservation; the records;
-    # COMMIT.
-    assert len(admitting) == 5, Counter(admitting)
+    # BEGIN; the limits' count with the budgets' reservation, which takes the batch's row
+    # locks first; the records; COMMIT.
+    assert len(admitting) == 4, Counter(admitting)
 
     finishes = [(lifecycle.FINISHED, Finish(p, PromptStatus.SUCCESS)) for p in prompts]
     assert await one_batch(committer, finishes) == [True] * BATCH
     settling = round_trips.take()
-    # BEGIN; the row locks; the prompts settled with their slots released; their charges;
-    # with a budget, the reservations released and the spend counted; COMMIT.
-    assert len(settling) == (7 if budget else 5), Counter(settling)
+    # BEGIN; the prompts settled with their slots released, the row locks first; their
+    # charges; with a budget, the reservations released and the spend counted; COMMIT.
+    assert len(settling) == (6 if budget else 4), Counter(settling)
 
 
 async def test_a_mixed_batch_as_the_prompt_path_makes_them(
@@ -168,6 +168,23 @@ async def test_a_mixed_batch_as_the_prompt_path_makes_them(
                     + [(lifecycle.RUNNING, p) for p in earlier]
                     + [(lifecycle.FINISHED, Finish(p, PromptStatus.SUCCESS)) for p in earlier])  # fmt: skip
     mixed = round_trips.take()
-    # BEGIN; the row locks; count and reserve; the records; the answers; the starts; the
-    # ends with their slots; their charges; COMMIT.
-    assert len(mixed) == 9, Counter(mixed)
+    # BEGIN; count and reserve, the row locks first; the records; the answers; the starts;
+    # the ends with their slots; their charges; COMMIT.
+    assert len(mixed) == 8, Counter(mixed)
+
+
+async def test_the_row_locks_come_before_a_read_of_a_row_they_lock(
+    db: async_sessionmaker[AsyncSession],
+    committer: GroupCommitter,
+    settings: Settings,
+    round_trips: RoundTrips,
+) -> None:
+    """A step that reads a prompt to change it (the latest reported prices) reads it locked:
+    with no statement to carry them, the locks go on their own, first."""
+    owner = await a_user(db, budget=False)
+    prompts = await admitted(committer, settings, owner)
+    round_trips.take()
+
+    await one_batch(committer, [(lifecycle.PRICED, ReportedPrice(p, "3", 100)) for p in prompts])
+    priced = round_trips.take()
+    assert priced[:3] == ["BEGIN;", "WITH locked_prompts AS", "SELECT prompts.reported_prices FROM"]
