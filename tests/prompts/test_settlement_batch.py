@@ -61,7 +61,7 @@ async def test_ends_and_their_twins_in_one_batch(
         rows = await session.execute(
             select(Prompt.id, Prompt.status).where(Prompt.tenant_id == tenant_id)
         )
-        statuses = {prompt_id: status for prompt_id, status in rows}
+        statuses = dict(rows.all())
         error_b = await session.scalar(select(Prompt.error_type).where(Prompt.id == b))
         active = await session.scalar(
             select(UserQuota.active_count).where(UserQuota.user_id == user_id)
