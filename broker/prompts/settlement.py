@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -368,17 +369,25 @@ def actual_charge(prompt: Prompt | Settled) -> tuple[int, str]:
 
 
 async def finish(tx: Tx, items: list[Finish]) -> list[bool]:
-    """Settle each prompt once (True: this call settled it) and charge it."""
+    """Settle each prompt once (True: this call settled it) and charge it. On PostgreSQL the
+    first `Finish` of each prompt settles in one statement for the batch; a later one (a
+    twin) goes after, on its own, as in a batch of one: it settles only if the first could
+    not."""
     now = utc_now()
-    together: dict[int, Settled] = {}
-    if tx.dialect_name == "postgresql":
-        together = await _settle_together(tx, items, now)
-    by_index = dict(together)
+    first: dict[uuid.UUID, int] = {}
     for index, item in enumerate(items):
-        if index not in together and (tx.dialect_name != "postgresql" or _twin(items, index)):
-            rows = await tx.fetch(SETTLE, _settle_values(item, now))
-            if rows:
-                by_index[index] = Settled(*rows[0])
+        first.setdefault(item.prompt_id, index)
+    together: dict[int, Settled] = {}
+    alone: Sequence[int] = range(len(items))
+    if tx.dialect_name == "postgresql":
+        firsts = [(index, items[index]) for index in first.values()]
+        together = await _settle_together(tx, firsts, now)
+        alone = [index for index, item in enumerate(items) if first[item.prompt_id] != index]
+    by_index = dict(together)
+    for index in alone:
+        rows = await tx.fetch(SETTLE, _settle_values(items[index], now))
+        if rows:
+            by_index[index] = Settled(*rows[0])
     settled = [(items[index], by_index[index]) for index in sorted(by_index)]
     await limits.release(tx, Counter(
         prompt.user_id for index, prompt in by_index.items() if index not in together
@@ -392,20 +401,13 @@ async def finish(tx: Tx, items: list[Finish]) -> list[bool]:
     return [index in by_index for index in range(len(items))]
 
 
-def _twin(items: list[Finish], index: int) -> bool:
-    """A later `Finish` of a prompt the batch settles already: it goes after, on its own, as
-    it would in a batch of one (it settles only if the first could not)."""
-    prompt_id = items[index].prompt_id
-    return any(item.prompt_id == prompt_id for item in items[:index])
-
-
-async def _settle_together(tx: Tx, items: list[Finish], now: datetime) -> dict[int, Settled]:
-    """The first `Finish` of each prompt, settled in one statement, their slots released:
-    the ones it settled, by index."""
-    first: dict[uuid.UUID, int] = {}
-    for index, item in enumerate(items):
-        first.setdefault(item.prompt_id, index)
-    each = [_settle_values(items[index], now) for index in first.values()]
+async def _settle_together(
+    tx: Tx, firsts: list[tuple[int, Finish]], now: datetime
+) -> dict[int, Settled]:
+    """Prompts settled in one statement (`SETTLE_TOGETHER`, one `Finish` each), their slots
+    released: the ones it settled, by index."""
+    each = [_settle_values(item, now) for _, item in firsts]
+    index_of = {item.prompt_id: index for index, item in firsts}
     names = ("prompt", "to_status", "error_type", "error_message", "finished", "forget")
     arrays = ("prompts", "to_statuses", "error_types", "error_messages", "finished", "forget")
     values: dict[str, Any] = {
@@ -413,7 +415,7 @@ async def _settle_together(tx: Tx, items: list[Finish], now: datetime) -> dict[i
     }
     values.update({f"from_{n}": [one[f"from_{n}"] for one in each] for n in range(len(_FROM))})
     rows = await tx.fetch(SETTLE_TOGETHER, {**values, "now": now})
-    return {first[row[0]]: Settled(*row[1:]) for row in rows}
+    return {index_of[row[0]]: Settled(*row[1:]) for row in rows}
 
 
 def _settle_values(item: Finish, now: datetime) -> dict[str, Any]:
