@@ -66,10 +66,11 @@ SQLITE_LINGER_SECONDS = 0.002
 class RowLocks(Generic[LockedT_contra]):
     """The rows an item will lock (`keys`), and how a batch takes the keys of all its items
     at once (`take`), before any kind runs: so that every batch locks rows in one order
-    whatever its items' order (broker/prompts/locks.py)."""
+    whatever its items' order (broker/prompts/locks.py). `take` answers the transaction the
+    kinds then run on (it may take the locks with the first statement that needs them)."""
 
     keys: Callable[[LockedT_contra], Iterable[Hashable]]
-    take: Callable[[Tx, frozenset[Hashable]], Awaitable[None]]
+    take: Callable[[Tx, frozenset[Hashable]], Awaitable[Tx]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,26 +257,27 @@ async def _run_kinds(transaction: Tx, units: list[_Unit]) -> list[_Outcome]:
     for index, unit in enumerate(units):
         assert unit.kind is not None
         by_kind.setdefault(unit.kind, []).append(index)
-    await _take_locks(transaction, units)
+    locked = await _take_locks(transaction, units)
     outcomes: list[_Outcome] = [_Outcome()] * len(units)
     for kind in sorted(by_kind, key=lambda kind: kind.rank):
         indexes = by_kind[kind]
-        results = await kind.run(transaction, [units[index].item for index in indexes])
+        results = await kind.run(locked, [units[index].item for index in indexes])
         for index, result in zip(indexes, results, strict=True):
             refused = isinstance(result, BrokerError)
             outcomes[index] = _Outcome(error=result) if refused else _Outcome(result=result)
     return outcomes
 
 
-async def _take_locks(transaction: Tx, units: list[_Unit]) -> None:
-    """The batch's row locks, before any of its kinds runs."""
-    keys: dict[Callable[[Tx, frozenset[Hashable]], Awaitable[None]], set[Hashable]] = {}
+async def _take_locks(transaction: Tx, units: list[_Unit]) -> Tx:
+    """The batch's row locks, before any of its kinds runs: the transaction to run them on."""
+    keys: dict[Callable[[Tx, frozenset[Hashable]], Awaitable[Tx]], set[Hashable]] = {}
     for unit in units:
         locks = unit.kind.locks if unit.kind is not None else None
         if locks is not None:
             keys.setdefault(locks.take, set()).update(locks.keys(unit.item))
     for take, batch_keys in keys.items():
-        await take(transaction, frozenset(batch_keys))
+        transaction = await take(transaction, frozenset(batch_keys))
+    return transaction
 
 
 async def _attempt(session: AsyncSession, unit: _Unit) -> _Outcome:

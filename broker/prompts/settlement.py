@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -17,9 +18,11 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     Select,
+    String,
     Uuid,
     bindparam,
     case,
+    column,
     exists,
     func,
     literal,
@@ -28,6 +31,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.elements import ColumnClause
 
 from broker.comfy.files import output_files
 from broker.comfy.redaction import scrub_text
@@ -279,6 +285,48 @@ SETTLE = (
     )
     .returning(*_SETTLED)
 )
+# PostgreSQL: a batch's prompts settled by one statement (the first `Finish` of each), with
+# their rate-limit slots released in it: one round trip instead of one per prompt and one
+# for the slots. Its rows: the prompt's id, then `Settled`'s.
+_SETTLING_COLUMNS: list[tuple[str, ColumnClause[Any]]] = [
+    ("prompts", column("id", Uuid())),
+    ("to_statuses", column("to_status", String())),
+    ("error_types", column("error_type", String())),
+    ("error_messages", column("error_message", String())),
+    ("finished", column("finished", UTCDateTime())),
+    ("forget", column("forget", Boolean())),
+    *((f"from_{n}", column(f"from_{n}", String())) for n in range(len(_FROM))),
+]
+_SETTLING = (
+    func.unnest(*(bindparam(name, type_=ARRAY(c.type)) for name, c in _SETTLING_COLUMNS))
+    .table_valued(*(c for _, c in _SETTLING_COLUMNS))
+    .render_derived(name="settling")
+)
+SETTLE_ALL = (
+    update(Prompt)
+    .where(
+        Prompt.id == _SETTLING.c.id,
+        or_(*(Prompt.status == _SETTLING.c[f"from_{n}"] for n in range(len(_FROM)))),
+    )
+    .values(
+        status=_SETTLING.c.to_status,
+        error_type=_SETTLING.c.error_type,
+        error_message=_SETTLING.c.error_message,
+        finished_at=_SETTLING.c.finished,
+        idempotency_key=case((_SETTLING.c.forget, literal(None)), else_=Prompt.idempotency_key),
+        updated_at=_NOW,
+    )
+    .returning(Prompt.id, *_SETTLED)
+)
+
+
+def settle_together_of(settling: Update) -> Select[*tuple[Any, ...]]:
+    """`settling` (`SETTLE_ALL`), with the settled prompts' slots released."""
+    settled = settling.cte("settled")
+    return select(settled).add_cte(limits.release_of(settled).cte("released"))
+
+
+SETTLE_TOGETHER = settle_together_of(SETTLE_ALL)
 RECORD_CHARGE = (
     update(Prompt)
     .where(Prompt.id == _PROMPT)
@@ -321,22 +369,53 @@ def actual_charge(prompt: Prompt | Settled) -> tuple[int, str]:
 
 
 async def finish(tx: Tx, items: list[Finish]) -> list[bool]:
-    """Settle each prompt once (True: this call settled it) and charge it."""
+    """Settle each prompt once (True: this call settled it) and charge it. On PostgreSQL the
+    first `Finish` of each prompt settles in one statement for the batch; a later one (a
+    twin) goes after, on its own, as in a batch of one: it settles only if the first could
+    not."""
     now = utc_now()
-    settled: list[tuple[Finish, Settled]] = []
-    done: list[bool] = []
-    for item in items:
-        rows = await tx.fetch(SETTLE, _settle_values(item, now))
-        done.append(bool(rows))
+    first: dict[uuid.UUID, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(item.prompt_id, index)
+    together: dict[int, Settled] = {}
+    alone: Sequence[int] = range(len(items))
+    if tx.dialect_name == "postgresql":
+        firsts = [(index, items[index]) for index in first.values()]
+        together = await _settle_together(tx, firsts, now)
+        alone = [index for index, item in enumerate(items) if first[item.prompt_id] != index]
+    by_index = dict(together)
+    for index in alone:
+        rows = await tx.fetch(SETTLE, _settle_values(items[index], now))
         if rows:
-            settled.append((item, Settled(*rows[0])))
+            by_index[index] = Settled(*rows[0])
+    settled = [(items[index], by_index[index]) for index in sorted(by_index)]
+    await limits.release(tx, Counter(
+        prompt.user_id for index, prompt in by_index.items() if index not in together
+    ))  # fmt: skip
     await _charge(tx, settled, now)
     await tx.execute_many(RECORD_RESPONSE, [
         {"prompt": item.prompt_id, "answer_status": item.response[0],
          "answer_body": item.response[1], "now": now}
         for item, _ in settled if item.response is not None
     ])  # fmt: skip
-    return done
+    return [index in by_index for index in range(len(items))]
+
+
+async def _settle_together(
+    tx: Tx, firsts: list[tuple[int, Finish]], now: datetime
+) -> dict[int, Settled]:
+    """Prompts settled in one statement (`SETTLE_TOGETHER`, one `Finish` each), their slots
+    released: the ones it settled, by index."""
+    each = [_settle_values(item, now) for _, item in firsts]
+    index_of = {item.prompt_id: index for index, item in firsts}
+    names = ("prompt", "to_status", "error_type", "error_message", "finished", "forget")
+    arrays = ("prompts", "to_statuses", "error_types", "error_messages", "finished", "forget")
+    values: dict[str, Any] = {
+        array: [one[name] for one in each] for name, array in zip(names, arrays, strict=True)
+    }
+    values.update({f"from_{n}": [one[f"from_{n}"] for one in each] for n in range(len(_FROM))})
+    rows = await tx.fetch(SETTLE_TOGETHER, {**values, "now": now})
+    return {index_of[row[0]]: Settled(*row[1:]) for row in rows}
 
 
 def _settle_values(item: Finish, now: datetime) -> dict[str, Any]:
@@ -358,14 +437,12 @@ def _settle_values(item: Finish, now: datetime) -> dict[str, Any]:
 
 async def _charge(tx: Tx, settled: list[tuple[Finish, Settled]], now: datetime) -> None:
     """Charge the prompts that just reached their final status (once each: only the
-    transition that succeeded gets here), free their slots, settle their budgets."""
+    transition that succeeded gets here), settle their budgets."""
     charges: list[dict[str, Any]] = []
-    slots: Counter[uuid.UUID] = Counter()
     budget_charges: list[Charge] = []
     for item, prompt in settled:
         actual, source = actual_charge(prompt)
         charges.append({"prompt": item.prompt_id, "actual": actual, "source": source, "now": now})
-        slots[prompt.user_id] += 1
         reservations = [Reservation.from_dict(entry) for entry in prompt.reservations]
         if reservations or (prompt.budgeted and actual):
             budget_charges.append(Charge(
@@ -379,7 +456,6 @@ async def _charge(tx: Tx, settled: list[tuple[Finish, Settled]], now: datetime) 
             )
         )
     await tx.execute_many(RECORD_CHARGE, charges)
-    await limits.release(tx, slots)
     await budgets.settle(tx, budget_charges, now)
 
 

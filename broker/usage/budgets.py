@@ -41,6 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Update
 
 from broker.db.base import UTCDateTime
 from broker.db.models import Budget, BudgetDay, Prompt
@@ -154,18 +155,20 @@ RESERVE_CALENDAR = (
 )
 
 
-def _count_and_reserve(token: bool) -> Select[*tuple[Any, ...]]:
-    """`limits.COUNT_MORE` and, if it counted, `RESERVE_CALENDAR`: one statement, one round
-    trip (PostgreSQL only: SQLite has no UPDATE within WITH). A row per calendar budget
-    reserved (its columns null if none), none if the limits refused."""
-    counted = limits.COUNT_MORE[token].cte("counted")
+def count_and_reserve_of(counting: Update) -> Select[*tuple[Any, ...]]:
+    """`counting` (`limits.COUNT_MORE`) and, if it counted, `RESERVE_CALENDAR`: one
+    statement, one round trip (PostgreSQL only: SQLite has no UPDATE within WITH). A row per
+    calendar budget reserved (its columns null if none), none if the limits refused."""
+    counted = counting.cte("counted")
     reserved = RESERVE_CALENDAR.where(exists(select(literal(1)).select_from(counted))).cte(
         "reserved"
     )
     return select(counted, reserved).select_from(counted.outerjoin(reserved, true()))
 
 
-COUNT_AND_RESERVE = {token: _count_and_reserve(token) for token in (False, True)}
+COUNT_AND_RESERVE = {
+    token: count_and_reserve_of(limits.COUNT_MORE[token]) for token in (False, True)
+}
 UNRESERVE_CALENDAR = (
     update(Budget)
     .where(Budget.id == _BUDGET, Budget.window_start == _WINDOW)

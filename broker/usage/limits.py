@@ -28,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.selectable import FromClause
 
 from broker.db.base import UTCDateTime
 from broker.db.models import Budget, Tenant, Token, User, UserQuota
@@ -134,15 +136,13 @@ ENSURE_ROW = {
     .on_conflict_do_nothing()
     for dialect in (sqlite, postgresql)
 }
-RELEASE = (
-    update(UserQuota)
-    .where(UserQuota.user_id == _USER)
-    .values(
-        active_count=case(
-            (UserQuota.active_count > _COUNT, UserQuota.active_count - _COUNT), else_=0
-        )
-    )
-)
+
+
+def _released(count: ColumnElement[int]) -> ColumnElement[int]:
+    return case((UserQuota.active_count > count, UserQuota.active_count - count), else_=0)
+
+
+RELEASE = update(UserQuota).where(UserQuota.user_id == _USER).values(active_count=_released(_COUNT))
 _QUOTA_AND_LIMITS = select(
     UserQuota.active_count,
     limit_of(User.max_prompts_per_minute, Tenant.max_prompts_per_minute, _TENANT, _USER),
@@ -193,6 +193,21 @@ async def release(tx: Tx, finished: Mapping[uuid.UUID, int]) -> None:
     """Prompts of these users finished: their concurrency slots are free again."""
     await tx.execute_many(
         RELEASE, [{"for_user": user, "count": n} for user, n in sorted(finished.items())]
+    )
+
+
+def release_of(finished: FromClause) -> Update:
+    """`release` as a statement of its own (PostgreSQL: a CTE beside the settlement that
+    names `finished`'s `user_id`s, one row per finished prompt)."""
+    slots = (
+        select(finished.c.user_id, func.count().label("slots"))
+        .group_by(finished.c.user_id)
+        .subquery("slots")
+    )
+    return (
+        update(UserQuota)
+        .where(UserQuota.user_id == slots.c.user_id)
+        .values(active_count=_released(slots.c.slots))
     )
 
 
