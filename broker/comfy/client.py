@@ -6,8 +6,9 @@ cookies, Authorization) ever reaches ComfyUI.
 The client speaks httpx's API over aiohttp's connection handling (`httpx-aiohttp`):
 measured here, a bare proxy forwards 5-7× as many requests per second with it as with
 httpx's default transport (docs/benchmarks.md). The prompt's submit, the busiest call,
-goes to the same aiohttp session directly: httpx's request and response models cost
-about as much again as aiohttp's own (docs/benchmarks.md, session 6).
+goes to the same aiohttp session directly, as does the egress (broker/egress/forward.py)
+on its own: httpx's request and response models cost about as much again as aiohttp's own
+(docs/benchmarks.md, session 6). `failure_of` classifies the failures of both.
 """
 
 from __future__ import annotations
