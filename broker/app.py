@@ -26,6 +26,7 @@ from broker.db.group_commit import SQLITE_LINGER_SECONDS, GroupCommitter
 from broker.db.raw import RawConnections
 from broker.db.session import create_engine, create_sessionmaker
 from broker.db.wal import WalCheckpointer
+from broker.egress.endpoints import egress_route
 from broker.egress.endpoints import router as egress_router
 from broker.egress.service import Egress
 from broker.error_handlers import add_exception_handlers
@@ -168,6 +169,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
     )
     if settings.KEY_MODE is KeyMode.SEALED:  # first: ComfyUI calls it for every API node's poll
         app.include_router(egress_router)
+        app.router.routes.insert(0, egress_route())  # matched by prefix, served leanly
     # Routes are matched in order: then ComfyUI's surface (POST /prompt), the busiest.
     app.include_router(proxy_router, tags=["comfyui"])
     app.include_router(proxy_router, prefix="/api", tags=["comfyui under /api"])

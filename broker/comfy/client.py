@@ -6,12 +6,14 @@ cookies, Authorization) ever reaches ComfyUI.
 The client speaks httpx's API over aiohttp's connection handling (`httpx-aiohttp`):
 measured here, a bare proxy forwards 5-7× as many requests per second with it as with
 httpx's default transport (docs/benchmarks.md). The prompt's submit, the busiest call,
-goes to the same aiohttp session directly: httpx's request and response models cost
-about as much again as aiohttp's own (docs/benchmarks.md, session 6).
+goes to the same aiohttp session directly, as does the egress (broker/egress/forward.py)
+on its own: httpx's request and response models cost about as much again as aiohttp's own
+(docs/benchmarks.md, session 6). `failure_of` classifies the failures of both.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -154,22 +156,41 @@ async def _chunks(body: bytes) -> AsyncIterator[bytes]:
         yield bytes(view[start : start + LARGE_BODY_BYTES])
 
 
-def _upstream_error(exc: Exception, what: str) -> BrokerError:
-    """What a failed request means for the prompt: no connection was made (surely not
-    delivered), no answer in time, or the connection broke (it may have been delivered).
+class Failure(enum.Enum):
+    """How a request failed: no connection was made (surely not delivered), no answer in
+    time, or the connection broke (it may have been delivered)."""
+
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    LOST = "lost"
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The kind of a failed request's error, from httpx or aiohttp.
 
     httpx-aiohttp maps most aiohttp errors to httpx.ConnectTimeout, read timeouts and lost
     connections included, so the aiohttp error it chains is read first.
     """
     cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ else exc
     if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return UpstreamUnreachable("ComfyUI is unreachable (no connection).")
+        return Failure.UNREACHABLE
     if isinstance(cause, TimeoutError | httpx.TimeoutException) and not isinstance(
         cause, httpx.ConnectTimeout
     ):
-        return UpstreamTimeout(f"ComfyUI did not answer {what} in time.")
+        return Failure.TIMEOUT
     if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+        return Failure.UNREACHABLE
+    return Failure.LOST
+
+
+def _upstream_error(exc: Exception, what: str) -> BrokerError:
+    """What a failed request means for the prompt."""
+    failure = failure_of(exc)
+    if failure is Failure.UNREACHABLE:
         return UpstreamUnreachable("ComfyUI is unreachable (no connection).")
+    if failure is Failure.TIMEOUT:
+        return UpstreamTimeout(f"ComfyUI did not answer {what} in time.")
+    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ else exc
     return UpstreamConnectionLost(f"The connection to ComfyUI failed ({type(cause).__name__}).")
 
 

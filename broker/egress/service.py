@@ -1,9 +1,6 @@
 """The egress: `/comfy-api/{path}` swaps a prompt's capability for its user's key, checks
-the budgets, calls the Comfy API and records the call and its charge.
-
-Bodies stream both ways (API nodes upload and fetch many MB). Only answers that may
-need changing are read whole, up to `REWRITE_LIMIT`: JSON (URLs pointed back at the
-egress) and errors (a key echoed by the Comfy API removed).
+the budgets, calls the Comfy API (broker/egress/forward.py) and records the call and its
+charge.
 """
 
 from __future__ import annotations
@@ -13,25 +10,24 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 
-import httpx
-import orjson
+import aiohttp
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from broker.comfy.client import create_http_client
+from broker.comfy.client import Failure, UpstreamHttp, create_http_client, failure_of
 from broker.db.base import utc_now
 from broker.db.group_commit import GroupCommitter
 from broker.db.raw import RawReads
 from broker.db.tx import Tx
-from broker.egress import capabilities, repository
+from broker.egress import capabilities, forward, repository
 from broker.egress.budget import exhausted_budget
 from broker.egress.capabilities import Grants
 from broker.egress.errors import EgressRefusal, no_budget, unauthorized
@@ -48,29 +44,13 @@ from broker.usage.pricing import credits_to_mc
 log = logging.getLogger("broker.egress")
 
 PREFIX = "/comfy-api"
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "transfer-encoding", "upgrade"}
-)  # fmt: skip
-# Never passed on: the capability, the client's view of the connection, cookies.
-NOT_FORWARDED = HOP_BY_HOP | {
-    "host", "x-api-key", "authorization", "cookie", "forwarded", "x-forwarded-for",
-    "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "accept-encoding",
-}  # fmt: skip
-NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "content-length"}
 CREDITS_HEADER = "x-comfy-credits-used"
 REQUEST_ID_HEADERS = ("x-comfy-request-id", "x-request-id", "request-id")
 JOB_HEADER = "comfy-job-id"
 # Polls and downloads: the Comfy API charges the call that starts a task, not these, and
 # refusing them would only waste what that call cost.
 FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-REWRITE_LIMIT = 4 * 1024 * 1024
 MAX_PATH = 500
-REDACTED = b"[redacted]"
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 @dataclass
@@ -78,7 +58,7 @@ class Egress:
     settings: Settings
     committer: GroupCommitter
     custody: KeyCustody
-    http: httpx.AsyncClient
+    http: UpstreamHttp
     grants: Grants
     reads: RawReads
 
@@ -125,10 +105,10 @@ class Egress:
         except EgressRefusal as refusal:
             await self._record(holder, request.method, path, refusal.status, started, None)
             return refusal.response()
-        await self._record(holder, request.method, path, upstream.status_code, started, upstream)
+        await self._record(holder, request.method, path, upstream.status, started, upstream)
         sign = functools.partial(self.grants.sign, holder.prompt_id, holder.token_hash)
         rewriter = Rewriter(self.settings.COMFY_API_URL, functools.partial(_base, request), sign)
-        return await _answer(upstream, rewriter, api_key)
+        return await forward.answer(upstream, rewriter, api_key)
 
     async def _authorize(
         self, request: Request, target: str, grant: str | None
@@ -180,39 +160,23 @@ class Egress:
             return None
         return holder
 
-    async def _send(self, request: Request, target: str, api_key: str) -> httpx.Response:
-        headers = _forwarded_headers(request.headers, api_key)
+    async def _send(self, request: Request, target: str, api_key: str) -> aiohttp.ClientResponse:
         declared = request.headers.get("content-length")
         limit = self.settings.MAX_COMFY_API_BODY_BYTES
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise EgressRefusal(413, "payload_too_large", "The request body is too large.")
+            raise _too_large()
         has_body = (declared is not None and declared != "0") or (
             "transfer-encoding" in request.headers
         )
-        content = _limited(request.stream(), limit) if has_body else None
-        outgoing = self.http.build_request(
-            request.method, self.settings.COMFY_API_URL + target, headers=headers, content=content
-        )
+        body = forward.LimitedBody(request.stream(), limit) if has_body else None
+        headers = forward.forwarded_headers(request.headers.raw, api_key)
+        url = self.settings.COMFY_API_URL + target
         try:
-            return await self.http.send(outgoing, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            log.warning("egress.unreachable path=%s", target.partition("?")[0])
-            raise EgressRefusal(
-                502, "bad_gateway", "The Comfy API cannot be reached right now."
-            ) from None
-        except httpx.TimeoutException:
-            log.warning("egress.timeout path=%s", target.partition("?")[0])
-            raise EgressRefusal(
-                504, "gateway_timeout", "The Comfy API did not answer in time."
-            ) from None
-        except BodyTooLarge:
-            raise EgressRefusal(
-                413, "payload_too_large", "The request body is too large."
-            ) from None
-        except httpx.TransportError:
-            raise EgressRefusal(
-                502, "bad_gateway", "The connection to the Comfy API failed."
-            ) from None
+            return await forward.send(self.http, request.method, url, headers, body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if body is not None and body.exceeded:
+                raise _too_large() from None
+            raise _refusal_for(exc, target) from None
 
     async def _record(
         self,
@@ -221,7 +185,7 @@ class Egress:
         path: str,
         status: int,
         started: float,
-        upstream: httpx.Response | None,
+        upstream: aiohttp.ClientResponse | None,
     ) -> None:
         """Record the call and add its charge to the prompt, before ComfyUI sees the
         answer: once ComfyUI's node finishes, the prompt's charge is complete."""
@@ -285,30 +249,7 @@ def _job_matches(headers: Headers, prompt_id: uuid.UUID) -> bool:
         return False
 
 
-def _forwarded_headers(headers: Headers, api_key: str) -> list[tuple[str, str]]:
-    named_in_connection = {
-        name.strip().lower() for name in (headers.get("connection") or "").split(",")
-    }
-    kept = [
-        (name, value)
-        for name, value in headers.items()
-        if name not in NOT_FORWARDED and name not in named_in_connection
-    ]
-    # identity: the answers the egress may rewrite are then plain bytes, and media
-    # (already compressed) loses nothing.
-    return [*kept, ("accept-encoding", "identity"), ("x-api-key", api_key)]
-
-
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    received = 0
-    async for chunk in stream:
-        received += len(chunk)
-        if received > limit:
-            raise BodyTooLarge
-        yield chunk
-
-
-def _credits_mc(headers: httpx.Headers) -> int | None:
+def _credits_mc(headers: Mapping[str, str]) -> int | None:
     """X-Comfy-Credits-Used (credits, a decimal string) in milli-credits; None if absent
     or unusable, as ComfyUI ignores such a value."""
     value = headers.get(CREDITS_HEADER)
@@ -323,7 +264,7 @@ def _credits_mc(headers: httpx.Headers) -> int | None:
     return credits_to_mc(credits)
 
 
-def _request_id(headers: httpx.Headers) -> str | None:
+def _request_id(headers: Mapping[str, str]) -> str | None:
     for name in REQUEST_ID_HEADERS:
         value: str | None = headers.get(name)
         if value:
@@ -331,89 +272,16 @@ def _request_id(headers: httpx.Headers) -> str | None:
     return None
 
 
-def _returned_headers(
-    headers: httpx.Headers, rewriter: Rewriter, api_key: str
-) -> list[tuple[str, str]]:
-    named_in_connection = {
-        name.strip().lower() for name in (headers.get("connection") or "").split(",")
-    }
-    kept: list[tuple[str, str]] = []
-    for name, value in headers.multi_items():
-        if name in NOT_RETURNED or name in named_in_connection or api_key in value:
-            continue
-        kept.append((name, rewriter.url(value) if name == "location" else value))
-    return kept
+def _too_large() -> EgressRefusal:
+    return EgressRefusal(413, "payload_too_large", "The request body is too large.")
 
 
-async def _answer(upstream: httpx.Response, rewriter: Rewriter, api_key: str) -> Response:
-    headers = _returned_headers(upstream.headers, rewriter, api_key)
-    content_type = upstream.headers.get("content-type", "")
-    readable = "json" in content_type or upstream.status_code >= 400
-    declared = upstream.headers.get("content-length")
-    small = declared is None or (declared.isdigit() and int(declared) <= REWRITE_LIMIT)
-    # Asked for `identity`; an answer compressed anyway is read decoded, so that it is
-    # checked like any other (and passed on without its content-encoding).
-    encoded = upstream.headers.get("content-encoding") not in (None, "identity")
-    if not readable or (not small and not encoded):
-        return _streamed(upstream, headers, [])
-    if encoded:
-        headers = [(name, value) for name, value in headers if name != "content-encoding"]
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in upstream.aiter_bytes() if encoded else upstream.aiter_raw():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > REWRITE_LIMIT and encoded:
-                await upstream.aclose()
-                return EgressRefusal(
-                    502, "bad_gateway", "The Comfy API's compressed answer is too large."
-                ).response()
-            if size > REWRITE_LIMIT:
-                return _streamed(upstream, headers, chunks)
-    except httpx.HTTPError:
-        await upstream.aclose()
-        return EgressRefusal(502, "bad_gateway", "The Comfy API's answer broke off.").response()
-    await upstream.aclose()
-    body = _cleaned(b"".join(chunks), "json" in content_type, rewriter, api_key)
-    response = Response(body, status_code=upstream.status_code)
-    response.raw_headers = [*_encoded(headers), (b"content-length", str(len(body)).encode())]
-    return response
-
-
-def _cleaned(body: bytes, is_json: bool, rewriter: Rewriter, api_key: str) -> bytes:
-    if is_json and rewriter.may_rewrite(body):
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            value = None
-        if value is not None:
-            rewritten, changed = rewriter.json(value)
-            if changed:
-                body = orjson.dumps(rewritten)
-    return body.replace(api_key.encode(), REDACTED) if api_key.encode() in body else body
-
-
-def _streamed(
-    upstream: httpx.Response, headers: list[tuple[str, str]], read: Iterable[bytes]
-) -> StreamingResponse:
-    async def relay() -> AsyncIterator[bytes]:
-        try:
-            for chunk in read:
-                yield chunk
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        finally:
-            await upstream.aclose()
-
-    response = StreamingResponse(relay(), status_code=upstream.status_code)
-    response.raw_headers = _encoded(headers)
-    declared = upstream.headers.get("content-length")
-    if declared is not None:  # the body passes unchanged
-        response.raw_headers.append((b"content-length", declared.encode("latin-1")))
-    return response
-
-
-def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    """As the ASGI server sends them: every value of a repeated header kept."""
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+def _refusal_for(exc: BaseException, target: str) -> EgressRefusal:
+    failure = failure_of(exc)
+    if failure is Failure.UNREACHABLE:
+        log.warning("egress.unreachable path=%s", target.partition("?")[0])
+        return EgressRefusal(502, "bad_gateway", "The Comfy API cannot be reached right now.")
+    if failure is Failure.TIMEOUT:
+        log.warning("egress.timeout path=%s", target.partition("?")[0])
+        return EgressRefusal(504, "gateway_timeout", "The Comfy API did not answer in time.")
+    return EgressRefusal(502, "bad_gateway", "The connection to the Comfy API failed.")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
+from broker.egress.forward import _cleaned
 from broker.egress.rewrite import Rewriter
-from broker.egress.service import _cleaned
 
 API = "https://api.comfy.org"
 KEY = "comfyui-test-key"
