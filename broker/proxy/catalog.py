@@ -52,7 +52,7 @@ class CatalogCache:
 
 
 async def fetch(context: ProxyContext, path: str) -> Any:
-    response = await context.pool.choose().comfy.request("GET", path)
+    response = await (await context.pool.choose()).comfy.request("GET", path)
     if response.status_code == 404:
         raise NotFound(f"ComfyUI has no {path}.")
     if response.status_code != 200:

@@ -71,7 +71,7 @@ assets_router = APIRouter(prefix="/api/assets", tags=["operator"])
 
 
 async def relay_assets(request: Request, caller: OperatorCaller, proxy: Proxy) -> Response:
-    upstream = proxy.pool.choose().comfy
+    upstream = (await proxy.pool.choose()).comfy
     answer = await upstream.request(
         request.method,
         request.url.path,

@@ -147,12 +147,12 @@ class Resolver:
 
     async def _ask(self, ref: FileRef) -> bool:
         for _ in self.pool.upstreams:
-            upstream = self.pool.choose()
+            upstream = await self.pool.choose()
             try:
                 return await _exists(upstream, ref)
             except UpstreamUnreachable:
                 self.pool.mark_down(upstream)
-        return await _exists(self.pool.choose(), ref)
+        return await _exists(await self.pool.choose(), ref)
 
 
 # What ComfyUI said of a user's uploads, for UPLOADS_SEEN_SECONDS. An upload through this

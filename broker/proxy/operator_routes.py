@@ -38,7 +38,7 @@ async def relay_to_operator(
     context: ProxyContext, method: str, path: str, body: bytes
 ) -> tuple[int, Any]:
     """Operator-only routes (`/free`, `/internal/*`)."""
-    comfy = context.pool.choose().comfy
+    comfy = (await context.pool.choose()).comfy
     if method == "GET":
         return 200, redact(await comfy.get_json(path))
     response = await comfy.post_raw(path, body)

@@ -3,7 +3,10 @@
 New prompts go to a healthy server with the shortest queue; everything later
 about a prompt (history, files, interrupt, events) goes to the server that took
 it (`prompts.upstream`). A server failing its health checks is taken out and
-put back when it answers again; with none healthy, new prompts get a 503.
+put back when it answers again. With none healthy, a request checks them again at once
+(at most every RECHECK_SECONDS, one check shared by the requests that come meanwhile), so
+a server that is back, or whose check at start failed, is used without waiting for the
+next periodic check; if none answers, the request gets a 503.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ log = logging.getLogger("broker.pool")
 
 HEALTH_INTERVAL_SECONDS = 5.0
 FAILURES_BEFORE_OUT = 2
+RECHECK_SECONDS = 1.0
 RETRY_AFTER_SECONDS = 5
 # ComfyUI before this returned keys in /queue (fixed upstream late 2025, PR #10502) and
 # logs API-node requests with their headers to temp/api_logs.
@@ -83,34 +88,59 @@ class UpstreamPool:
         self._sealed = sealed
         self._check_interval = check_interval
         self._checker: asyncio.Task[None] | None = None
+        self._rechecking: asyncio.Task[None] | None = None
+        self._rechecked_at = float("-inf")
         subscribers.queue_remaining = self.queue_remaining
 
     async def start(self) -> None:
-        await asyncio.gather(*(self.check(upstream) for upstream in self.upstreams))
+        await self._check_all()
         for upstream in self.upstreams:
             upstream.events.start()
         self._checker = asyncio.create_task(self._check_periodically(), name="comfy-health")
 
     async def stop(self) -> None:
-        if self._checker is not None:
-            await cancel_and_wait([self._checker])
+        await cancel_and_wait([task for task in (self._checker, self._rechecking) if task])
         for upstream in self.upstreams:
             await upstream.events.stop()
         self.subscribers.close_all()
 
-    def choose(self) -> Upstream:
+    async def choose(self) -> Upstream:
         """The healthy server with the least work, for a new prompt."""
-        healthy = [upstream for upstream in self.upstreams if upstream.health.healthy]
+        healthy = await self.healthy()
+        return min(healthy, key=lambda upstream: upstream.health.load)
+
+    async def healthy(self) -> list[Upstream]:
+        """Every healthy server (a 503 when there is none, even after checking again)."""
+        healthy = self._healthy()
+        if not healthy:
+            await self._check_again()
+            healthy = self._healthy()
         if not healthy:
             raise ServiceUnavailable(
                 "No ComfyUI server is available right now.", retry_after=RETRY_AFTER_SECONDS
             )
-        return min(healthy, key=lambda upstream: upstream.health.load)
+        return healthy
 
-    def healthy(self) -> list[Upstream]:
-        """Every healthy server (a 503 when there is none)."""
-        healthy = [upstream for upstream in self.upstreams if upstream.health.healthy]
-        return healthy or [self.choose()]
+    def _healthy(self) -> list[Upstream]:
+        return [upstream for upstream in self.upstreams if upstream.health.healthy]
+
+    async def _check_again(self) -> None:
+        if self._rechecking is None:
+            if time.monotonic() - self._rechecked_at < RECHECK_SECONDS:
+                return
+            self._rechecked_at = time.monotonic()
+            self._rechecking = asyncio.create_task(self._check_all(), name="comfy-recheck")
+            self._rechecking.add_done_callback(self._rechecked)
+        # Shielded: the check goes on for the others if this request goes away.
+        await asyncio.shield(self._rechecking)
+
+    def _rechecked(self, check: asyncio.Future[None]) -> None:
+        self._rechecking = None
+        if not check.cancelled():
+            check.exception()  # retrieved: whoever started it may be gone
+
+    async def _check_all(self) -> None:
+        await asyncio.gather(*(self.check(upstream) for upstream in self.upstreams))
 
     def for_url(self, url: str) -> Upstream | None:
         return next((upstream for upstream in self.upstreams if upstream.url == url), None)
@@ -143,6 +173,8 @@ class UpstreamPool:
                 await self._check_version(upstream)
         except BrokerError as exc:
             health.failures += 1
+            if not health.healthy and health.failures == 1:  # at start, or back and gone
+                log.warning("pool.upstream_unavailable url=%s error=%s", upstream.url, exc.type)
             if health.healthy and health.failures >= FAILURES_BEFORE_OUT:
                 log.warning("pool.upstream_down url=%s error=%s", upstream.url, exc.type)
                 health.healthy = False
@@ -190,7 +222,7 @@ class UpstreamPool:
     async def _check_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._check_interval)
-            await asyncio.gather(*(self.check(upstream) for upstream in self.upstreams))
+            await self._check_all()
 
 
 def is_leaky_version(version: str | None) -> bool:

@@ -35,7 +35,7 @@ async def queue(context: ProxyContext, acting: ActingUser) -> dict[str, Any]:
 
 
 async def queues(context: ProxyContext) -> list[tuple[Upstream, dict[str, Any]]]:
-    targets = context.pool.healthy()
+    targets = await context.pool.healthy()
     answers = await asyncio.gather(*(upstream.comfy.get_json("/queue") for upstream in targets))
     return list(zip(targets, answers, strict=True))
 

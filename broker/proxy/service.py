@@ -175,7 +175,7 @@ async def _choose_upstream(context: ProxyContext, body: PromptBody) -> tuple[Ups
     """A healthy server and the key-using nodes of the prompt by its /object_info. A server
     found unreachable here is taken out, and the next one is tried."""
     for _ in context.pool.upstreams:
-        upstream = context.pool.choose()
+        upstream = await context.pool.choose()
         try:
             nodes = await upstream.object_info.key_using_nodes_in(body.class_types.values())
         except UpstreamUnreachable:
@@ -293,18 +293,16 @@ async def _record(
 
 async def queue_info(context: ProxyContext) -> dict[str, Any]:
     """ComfyUI's queue size, summed over the healthy servers."""
-    healthy = [upstream for upstream in context.pool.upstreams if upstream.health.healthy]
-    if not healthy:
-        context.pool.choose()  # raises the 503
+    healthy = await context.pool.healthy()
     answers = await asyncio.gather(*(upstream.comfy.get_json("/prompt") for upstream in healthy))
     remaining = [answer.get("exec_info", {}).get("queue_remaining", 0) for answer in answers]
     return {"exec_info": {"queue_remaining": sum(n for n in remaining if isinstance(n, int))}}
 
 
 async def object_info(context: ProxyContext) -> bytes:
-    return await context.pool.choose().object_info.encoded()
+    return await (await context.pool.choose()).object_info.encoded()
 
 
 async def node_info(context: ProxyContext, node_class: str) -> dict[str, Any]:
-    nodes = await context.pool.choose().object_info.nodes()
+    nodes = await (await context.pool.choose()).object_info.nodes()
     return {node_class: nodes[node_class]} if node_class in nodes else {}

@@ -49,7 +49,7 @@ async def upload(
         forwarded["original_ref"] = fields["original_ref"]
     content_type = image.content_type or "application/octet-stream"
     content = await image.read()
-    targets = context.pool.healthy()
+    targets = await context.pool.healthy()
     responses = await asyncio.gather(*(
         upstream.comfy.upload(path, file=(filename, content, content_type), fields=forwarded)
         for upstream in targets

@@ -41,7 +41,7 @@ async def authorize_view(
     resolver = namespace.Resolver(context.pool, context.sessionmaker, acting.user_id)
     ref = await resolver.server_ref(named.type, named.subfolder, named.filename)
     if _is_upload(ref, acting):
-        upstream = context.pool.choose()
+        upstream = await context.pool.choose()
     else:
         url = await _own_output_upstream(context, acting, ref)
         found = context.pool.for_url(url) if url else None

@@ -3,6 +3,7 @@ a server going down takes new prompts elsewhere, and no usage record is lost or 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.db.models import Prompt, PromptStatus
-from broker.proxy.pool import is_leaky_version
+from broker.proxy.pool import RECHECK_SECONDS, is_leaky_version
 from broker.settings import Settings
 from tests.fixtures.app import AdminApi, AppFactory, User, comfy_key
 from tests.fixtures.comfy import FakeComfyUI
@@ -102,6 +103,32 @@ async def test_a_server_going_down_moves_new_prompts_without_losing_records(
         records = (await session.scalars(select(Prompt))).all()
     assert len(records) == len({record.id for record in records}) == 10
     assert sum(record.status is PromptStatus.ERROR for record in records) == statuses.count(502)
+
+
+async def test_a_server_down_at_start_takes_prompts_as_soon_as_it_answers(
+    app_factory: AppFactory, settings: Settings
+) -> None:
+    """Its check at start failed: the next periodic check is an hour away, yet once the
+    server answers, a prompt goes there (no healthy server: the request checks again)."""
+    comfy = FakeComfyUI().start()
+    port, url = comfy.port, comfy.url
+    comfy.stop()
+    app = await app_factory(
+        settings.model_copy(update={"COMFYUI_URLS": url, "UPSTREAM_HEALTH_INTERVAL_SECONDS": 3600})
+    )
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://broker")
+    admin = AdminApi(client)
+    alice = await admin.user(await admin.tenant("acme"), "alice", comfy_key())
+    down = await client.post("/prompt", json={"prompt": docs_workflow(1)}, headers=alice.auth)
+    assert down.status_code == 503, down.text
+    assert down.headers["retry-after"] == "5"
+    comfy = FakeComfyUI().start(port)
+    try:
+        await asyncio.sleep(RECHECK_SECONDS)
+        prompt_id = await submit(client, alice, prompt=docs_workflow(2))
+        assert posted(comfy) == {prompt_id}
+    finally:
+        comfy.stop()
 
 
 @pytest.mark.parametrize(
