@@ -139,6 +139,7 @@ _LOCKABLE: frozenset[Table] = frozenset(
     {Prompt.__table__, UserQuota.__table__, Budget.__table__, BudgetDay.__table__}  # type: ignore[arg-type]
 )
 _LOCK_FREE: dict[int, tuple[Statement, bool]] = {}
+MAX_REMEMBERED_READS = 256
 
 
 async def take(tx: Tx, keys: frozenset[Hashable]) -> Tx:
@@ -212,8 +213,12 @@ class _Locking:
 def _lock_free(statement: Statement) -> bool:
     """A read of no lockable table: it waits for no row lock, and nobody's lock order
     includes its rows."""
+    if not isinstance(statement, Select):
+        return False  # a write: not remembered (some are built per batch)
     known = _LOCK_FREE.get(id(statement))
     if known is None:
-        free = isinstance(statement, Select) and _LOCKABLE.isdisjoint(find_tables(statement))
-        known = _LOCK_FREE[id(statement)] = (statement, free)
+        if len(_LOCK_FREE) >= MAX_REMEMBERED_READS:  # reads built per batch: bounded
+            _LOCK_FREE.clear()
+        free = _LOCKABLE.isdisjoint(find_tables(statement))
+        known = _LOCK_FREE[id(statement)] = (statement, free)  # held: its id stays its own
     return known[1]
