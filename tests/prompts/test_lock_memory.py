@@ -1,5 +1,5 @@
-"""The lock module remembers which reads touch no lockable table; statements built per
-batch (the API calls' insert, a prompt's outputs) must not pile up in that memory."""
+"""The lock module remembers which reads touch no lockable table: a statement built per
+batch (none is today: they are module constants) must not pile up in that memory."""
 
 from __future__ import annotations
 
