@@ -51,7 +51,7 @@ class NewPrompt:
     api_nodes: list[str]
     body_bytes: int
     idempotency_key: str | None
-    request_hash: str
+    request_hash: str | None  # with an idempotency key only
     estimate: Estimate
     proposed_id: bool = False  # the client chose `prompt_id`
 

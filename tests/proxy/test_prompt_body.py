@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import random
 import tracemalloc
@@ -22,8 +23,10 @@ from broker.proxy.prompt_body import (
     CREDENTIAL_NAMES_END,
     MAX_DEPTH,
     MAX_JSON_VALUES,
+    QUOTE_COUNT_SLICE,
     PromptBody,
     _brackets_shallower_than,
+    _has_quotes,
     collections_held,
     parse_prompt_body,
     upstream_body,
@@ -187,6 +190,28 @@ def test_the_value_limit_is_exact_however_many_quotes(item: bytes) -> None:
     with pytest.raises(PromptError) as refused:
         parse_prompt_body(body_of_values(MAX_JSON_VALUES + 1, item))
     assert refused.value.type == "too_many_values"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_quotes_counted_a_slice_at_a_time_are_all_counted_once(seed: int) -> None:
+    """Quotes on and around the slices' edges, wanted exactly as many as there are and one
+    more: a slice's quotes missed or counted twice would answer one of them wrongly."""
+    rng = random.Random(seed)
+    raw = bytearray(b"x" * (3 * QUOTE_COUNT_SLICE + rng.randrange(QUOTE_COUNT_SLICE)))
+    edges = [QUOTE_COUNT_SLICE * k + d for k in (1, 2, 3) for d in (-1, 0, 1)]
+    for at in [*edges, *rng.sample(range(len(raw)), 50)]:
+        if at < len(raw):
+            raw[at] = ord('"')
+    quotes = raw.count(b'"')
+    assert _has_quotes(bytes(raw), quotes)
+    assert not _has_quotes(bytes(raw), quotes + 1)
+
+
+def test_a_body_is_hashed_only_when_asked() -> None:
+    """Only a request with an Idempotency-Key needs the body's digest."""
+    raw = orjson.dumps({"prompt": {"1": {"class_type": "SaveImage", "inputs": {}}}})
+    assert parse_prompt_body(raw).digest is None
+    assert parse_prompt_body(raw, digest=True).digest == hashlib.sha256(raw).hexdigest()
 
 
 def test_a_large_real_workflow_is_well_under_the_value_limit() -> None:
