@@ -16,6 +16,7 @@ import functools
 import hmac
 import time
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
@@ -45,6 +46,8 @@ from broker.tenants.tokens import INVALID_TOKEN, MAX_TOKEN_LENGTH, hash_token, k
 
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 CACHE_SIZE = 100_000
+RECHECK_BATCH = 500  # tokens per query of `still_valid`: far below every database's limit
+Credential = tuple[str, uuid.UUID]  # an open stream's: (token hash, the user it acts for)
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -212,11 +215,75 @@ class Authenticator:
         if token is None or not _is_usable(token):
             raise Unauthorized(INVALID_TOKEN)
         await self._touch(token)
+        return self._remember(token)
+
+    def _remember(self, token: Token) -> _KnownToken:
         caller = Caller(token.kind, token.id, token.tenant_id, token.user_id)
         known = _KnownToken(caller, token.expires_at)
         if self._tokens is not None:
-            self._tokens[token_hash] = known
+            self._tokens[token.token_hash] = known
         return known
+
+    async def still_valid(self, credentials: Collection[Credential]) -> set[Credential]:
+        """Those of open streams' credentials still valid, by `authenticate`'s rules (and a
+        service token's user must still exist). Valid tokens in the cache answer from it;
+        the others are read together, one query per RECHECK_BATCH, whatever their number.
+        No client address, so no throttle: a re-check of a token that was valid is no
+        guess, and a throttled address must not keep a revoked stream open."""
+        valid: set[Credential] = set()
+        unknown: list[Credential] = []
+        for credential in credentials:
+            verdict = self._cached_verdict(credential)
+            if verdict is None:
+                unknown.append(credential)
+            elif verdict:
+                valid.add(credential)
+        if unknown:
+            valid.update(await self._read_verdicts(unknown))
+        return valid
+
+    def _cached_verdict(self, credential: Credential) -> bool | None:
+        """True or False from what is known without the database; None: read it."""
+        token_hash, user_id = credential
+        if self._admin_token_hash is not None and hmac.compare_digest(
+            token_hash.encode(), self._admin_token_hash
+        ):
+            return True
+        known = self._tokens.get(token_hash) if self._tokens is not None else None
+        if known is None or (known.expires_at is not None and known.expires_at <= utc_now()):
+            return None
+        return _acts_for(known.caller, user_id, None)
+
+    async def _read_verdicts(self, credentials: list[Credential]) -> set[Credential]:
+        known = await self._read_usable(sorted({token_hash for token_hash, _ in credentials}))
+        served = {
+            user_id
+            for token_hash, user_id in credentials
+            if token_hash in known and known[token_hash].caller.kind is TokenKind.SERVICE
+        }
+        users = await self._existing_users(sorted(served))
+        return {
+            (token_hash, user_id)
+            for token_hash, user_id in credentials
+            if token_hash in known and _acts_for(known[token_hash].caller, user_id, users)
+        }
+
+    async def _read_usable(self, token_hashes: list[str]) -> dict[str, _KnownToken]:
+        usable: dict[str, _KnownToken] = {}
+        for start in range(0, len(token_hashes), RECHECK_BATCH):
+            batch = token_hashes[start : start + RECHECK_BATCH]
+            async with read_scope(self._sessionmaker) as session:
+                tokens = await TokenRepository.from_session(session).get_by_hashes(batch)
+            usable.update((t.token_hash, self._remember(t)) for t in tokens if _is_usable(t))
+        return usable
+
+    async def _existing_users(self, user_ids: list[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
+        existing: dict[uuid.UUID, uuid.UUID] = {}
+        for start in range(0, len(user_ids), RECHECK_BATCH):
+            batch = user_ids[start : start + RECHECK_BATCH]
+            async with read_scope(self._sessionmaker) as session:
+                existing.update(await UserRepository.from_session(session).existing(batch))
+        return existing
 
     async def user_id_for(self, tenant_id: uuid.UUID, external_id: str) -> uuid.UUID:
         """The id of a tenant's user by external id; another tenant's user is a 404."""
@@ -232,6 +299,19 @@ class Authenticator:
         if self._users is not None:
             self._users[(tenant_id, external_id)] = user.id
         return user.id
+
+
+def _acts_for(
+    caller: Caller, user_id: uuid.UUID, users: Mapping[uuid.UUID, uuid.UUID] | None
+) -> bool:
+    """Whether `caller` may still act for `user_id`. A service token's user is looked up
+    (`users`: user id -> tenant id) when the token was read, as `acting_user` does through
+    a cache that the same admin changes clear."""
+    if caller.kind is TokenKind.USER:
+        return caller.user_id == user_id
+    if caller.kind is TokenKind.SERVICE:
+        return users is None or users.get(user_id) == caller.tenant_id
+    return False
 
 
 def _is_usable(token: Token) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlalchemy import delete, func, select, update
@@ -41,6 +42,13 @@ class UserRepository(Repository):
         return await self.session.scalar(
             select(User).where(User.tenant_id == tenant_id, User.id == user_id)
         )
+
+    async def existing(self, user_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
+        """Of these users, those that exist: user id -> tenant id, in one query."""
+        if not user_ids:
+            return {}
+        statement = select(User.id, User.tenant_id).where(User.id.in_(sorted(user_ids)))
+        return dict((await self.session.execute(statement)).tuples().all())
 
     async def get_by_external_id(self, tenant_id: uuid.UUID, external_id: str) -> User | None:
         return await self.session.scalar(
@@ -94,6 +102,13 @@ class TokenRepository(Repository):
 
     async def get_by_hash(self, token_hash: str) -> Token | None:
         return await self.session.scalar(select(Token).where(Token.token_hash == token_hash))
+
+    async def get_by_hashes(self, token_hashes: Collection[str]) -> list[Token]:
+        """The tokens of these hashes that exist, in one query (keep to a few hundred)."""
+        if not token_hashes:
+            return []
+        statement = select(Token).where(Token.token_hash.in_(sorted(token_hashes)))
+        return list(await self.session.scalars(statement))
 
     async def list_page(
         self, tenant_id: uuid.UUID | None, *, user_id: uuid.UUID | None, limit: int, offset: int
