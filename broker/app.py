@@ -51,6 +51,7 @@ from broker.proxy.fanout import Subscribers
 from broker.proxy.jobs_endpoints import router as jobs_router
 from broker.proxy.pool import Health, Upstream, UpstreamPool
 from broker.proxy.service import ProxyContext
+from broker.proxy.socket_watch import CredentialWatcher
 from broker.proxy.userdata import ComfyUsers
 from broker.proxy.userdata_endpoints import router as userdata_router
 from broker.proxy.websocket import router as websocket_router
@@ -128,11 +129,14 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
         )
         bus = _bus(settings, pool, authenticator)
         forget_caches = _forget_caches(authenticator, bus)
+        watcher = CredentialWatcher(authenticator)
         set_state(app, BrokerState(
             settings=settings, engine=engine, sessionmaker=sessionmaker, committer=committer,
             custody=custody, authenticator=authenticator, pool=pool, proxy=proxy, egress=egress,
             bus=bus, catalog=catalog, comfy_users=comfy_users, forget_caches=forget_caches,
+            watcher=watcher,
         ))  # fmt: skip
+        watcher.start()
         await pool.start()
         await _settle_prompts_of_removed_servers(committer, sessionmaker, pool)
         if freeze_gc_at_start:
@@ -141,6 +145,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc_at_start: bool = F
         try:
             yield
         finally:
+            await watcher.stop()
             if bus is not None:
                 await bus.stop()
             await pool.stop()

@@ -17,6 +17,7 @@ from broker.proxy.bus import EventBus
 from broker.proxy.catalog import CatalogCache
 from broker.proxy.pool import UpstreamPool
 from broker.proxy.service import ProxyContext
+from broker.proxy.socket_watch import CredentialWatcher
 from broker.proxy.userdata import ComfyUsers
 from broker.settings import Settings
 from broker.tenants.auth import Authenticator
@@ -37,6 +38,7 @@ class BrokerState:
     catalog: CatalogCache
     comfy_users: ComfyUsers
     forget_caches: Callable[[], None]  # here and, through the bus, on every other process
+    watcher: CredentialWatcher  # open streams' credentials (websockets, v2 job events)
 
 
 def state_of(where: HTTPConnection | Starlette) -> BrokerState:

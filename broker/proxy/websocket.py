@@ -15,8 +15,9 @@ from broker.proxy import service as proxy_service
 from broker.proxy.fanout import Subscriber, Subscribers
 from broker.proxy.prompt_body import CONTROL_CHARACTERS, MAX_CLIENT_ID_LENGTH
 from broker.proxy.service import ProxyContext
-from broker.proxy.socket_watch import watch_credentials
+from broker.proxy.socket_watch import websocket_closer
 from broker.state import state_of
+from broker.tenants.auth import websocket_token
 
 router = APIRouter()
 POLICY_VIOLATION = 1008
@@ -35,15 +36,18 @@ async def user_events(websocket: WebSocket) -> None:
     if len(client_id) > MAX_CLIENT_ID_LENGTH or CONTROL_CHARACTERS.search(client_id):
         await websocket.close(code=POLICY_VIOLATION)
         return
-    context = state_of(websocket).proxy
-    subscribers = context.pool.subscribers
+    state = state_of(websocket)
+    subscribers = state.proxy.pool.subscribers
     await websocket.accept()
     subscriber = subscribers.subscribe(acting.user_id, client_id)
-    watch = watch_credentials(websocket, acting)  # closed once its token is revoked
+    # Closed (4001) once its token is revoked: see broker/proxy/socket_watch.py.
+    watched = state.watcher.watch(
+        websocket_token(websocket), acting.user_id, websocket_closer(websocket)
+    )
     try:
         await _relay(websocket, subscribers, subscriber)
     finally:
-        watch.cancel()
+        state.watcher.unwatch(watched)
 
 
 async def _first_status(context: ProxyContext, subscribers: Subscribers, client_id: str) -> str:
