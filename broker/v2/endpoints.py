@@ -18,6 +18,8 @@ from broker.errors import error_responses
 from broker.proxy.dependencies import Proxy
 from broker.proxy.service import Timing
 from broker.responses import JSONBody
+from broker.state import state_of
+from broker.tenants.auth import token_from_header
 from broker.v2 import assets, jobs
 from broker.v2.content import ByteRange, requested_range, sliced
 from broker.v2.errors import ApiError
@@ -110,7 +112,9 @@ async def get_job_events(
     job_id: str, request: Request, acting: CurrentUser, proxy: Proxy
 ) -> StreamingResponse:
     row = await jobs.owned(proxy, acting, job_id)
-    stream = JobStream(proxy, acting, row, base_url(request))
+    token = token_from_header(request.headers.get("authorization"))
+    watcher = state_of(request).watcher
+    stream = JobStream(proxy, acting, row, base_url(request), watcher, token)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream.frames(), media_type="text/event-stream", headers=headers)
 

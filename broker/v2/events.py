@@ -4,12 +4,17 @@ websocket fan-out (the caller's own events only, as on `/ws`).
 Frames: `status` (on connect, on start, and last), `progress`, `preview`, `output`.
 Live-push only, no replay: the stream carries no ids, and `GET /api/v2/jobs/{id}` stays
 the authoritative state (the SDK polls it when a stream ends early).
+
+A stream lives only as long as its credentials (broker/proxy/socket_watch.py): once its
+token is revoked or expires, it ends early, without a final status, like any early end
+(the SDK's poll then answers 401).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import struct
 import uuid
 from collections.abc import AsyncIterator
@@ -18,8 +23,9 @@ from typing import Any
 
 import orjson
 
-from broker.proxy.fanout import Message
+from broker.proxy.fanout import Message, Subscriber
 from broker.proxy.service import ProxyContext
+from broker.proxy.socket_watch import CredentialWatcher
 from broker.tenants.auth import ActingUser
 from broker.v2 import assets, jobs
 from broker.v2.repository import JobRow
@@ -48,7 +54,10 @@ class JobStream:
     acting: ActingUser
     row: JobRow
     base_url: str
+    watcher: CredentialWatcher
+    token: str = field(repr=False)  # the caller's, re-checked while the stream is open
     running: bool = False
+    ended: bool = False  # its credentials have ended
     current_node: str | None = None
     sent_outputs: set[str] = field(default_factory=set)
 
@@ -60,6 +69,8 @@ class JobStream:
         subscribers = self.context.pool.subscribers
         # Subscribed before the first read, so nothing falls between the two.
         subscriber = subscribers.subscribe(self.acting.user_id, f"api-v2-{uuid.uuid4().hex}")
+        end = functools.partial(self._end, subscriber)
+        watched = self.watcher.watch(self.token, self.acting.user_id, end)
         try:
             job = await jobs.current(self.context, self.acting, self.row, self.base_url)
             if job.status in TERMINAL:
@@ -69,7 +80,7 @@ class JobStream:
             self.running = job.status is JobStatus.RUNNING
             snapshot = {"status": job.status.value, "queue_position": job.queue_position}
             yield frame("status", {k: v for k, v in snapshot.items() if v is not None})
-            while True:
+            while not self.ended:
                 try:
                     message = await asyncio.wait_for(subscriber.outbox.get(), POLL_SECONDS)
                 except TimeoutError:
@@ -80,8 +91,8 @@ class JobStream:
                             yield chunk
                         return
                     continue
-                if message is None:
-                    return  # dropped as too slow, or the broker stops: the client polls
+                if message is None or self.ended:
+                    return  # dropped as too slow, the broker stops, or credentials ended
                 chunks, final = await self._translate(message)
                 for chunk in chunks:
                     yield chunk
@@ -90,7 +101,12 @@ class JobStream:
                         yield chunk
                     return
         finally:
+            self.watcher.unwatch(watched)
             subscribers.unsubscribe(subscriber)
+
+    async def _end(self, subscriber: Subscriber) -> None:
+        self.ended = True
+        subscriber.close()  # wakes the stream's wait for its next event
 
     async def _read(self) -> Job:
         return await jobs.get(self.context, self.acting, self.job_id, self.base_url)
