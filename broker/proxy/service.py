@@ -100,9 +100,7 @@ async def submit_prompt(
 ) -> PromptAnswer:
     _check_idempotency_key(idempotency_key)
     with collections_held():  # while the parsed graph is in hand
-        body = parse_prompt_body(
-            raw, usage_source=usage_source, digest=idempotency_key is not None
-        )
+        body = parse_prompt_body(raw, usage_source=usage_source, digest=idempotency_key is not None)
         upstream, key_nodes = await _choose_upstream(context, body)  # by class types only
         definitions = await upstream.object_info.nodes()  # of the server that will run it
         body = await namespace.confine_prompt(
