@@ -48,7 +48,8 @@ class UserRepository(Repository):
         if not user_ids:
             return {}
         statement = select(User.id, User.tenant_id).where(User.id.in_(sorted(user_ids)))
-        return dict((await self.session.execute(statement)).tuples().all())
+        rows = await self.session.execute(statement)
+        return dict(rows.all())
 
     async def get_by_external_id(self, tenant_id: uuid.UUID, external_id: str) -> User | None:
         return await self.session.scalar(

@@ -141,3 +141,30 @@ async def test_a_failed_tick_keeps_sockets_open_and_the_next_closes_the_revoked(
     assert reads.sizes
     assert "stream.credentials_check_failed" in caplog.text
     assert f"stream.closed_credentials_ended user_id={alice.id}" in caplog.text
+
+
+async def test_a_service_tokens_socket_closes_when_its_user_is_gone(
+    live: httpx.AsyncClient,
+) -> None:
+    url = str(live.base_url).rstrip("/")
+    admin = AdminApi(live)
+    tenant = await admin.tenant("acme")
+    alice = await admin.user(tenant, "alice")
+    bob = await admin.user(tenant, "bob")
+    headers = {**tenant.service}
+    async with AsyncExitStack() as stack:
+        as_alice, as_bob = [
+            await stack.enter_async_context(
+                connect(f"{url.replace('http://', 'ws://')}/ws?clientId=c",
+                        additional_headers={**headers, "X-Broker-User": name})
+            )
+            for name in ("alice", "bob")
+        ]  # fmt: skip
+        await as_alice.recv()
+        await as_bob.recv()
+        gone = await live.delete(
+            f"/admin/tenants/{tenant.id}/users/{alice.id}", headers=tenant.admin
+        )
+        assert gone.status_code == 204
+        assert (await closed_within(as_alice, CHECK_SECONDS + SLACK))[0] == CREDENTIALS_ENDED
+        assert await still_open(as_bob)  # the same token, for a user who is still there
