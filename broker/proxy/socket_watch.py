@@ -52,6 +52,7 @@ class CredentialWatcher:
         self._seconds = seconds
         self._watched: set[Watched] = set()
         self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     def __len__(self) -> int:
         return len(self._watched)
@@ -96,11 +97,17 @@ class CredentialWatcher:
                 type(error).__name__,
             )
             return
-        ended = [w for w in watched if w.credential not in valid and w in self._watched]
-        for stream in ended:
-            self._watched.discard(stream)
-            log.info("stream.closed_credentials_ended user_id=%s", stream.user_id)
-        await asyncio.gather(*(_closed(stream) for stream in ended))
+        for stream in watched:
+            if stream.credential not in valid and stream in self._watched:
+                self._watched.discard(stream)
+                log.info("stream.closed_credentials_ended user_id=%s", stream.user_id)
+                self._close(stream)
+
+    def _close(self, stream: Watched) -> None:
+        """In a task of its own: a client slow to take its close frame holds up no tick."""
+        closing = asyncio.create_task(_closed(stream))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
 
 async def _closed(stream: Watched) -> None:
