@@ -150,7 +150,7 @@ async def test_a_service_tokens_socket_closes_when_its_user_is_gone(
     admin = AdminApi(live)
     tenant = await admin.tenant("acme")
     alice = await admin.user(tenant, "alice")
-    bob = await admin.user(tenant, "bob")
+    await admin.user(tenant, "bob")
     headers = {**tenant.service}
     async with AsyncExitStack() as stack:
         as_alice, as_bob = [
