@@ -34,6 +34,13 @@ log = logging.getLogger("broker.db")
 T = TypeVar("T")
 Processor = Callable[[Any], Any] | None
 SQLITE_BUSY_TIMEOUT_MS = SQLITE_BUSY_TIMEOUT_SECONDS * 1000
+# The lifecycle's statements find their rows by key (a prompt's id, a user's quota row, a
+# tenant's budgets). On a young table, whose statistics still say it is nearly empty
+# (autovacuum analyzes it a minute later at the earliest), PostgreSQL planned the batch
+# settlement as a sequential scan of `prompts`, which grew with every prompt: 0.84 ms a batch
+# after a few seconds of the benchmark, 0.35 ms with the index (docs/benchmarks.md, session
+# 10). Set with BEGIN, in one round trip, for this transaction only.
+BEGIN_POSTGRES = "BEGIN; SET LOCAL enable_seqscan = off"
 
 
 class RawStatement:
@@ -204,13 +211,15 @@ class RawConnections:
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
         try:
-            async with driver.transaction():
-                return await body(
-                    RawTransaction(_PostgresDriver(driver), self._compile, self.dialect.name)
-                )
+            await driver.execute(BEGIN_POSTGRES)
+            result = await body(
+                RawTransaction(_PostgresDriver(driver), self._compile, self.dialect.name)
+            )
+            await driver.execute("COMMIT")
         except BaseException:
             await self._discard()
             raise
+        return result
 
     async def _run_on_sqlite(self, body: Callable[[RawTransaction], Coroutine[Any, Any, T]]) -> T:
         """What may wait (the write lock, the commit's fsync) runs on the connection's

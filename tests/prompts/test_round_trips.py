@@ -16,12 +16,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.audit.service import Actor
 from broker.db.group_commit import GroupCommitter, Kind
 from broker.db.models import PromptStatus, Tenant, User
 from broker.db.raw import RawConnections
+from broker.db.tx import Tx
 from broker.keys.service import KeyCustody
 from broker.prompts import lifecycle
 from broker.prompts.admission import Admit, Admitted, NewPrompt
@@ -187,4 +189,34 @@ async def test_the_row_locks_come_before_a_read_of_a_row_they_lock(
 
     await one_batch(committer, [(lifecycle.PRICED, ReportedPrice(p, "3", 100)) for p in prompts])
     priced = round_trips.take()
-    assert priced[:3] == ["BEGIN;", "WITH locked_prompts AS", "SELECT prompts.reported_prices FROM"]
+    assert priced[:3] == [
+        "BEGIN; SET LOCAL",
+        "WITH locked_prompts AS",
+        "SELECT prompts.reported_prices FROM",
+    ]
+
+
+SEQUENTIAL_SCANS = select(func.current_setting("enable_seqscan"))
+
+
+async def test_the_writer_finds_rows_by_key_whatever_the_statistics_say(
+    committer: GroupCommitter, round_trips: RoundTrips
+) -> None:
+    """A young `prompts` table looks empty to the planner, which then settled a batch by
+    reading the whole table (docs/benchmarks.md, session 10): the writer's transactions
+    plan without sequential scans, set with BEGIN (no round trip of its own)."""
+
+    async def read_setting(tx: Tx, items: list[None]) -> list[str]:
+        rows = await tx.fetch(SEQUENTIAL_SCANS, {})
+        return [rows[0][0] for _ in items]
+
+    kind = Kind("test.setting", 0, read_setting)
+    await committer.run_kind(kind, None)  # the connection opened
+    round_trips.take()
+
+    assert await committer.run_kind(kind, None) == "off"
+    assert round_trips.take() == [
+        "BEGIN; SET LOCAL",
+        "SELECT current_setting($1::VARCHAR) AS",
+        "COMMIT",
+    ]
