@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -156,3 +157,17 @@ def staged(
             served.stop()
     finally:
         fake.stop()
+
+
+@contextmanager
+def staged_with_operator(
+    name: str, fake_args: Sequence[str] = ()
+) -> Iterator[tuple[Stage, dict[str, str]]]:
+    """`staged` on a fresh SQLite file in a temporary folder, with an operator (admin) token:
+    the stage and the operator's headers."""
+    admin_token = "bench-admin-" + secrets.token_urlsafe(16)
+    with tempfile.TemporaryDirectory(prefix=f"comfy-broker-bench-{name}-") as tmp:
+        database_url = sqlite_url(Path(tmp), name)
+        extra_env = {"BROKER_ADMIN_TOKEN": admin_token}
+        with staged(Path(tmp), database_url, fake_args, extra_env) as stage:
+            yield stage, {"Authorization": f"Bearer {admin_token}"}

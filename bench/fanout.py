@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import orjson
@@ -143,13 +140,8 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000, help="events a second, in all")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    admin_token = "bench-admin-" + secrets.token_urlsafe(16)
-    with tempfile.TemporaryDirectory(prefix="comfy-broker-bench-fanout-") as tmp:
-        database_url = broker.sqlite_url(Path(tmp), "fanout")
-        extra_env = {"BROKER_ADMIN_TOKEN": admin_token}
-        with broker.staged(Path(tmp), database_url, ["--never-finish"], extra_env) as stage:
-            operator = {"Authorization": f"Bearer {admin_token}"}
-            asyncio.run(run(stage.broker, stage.fake, operator, args))
+    with broker.staged_with_operator("fanout", ["--never-finish"]) as (stage, operator):
+        asyncio.run(run(stage.broker, stage.fake, operator, args))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
-import tempfile
 import time
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import httpx
 from websockets.asyncio.client import connect
@@ -61,13 +58,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    admin_token = "bench-admin-" + secrets.token_urlsafe(16)
-    with tempfile.TemporaryDirectory(prefix="comfy-broker-bench-idle-") as tmp:
-        database_url = broker.sqlite_url(Path(tmp), "idle")
-        extra_env = {"BROKER_ADMIN_TOKEN": admin_token}
-        with broker.staged(Path(tmp), database_url, ["--never-finish"], extra_env) as stage:
-            operator = {"Authorization": f"Bearer {admin_token}"}
-            cpu = asyncio.run(run(stage.broker, operator, args))
+    with broker.staged_with_operator("idle", ["--never-finish"]) as (stage, operator):
+        cpu = asyncio.run(run(stage.broker, operator, args))
     say(f"idle websockets: {args.sockets} sockets of {args.tokens} tokens, {args.seconds:g} s: "
         f"broker CPU {cpu:.1f} % of one core")  # fmt: skip
 
